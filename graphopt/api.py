@@ -1,0 +1,85 @@
+"""compile(): validate everything, capture, run the passes, build for the backend. Nothing else."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .backends import BuildInputs, get_backend
+from .capture import batch_dynamic_shapes, capture
+from .compiled import CompiledModule
+from .errors import InputError
+from .passes import Pass, PassContext, PassManager, resolve
+from .passes.drift import flat_tensors
+from .targets import Target, get_target
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target = "cpu", backend: str = "ort",
+            passes: str | Sequence[str | Pass] = "default", dump_dir: str | Path | None = None,
+            verify: bool = False, tolerance: float = 1e-4, dynamic_shapes: Any = None) -> CompiledModule:
+    """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
+    one tensor), optimize it and build it for `target`.
+
+    dump_dir: write per-pass dumps and report.html there.  verify: raise VerificationError at the first
+    pass whose output drift (relative to output scale) exceeds `tolerance`.  dynamic_shapes: a
+    torch.export spec, or "batch" to let dim 0 of every input vary."""
+    # 1. everything the user gave is checked before any work
+    tgt = get_target(target)
+    be = get_backend(backend)
+    be.check(tgt)
+    pipeline = resolve(passes, tgt)
+    args, kwargs = _example(model, example_inputs)
+    if isinstance(dynamic_shapes, str):
+        if dynamic_shapes != "batch":
+            raise InputError(f"dynamic_shapes={dynamic_shapes!r}: give 'batch' or a torch.export dynamic_shapes spec")
+        dynamic_shapes = batch_dynamic_shapes(args, kwargs)
+    if dump_dir is not None:
+        dump_dir = Path(dump_dir)
+        if dump_dir.exists() and not dump_dir.is_dir():
+            raise InputError(f"dump_dir {str(dump_dir)!r} exists and is not a directory")
+
+    reference = None
+    if verify or dump_dir is not None:
+        with torch.no_grad():
+            reference = flat_tensors(model(*args, **kwargs))
+
+    # 2. capture → passes → backend
+    graph = capture(model, args, kwargs, dynamic_shapes)
+    ctx = PassContext(tgt, args, kwargs)
+    manager = PassManager(pipeline, dump_dir, verify, tolerance, reference)
+    manager.run(graph, ctx)
+    t0 = time.perf_counter()
+    executable = be.build(graph, tgt, BuildInputs(args, kwargs, dynamic_shapes))
+    build_s = time.perf_counter() - t0
+    compiled = CompiledModule(graph, executable, tgt, be.name, manager.records)
+    outputs = compiled(*args, **kwargs) if manager.measuring else None
+    manager.record_backend(f"backend-{be.name}", outputs, build_s)
+    return compiled
+
+
+def _example(model, example_inputs) -> tuple[tuple, dict]:
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise InputError(f"model is in training mode (e.g. {training[0]!r}): call model.eval() first. graphopt "
+                         "compiles for inference; capturing training mode would bake in dropout and batch statistics")
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise InputError(f"example_inputs must be a tuple of inputs, a dict of keyword inputs or a tensor, "
+                         f"got {type(example_inputs).__name__}")
+    for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]:
+        if not isinstance(leaf, torch.Tensor):
+            raise InputError(f"example input {pytree.keystr(path)} is a {type(leaf).__name__}; graphopt compiles "
+                             "tensor inputs only: bind other arguments with functools.partial or a wrapper module")
+    if not args and not kwargs:
+        raise InputError("example_inputs is empty: give the tensors the model is called with")
+    return args, kwargs

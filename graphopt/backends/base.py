@@ -1,0 +1,44 @@
+"""The backend protocol: check a target early, build an executable from the optimized IR."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import InputError
+from ..ir import Graph
+from ..targets import Target
+
+
+@dataclass
+class BuildInputs:
+    """What a backend needs besides the graph: the example inputs and their dynamic dims."""
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    dynamic_shapes: Any = None
+
+
+class Executable(Protocol):
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Flat tensors in (the model's inputs, pytree order), flat tensors out."""
+
+    def artifact(self) -> Any:
+        """The built artifact (an onnx.ModelProto for ORT)."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def check(self, target: Target) -> None:
+        """Raise a GraphoptError now if this backend cannot build for `target` on this machine."""
+
+    def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> Executable: ...
+
+
+def get_backend(name: str) -> Backend:
+    from .ort import OrtBackend
+    backends = {"ort": OrtBackend}
+    if name not in backends:
+        raise InputError(f"unknown backend {name!r}; choose one of: {', '.join(backends)}")
+    return backends[name]()

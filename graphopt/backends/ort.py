@@ -1,0 +1,59 @@
+"""ONNX Runtime backend: one InferenceSession per compiled model, providers from the target."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from ..codegen import to_onnx
+from ..errors import UnsupportedError
+from ..ir import Graph
+from ..targets import Target
+from .base import BuildInputs
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+class OrtExecutable:
+    def __init__(self, model: onnx.ModelProto, providers: list[str], input_names: list[str], device: str):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.model = model
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        wanted = {i.name for i in self.session.get_inputs()}
+        # the exporter keeps the model's input names; it may drop inputs the graph never reads
+        self.feeds = [(i, name) for i, name in enumerate(input_names) if name in wanted]
+        self.device = device
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        feeds = {name: _numpy(inputs[i]) for i, name in self.feeds}
+        outs = self.session.run(None, feeds)
+        return [torch.from_numpy(np.asarray(o)).to(self.device) for o in outs]
+
+    def artifact(self) -> onnx.ModelProto:
+        return self.model
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+class OrtBackend:
+    name = "ort"
+
+    def check(self, target: Target) -> None:
+        if target.name == "arm64":
+            raise UnsupportedError("target 'arm64' is not yet supported by the ONNX Runtime backend (it runs on "
+                                   "this host only); use target='cpu' here")
+        if target.name == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UnsupportedError("target 'cuda' needs onnxruntime-gpu (this onnxruntime has only "
+                                       f"{', '.join(ort.get_available_providers())}); pip install onnxruntime-gpu")
+            if not torch.cuda.is_available():
+                raise UnsupportedError("target 'cuda' needs a CUDA GPU, and torch sees none on this machine")
+
+    def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> OrtExecutable:
+        model = to_onnx(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes)
+        return OrtExecutable(model, PROVIDERS[target.name], [n.name for n in graph.inputs], target.device)

@@ -1,0 +1,125 @@
+"""Capture: torch.export (non-strict) → core ATen, keeping the high-level ops passes match on.
+
+A model that cannot be captured raises CaptureError naming the module and source line that
+stopped torch.export, and the reason in one sentence, instead of a traceback wall."""
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from .errors import CaptureError, InputError
+from .ir import Graph
+
+# Ops kept whole (not decomposed): passes and backends have better lowerings for them.
+KEPT_OPS = (
+    torch.ops.aten.linear.default,
+    torch.ops.aten.layer_norm.default,
+    torch.ops.aten.rms_norm.default,
+    torch.ops.aten.group_norm.default,
+    torch.ops.aten.scaled_dot_product_attention.default,
+    torch.ops.aten.gelu.default,
+    torch.ops.aten.silu.default,
+    torch.ops.aten.hardswish.default,
+    torch.ops.aten.hardsigmoid.default,
+)
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> Graph:
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # torch raises many types here; all mean "could not capture"
+        raise CaptureError(describe_capture_failure(e, model)) from e
+    table = torch.export.default_decompositions()
+    for op in KEPT_OPS:
+        table.pop(op, None)
+    ep = ep.run_decompositions(table)
+    return Graph(ep.module(check_guards=False), ep.call_spec.in_spec, ep.call_spec.out_spec)
+
+
+def batch_dynamic_shapes(args: tuple, kwargs: dict | None) -> tuple:
+    """`dynamic_shapes="batch"`: dim 0 of every tensor input is dynamic, the rest static."""
+    def spec(x):
+        if isinstance(x, torch.Tensor):
+            return {0: Dim.DYNAMIC} if x.dim() > 0 else None
+        if isinstance(x, (list, tuple)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v) for k, v in x.items()}
+        return None
+    if kwargs:
+        raise InputError('dynamic_shapes="batch" supports positional inputs only; give a torch.export '
+                         "dynamic_shapes spec for keyword inputs")
+    return tuple(spec(a) for a in args)
+
+
+# --- capture errors ------------------------------------------------------------------------------
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+def describe_capture_failure(err: BaseException, model: torch.nn.Module) -> str:
+    frame = _user_frame(err)
+    reason = _reason(err)
+    where = ""
+    if frame is not None:
+        module = _module_at(model, frame.filename, frame.lineno)
+        where = f" at {frame.filename}:{frame.lineno}"
+        if module:
+            where += f" in module {module}"
+        if frame.line:
+            where += f"\n    {frame.line.strip()}"
+    hint = ("Rewrite data-dependent Python control flow with torch.where or torch.cond, or move it out of "
+            "forward()." if "data-dependent" in reason else
+            "Make forward() traceable by torch.export (non-strict): tensor inputs, no data-dependent Python "
+            "control flow, no unsupported Python side effects.")
+    return f"could not capture {type(model).__name__} with torch.export{where}\nreason: {reason}\n{hint}"
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _user_frame(err: BaseException):
+    """The innermost frame in the user's (or a model library's) code, not in torch or graphopt."""
+    best = None
+    for e in _chain(err):
+        for fr in traceback.extract_tb(e.__traceback__):
+            f = fr.filename
+            if f.startswith(_TORCH_DIR) or f.startswith(_OWN_DIR) or "/lib/python3" in f and "site-packages" not in f:
+                continue
+            best = fr
+        if best is not None:
+            return best
+    return best
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(e) for e in _chain(err))
+    if "data-dependent" in text or "data dependent" in text or "GuardOnDataDependent" in text:
+        return "data-dependent Python control flow: a branch or value depends on tensor contents"
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    return f"{type(err).__name__}: {first[:300]}"
+
+
+def _module_at(model: torch.nn.Module, filename: str, lineno: int) -> str | None:
+    """Name (and class) of the submodule whose forward() holds filename:lineno."""
+    for name, mod in model.named_modules():
+        fwd = type(mod).forward
+        try:
+            if os.path.abspath(inspect.getsourcefile(fwd)) != os.path.abspath(filename):
+                continue
+            lines, start = inspect.getsourcelines(fwd)
+        except (OSError, TypeError):
+            continue
+        if start <= lineno < start + len(lines):
+            return f"'{name or '<root>'}' ({type(mod).__name__}.forward)"
+    return None

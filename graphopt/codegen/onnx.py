@@ -1,0 +1,50 @@
+"""IR → ONNX through torch.onnx's dynamo exporter, with graphopt ops translated by their own
+onnxscript functions; the result passes onnx.checker before anyone runs it."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from typing import Any
+
+import onnx
+import torch
+
+from ..errors import UnsupportedError
+from ..ir import Graph
+from ..ops import onnx_translation_table
+
+_QUIET = ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and logs warnings about optional packages; keep the user's console clean."""
+    loggers = [logging.getLogger(n) for n in _QUIET]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> onnx.ModelProto:
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                graph.module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
+                custom_translation_table=onnx_translation_table(), optimize=True, verbose=False)
+    except Exception as e:  # the exporter raises its own hierarchy; all mean "cannot lower"
+        ops = sorted(set(re.findall(r"(?:aten|graphopt|prims)[.:]+\w+(?:\.\w+)?", str(e))))
+        which = f" (op{'s' if len(ops) > 1 else ''}: {', '.join(ops[:5])})" if ops else ""
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise UnsupportedError(f"ONNX code generation failed{which}: {first[:300]}. Remove the pass that "
+                               "introduced the op, or compile with backend='tvm'.") from e
+    model = program.model_proto
+    onnx.checker.check_model(model)
+    return model

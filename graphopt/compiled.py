@@ -1,0 +1,77 @@
+"""CompiledModule: what compile() returns. Torch tensors in, the model's output structure out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch.utils import _pytree as pytree
+
+from .backends import Executable
+from .errors import InputError
+from .ir import Graph, tensor_meta
+from .passes import StepRecord
+from .targets import Target
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int | None, ...]    # None where the dim is dynamic
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        dims = ", ".join("*" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {str(self.dtype).removeprefix('torch.')}[{dims}]"
+
+
+def input_specs(graph: Graph) -> list[InputSpec]:
+    specs = []
+    for node in graph.inputs:
+        val = tensor_meta(node)
+        specs.append(InputSpec(node.name, tuple(d if isinstance(d, int) else None for d in val.shape), val.dtype))
+    return specs
+
+
+class CompiledModule:
+    def __init__(self, graph: Graph, executable: Executable, target: Target, backend: str,
+                 report: list[StepRecord]):
+        self.graph = graph                # the optimized IR (still runnable in PyTorch)
+        self.executable = executable
+        self.target = target
+        self.backend = backend
+        self.report = report              # one StepRecord per pass and for the backend
+        self.inputs = input_specs(graph)
+
+    def __call__(self, *args, **kwargs):
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.graph.in_spec:
+            raise InputError(f"expected inputs ({', '.join(map(str, self.inputs))}) structured as in the example; "
+                             f"got {len(flat)} value(s) structured as {spec}")
+        for value, want in zip(flat, self.inputs):
+            self._check(value, want)
+        return pytree.tree_unflatten(self.executable.run(flat), self.graph.out_spec)
+
+    @staticmethod
+    def _check(value, want: InputSpec) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"input {want.name}: expected a tensor, got {type(value).__name__}")
+        ok = value.dtype == want.dtype and value.dim() == len(want.shape) and all(
+            w is None or w == d for w, d in zip(want.shape, value.shape))
+        if not ok:
+            got = f"{str(value.dtype).removeprefix('torch.')}[{', '.join(map(str, value.shape))}]"
+            hint = "" if None in want.shape else " (compile with dynamic_shapes='batch' to accept other batch sizes)"
+            raise InputError(f"input {want}: got {got}; dims marked * may vary, the others must match{hint}")
+
+    def export_onnx(self, path: str | Path) -> Path:
+        """Write the optimized graph as a standalone ONNX file."""
+        model = self.executable.artifact()
+        if not isinstance(model, onnx.ModelProto):
+            raise InputError(f"backend {self.backend!r} does not produce ONNX; compile with backend='ort'")
+        path = Path(path)
+        onnx.save_model(model, path)
+        return path
+
+    def __repr__(self) -> str:
+        return f"CompiledModule(target={self.target}, backend={self.backend}, inputs=[{', '.join(map(str, self.inputs))}])"

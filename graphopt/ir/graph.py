@@ -1,0 +1,140 @@
+"""The IR: the exported FX graph of ATen ops, kept executable.
+
+A Graph wraps the GraphModule that `ExportedProgram.module()` gives: user inputs are
+placeholders, weights are `get_attr` nodes, every op node carries its FakeTensor in
+`node.meta["val"]`. Passes rewrite `graph.fx` in place; `graph.run(...)` executes it in PyTorch
+at any point, which is what makes per-pass drift checks possible.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any, Iterator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+
+class Graph:
+    def __init__(self, module: fx.GraphModule, in_spec: pytree.TreeSpec, out_spec: pytree.TreeSpec):
+        self.module = module
+        self.in_spec = in_spec      # pytree spec of (args, kwargs) the model was captured with
+        self.out_spec = out_spec    # pytree spec of the model's output (tuple, dict, ModelOutput...)
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    def fx(self) -> fx.Graph:
+        return self.module.graph
+
+    def __iter__(self) -> Iterator[fx.Node]:
+        return iter(self.fx.nodes)
+
+    @property
+    def inputs(self) -> list[fx.Node]:
+        return list(self.fx.find_nodes(op="placeholder"))
+
+    @property
+    def outputs(self) -> list[fx.Node]:
+        (out,) = self.fx.find_nodes(op="output")
+        return [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)]
+
+    def ops(self) -> Iterator[fx.Node]:
+        """The computing nodes (calls), in topological order."""
+        return (n for n in self.fx.nodes if n.op == "call_function")
+
+    def op_counts(self) -> dict[str, int]:
+        return dict(sorted(collections.Counter(op_name(n) for n in self.ops()).items()))
+
+    # --- weights -----------------------------------------------------------------------------
+    def is_constant(self, node: fx.Node) -> bool:
+        return node.op == "get_attr"
+
+    def constant(self, node: fx.Node) -> torch.Tensor:
+        """The tensor behind a get_attr node."""
+        obj: Any = self.module
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def add_constant(self, tensor: torch.Tensor, name: str, *, before: fx.Node) -> fx.Node:
+        """Register a new weight (never touching the user's tensors) and return its get_attr node."""
+        base = "_graphopt_" + name.replace(".", "_")
+        target, i = base, 0
+        while hasattr(self.module, target):
+            i += 1
+            target = f"{base}_{i}"
+        self.module.register_buffer(target, tensor.detach(), persistent=True)
+        with self.fx.inserting_before(before):
+            node = self.fx.get_attr(target)
+        node.meta["val"] = tensor
+        return node
+
+    def tidy(self) -> None:
+        """After a rewrite: drop weights nobody reads, check the graph, regenerate the code."""
+        for node in list(self.fx.find_nodes(op="get_attr")):
+            if not node.users:
+                self.fx.erase_node(node)
+        self.fx.lint()
+        self.module.delete_all_unused_submodules()
+        _delete_unused_attributes(self.module)
+        self.module.recompile()
+
+    # --- execution and views -----------------------------------------------------------------
+    def run(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def to_networkx(self) -> nx.DiGraph:
+        """Dataflow view for analyses (reachability, cycles, dominators): one vertex per node name."""
+        g = nx.DiGraph()
+        for n in self.fx.nodes:
+            shape, dtype = shape_dtype(n)
+            g.add_node(n.name, op=n.op, target=op_name(n), shape=shape, dtype=dtype)
+            for inp in n.all_input_nodes:
+                g.add_edge(inp.name, n.name)
+        return g
+
+    def text(self) -> str:
+        from .text import graph_text
+        return graph_text(self)
+
+
+def op_name(node: fx.Node) -> str:
+    """`aten.linear` for torch.ops.aten.linear.default; the plain name for Python callables."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        ns, name = t.name().split("::")
+        overload = t._overloadname
+        return f"{ns}.{name}" if overload == "default" else f"{ns}.{name}.{overload}"
+    return getattr(t, "__name__", str(t))
+
+
+def tensor_meta(node: fx.Node) -> torch.Tensor | None:
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def shape_dtype(node: fx.Node) -> tuple[tuple | None, torch.dtype | None]:
+    val = tensor_meta(node)
+    if val is None:
+        return None, None
+    return tuple(val.shape), val.dtype
+
+
+def same_shape(a: fx.Node | torch.Tensor, b: fx.Node | torch.Tensor) -> bool:
+    """Shapes equal for every input the graph accepts: symbolic dims must be the same symbol.
+
+    Compares dims syntactically so no guard is ever added to a dynamic shape."""
+    sa = a.shape if isinstance(a, torch.Tensor) else (tensor_meta(a).shape if tensor_meta(a) is not None else None)
+    sb = b.shape if isinstance(b, torch.Tensor) else (tensor_meta(b).shape if tensor_meta(b) is not None else None)
+    if sa is None or sb is None or len(sa) != len(sb):
+        return False
+    return all(str(x) == str(y) for x, y in zip(sa, sb))
+
+
+def _delete_unused_attributes(module: fx.GraphModule) -> None:
+    used = {n.target for n in module.graph.find_nodes(op="get_attr")}
+    for name in [n for n, _ in module.named_buffers(recurse=False)] + [n for n, _ in module.named_parameters(recurse=False)]:
+        if name.startswith("_graphopt_") and name not in used:
+            delattr(module, name)

@@ -1,0 +1,8 @@
+"""Passes over the IR. Importing this package registers every built-in pass by name."""
+from . import dce, fold_batchnorm, fold_constants, remove_noops  # noqa: F401  (registration)
+from .base import DEFAULT_PIPELINES, Pass, PassContext, PassResult, available, register, resolve
+from .drift import Drift, drift
+from .manager import PassManager, StepRecord
+
+__all__ = ["DEFAULT_PIPELINES", "Drift", "Pass", "PassContext", "PassManager", "PassResult", "StepRecord",
+           "available", "drift", "register", "resolve"]

@@ -1,0 +1,41 @@
+"""Numerical drift: how far a graph's outputs are from eager PyTorch's on the example inputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils import _pytree as pytree
+
+
+@dataclass(frozen=True)
+class Drift:
+    max_abs: float     # largest |out - ref| over all output elements
+    rel: float         # the same, divided by the output's scale (max |ref|): the number tolerances bound
+    output: int        # index of the flattened output where `rel` is worst
+
+    def as_dict(self) -> dict:
+        return {"max_abs_err": self.max_abs, "rel_err": self.rel, "worst_output": self.output}
+
+
+def flat_tensors(outputs) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+
+
+def drift(outputs, reference: list[torch.Tensor]) -> Drift:
+    got = flat_tensors(outputs)
+    if len(got) != len(reference):
+        return Drift(float("inf"), float("inf"), -1)
+    worst = Drift(0.0, 0.0, 0)
+    for i, (a, r) in enumerate(zip(got, reference)):
+        if a.shape != r.shape:
+            return Drift(float("inf"), float("inf"), i)
+        a, r = a.detach().double().cpu(), r.detach().double().cpu()
+        if a.numel() == 0:
+            continue
+        err = (a - r).abs().max().item()
+        if err != err:  # NaN
+            err = float("inf")
+        rel = err / max(r.abs().max().item(), 1e-12) if err else 0.0
+        if rel > worst.rel or (i == 0 and worst.max_abs == 0):
+            worst = Drift(err, rel, i)
+    return worst

@@ -1,0 +1,120 @@
+"""PassManager: runs a pipeline, times and measures each pass, and writes the dumps.
+
+With `dump_dir`, each pass gets `NN-<pass>/` holding graph.txt, diff.txt, a picture with the
+nodes it created highlighted, and stats.json (op counts, time, rewrites, notes, drift against
+eager). The run ends with report.html and report.md indexing every step."""
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import VerificationError
+from ..ir import Graph, graph_dot, write_picture
+from .base import Pass, PassContext, PassResult
+from .drift import Drift, drift
+
+
+@dataclass
+class StepRecord:
+    index: int
+    name: str
+    rewrites: int
+    time_s: float
+    nodes_before: int
+    nodes_after: int
+    op_delta: dict[str, int]            # op → change in count
+    notes: list[str] = field(default_factory=list)
+    drift: Drift | None = None
+    folder: str | None = None
+    files: list[str] = field(default_factory=list)   # in `folder`, the first one is the graph text
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["drift"] = self.drift.as_dict() if self.drift else None
+        return d
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass], dump_dir: str | Path | None = None, verify: bool = False,
+                 tolerance: float = 1e-4, reference: list[torch.Tensor] | None = None):
+        self.passes = passes
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.verify = verify
+        self.tolerance = tolerance
+        self.reference = reference      # eager outputs on the example inputs, flattened
+        self.records: list[StepRecord] = []
+
+    @property
+    def measuring(self) -> bool:
+        return self.reference is not None and (self.verify or self.dump_dir is not None)
+
+    def run(self, graph: Graph, ctx: PassContext) -> list[StepRecord]:
+        text = graph.text()
+        self._record(0, "captured", graph, ctx, PassResult(), 0.0, text, text, set(), {})
+        for i, p in enumerate(self.passes, start=1):
+            before_names = {n.name for n in graph.fx.nodes}
+            before_counts = graph.op_counts()
+            t0 = time.perf_counter()
+            result = p.run(graph, ctx)
+            elapsed = time.perf_counter() - t0
+            after_text = graph.text()
+            created = {n.name for n in graph.fx.nodes} - before_names
+            self._record(i, p.name, graph, ctx, result, elapsed, text, after_text, created, before_counts)
+            text = after_text
+        return self.records
+
+    def record_backend(self, name: str, outputs, build_s: float) -> StepRecord:
+        """The last step: the backend's outputs against eager, so a broken lowering is caught too."""
+        rec = StepRecord(len(self.records), name, 0, build_s, 0, 0, {})
+        if self.measuring:
+            rec.drift = drift(outputs, self.reference)
+        self._finish(rec, None)
+        return rec
+
+    # --- internals ---------------------------------------------------------------------------
+    def _record(self, index, name, graph, ctx, result, elapsed, before_text, after_text, created, before_counts):
+        counts = graph.op_counts()
+        delta = {op: counts.get(op, 0) - before_counts.get(op, 0) for op in set(counts) | set(before_counts)}
+        rec = StepRecord(index, name, result.rewrites, elapsed, sum(before_counts.values()) if index else
+                         sum(counts.values()), sum(counts.values()),
+                         {k: v for k, v in sorted(delta.items()) if v} if index else {}, result.notes)
+        if self.measuring:
+            rec.drift = drift(graph.run(*ctx.example_args, **ctx.example_kwargs), self.reference)
+        folder = None
+        if self.dump_dir is not None:
+            folder = self.dump_dir / f"{index:02d}-{name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "graph.txt").write_text(after_text)
+            rec.files.append("graph.txt")
+            if index:
+                diff = difflib.unified_diff(before_text.splitlines(True), after_text.splitlines(True),
+                                            "before", "after", n=1)
+                (folder / "diff.txt").write_text("".join(diff) or "(no change)\n")
+                rec.files.append("diff.txt")
+            rec.files.append(write_picture(graph_dot(graph, created, f"after {name}"), folder).name)
+            rec.folder = folder.name
+            rec.files.append("stats.json")
+            (folder / "stats.json").write_text(json.dumps({**rec.as_dict(), "op_counts": counts}, indent=1))
+        self._finish(rec, folder)
+
+    def _finish(self, rec: StepRecord, folder: Path | None) -> None:
+        self.records.append(rec)
+        if self.dump_dir is not None:
+            if folder is None and rec.drift is not None:
+                folder = self.dump_dir / f"{rec.index:02d}-{rec.name}"
+                folder.mkdir(parents=True, exist_ok=True)
+                rec.folder, rec.files = folder.name, ["stats.json"]
+                (folder / "stats.json").write_text(json.dumps(rec.as_dict(), indent=1))
+            from .report import write_report
+            write_report(self.dump_dir, self.records, self.tolerance)
+        if self.verify and rec.drift is not None and rec.drift.rel > self.tolerance:
+            where = f"; see {self.dump_dir / rec.folder}" if self.dump_dir is not None and rec.folder else ""
+            raise VerificationError(
+                f"step {rec.index} '{rec.name}' moved the outputs away from eager: relative error "
+                f"{rec.drift.rel:.3g} (max abs {rec.drift.max_abs:.3g}, output {rec.drift.output}) exceeds "
+                f"tolerance {self.tolerance:g}{where}")
