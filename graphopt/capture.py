@@ -14,6 +14,7 @@ from torch.export import Dim
 
 from .errors import CaptureError, InputError
 from .ir import Graph
+from .quiet import quiet
 
 # Ops kept whole (not decomposed): passes and backends have better lowerings for them.
 KEPT_OPS = (
@@ -31,14 +32,28 @@ KEPT_OPS = (
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> Graph:
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        with quiet(stdout=True):
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch raises many types here; all mean "could not capture"
         raise CaptureError(describe_capture_failure(e, model)) from e
     table = torch.export.default_decompositions()
     for op in KEPT_OPS:
         table.pop(op, None)
-    ep = ep.run_decompositions(table)
-    return Graph(ep.module(check_guards=False), ep.call_spec.in_spec, ep.call_spec.out_spec)
+    with quiet():
+        ep = ep.run_decompositions(table)
+    graph = Graph(ep.module(check_guards=False), ep.call_spec.in_spec, ep.call_spec.out_spec)
+    _views_to_reshapes(graph)
+    return graph
+
+
+def _views_to_reshapes(graph: Graph) -> None:
+    """The IR has value semantics: a `view` is a `reshape` that happens to need contiguous strides.
+    Making them reshapes lets passes drop copies (clone/contiguous) without breaking a later view."""
+    for node in graph.fx.find_nodes(op="call_function", target=torch.ops.aten.view.default):
+        node.target = torch.ops.aten.reshape.default
+    for node in graph.fx.find_nodes(op="call_function", target=torch.ops.aten._unsafe_view.default):
+        node.target = torch.ops.aten.reshape.default
+    graph.module.recompile()
 
 
 def batch_dynamic_shapes(args: tuple, kwargs: dict | None) -> tuple:

@@ -16,19 +16,20 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 
 
 class OrtExecutable:
-    def __init__(self, model: onnx.ModelProto, providers: list[str], input_names: list[str], device: str):
+    def __init__(self, model: onnx.ModelProto, providers: list[str], n_inputs: int, device: str):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self.model = model
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-        wanted = {i.name for i in self.session.get_inputs()}
-        # the exporter keeps the model's input names; it may drop inputs the graph never reads
-        self.feeds = [(i, name) for i, name in enumerate(input_names) if name in wanted]
+        # the exporter keeps every user input, in the flattened order graphopt feeds them
+        self.names = [i.name for i in self.session.get_inputs()]
+        if len(self.names) != n_inputs:
+            raise UnsupportedError(f"the ONNX model has {len(self.names)} inputs for the model's {n_inputs}")
         self.device = device
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        feeds = {name: _numpy(inputs[i]) for i, name in self.feeds}
+        feeds = {name: _numpy(t) for name, t in zip(self.names, inputs)}
         outs = self.session.run(None, feeds)
         return [torch.from_numpy(np.asarray(o)).to(self.device) for o in outs]
 
@@ -56,4 +57,4 @@ class OrtBackend:
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> OrtExecutable:
         model = to_onnx(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes)
-        return OrtExecutable(model, PROVIDERS[target.name], [n.name for n in graph.inputs], target.device)
+        return OrtExecutable(model, PROVIDERS[target.name], len(graph.inputs), target.device)

@@ -2,9 +2,6 @@
 onnxscript functions; the result passes onnx.checker before anyone runs it."""
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import re
 from typing import Any
 
@@ -14,28 +11,11 @@ import torch
 from ..errors import UnsupportedError
 from ..ir import Graph
 from ..ops import onnx_translation_table
-
-_QUIET = ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript")
-
-
-@contextlib.contextmanager
-def _quiet():
-    """torch.onnx prints progress and logs warnings about optional packages; keep the user's console clean."""
-    loggers = [logging.getLogger(n) for n in _QUIET]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
+from ..quiet import quiet
 
 def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> onnx.ModelProto:
     try:
-        with _quiet():
+        with quiet(stdout=True):
             program = torch.onnx.export(
                 graph.module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
                 custom_translation_table=onnx_translation_table(), optimize=True, verbose=False)

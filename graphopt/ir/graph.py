@@ -104,9 +104,7 @@ def op_name(node: fx.Node) -> str:
     """`aten.linear` for torch.ops.aten.linear.default; the plain name for Python callables."""
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
-        ns, name = t.name().split("::")
-        overload = t._overloadname
-        return f"{ns}.{name}" if overload == "default" else f"{ns}.{name}.{overload}"
+        return t.name().replace("::", ".")
     return getattr(t, "__name__", str(t))
 
 

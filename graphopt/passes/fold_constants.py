@@ -40,12 +40,12 @@ class FoldConstants(Pass):
                     values[node] = node.target(*args, **kwargs)
 
         result = PassResult()
-        for node, value in values.items():
-            if node.op != "call_function" or all(u in values for u in node.users):
-                continue  # a weight, or an interior node of a constant subgraph
-            if not isinstance(value, torch.Tensor):
-                continue
-            read = sum(values[a].numel() for a in node.all_input_nodes if isinstance(values[a], torch.Tensor))
+        frontier = [n for n, v in values.items() if n.op == "call_function" and isinstance(v, torch.Tensor)
+                    and any(u not in values for u in n.users)]   # interior nodes of constant subgraphs stay unstored
+        reads = {n: sum(values[a].numel() for a in n.all_input_nodes if isinstance(values[a], torch.Tensor))
+                 for n in frontier}
+        for node in frontier:
+            value, read = values[node], reads[node]
             if value.numel() > max(read, MIN_GROWTH_ALLOWED):
                 result.skipped(f"%{node.name} ({op_name(node)}): would store {value.numel():,} elements "
                                f"computed from {read:,}")

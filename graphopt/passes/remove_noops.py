@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..ir import Graph, op_name, same_shape, tensor_meta
 from .base import Pass, PassContext, PassResult, register
@@ -29,8 +30,11 @@ def _same_value_type(node: fx.Node) -> fx.Node | None:
     return x if same_shape(x, node) and tensor_meta(x).dtype == tensor_meta(node).dtype else None
 
 
-def _copy(node):          # clone / alias / lift_fresh_copy: a copy is a no-op in a functional graph
-    return _same_value_type(node)
+def _copy(node):          # clone / alias / lift_fresh_copy of an already contiguous tensor
+    # Values alone would allow dropping any copy, but torch.export's reshape→view decomposition
+    # (used again by the ONNX exporter) depends on the contiguity a copy establishes.
+    x = _same_value_type(node)
+    return x if x is not None and guard_or_false(tensor_meta(x).is_contiguous()) else None
 
 
 def _dropout(node):       # dropout in eval (train=False) or with p=0
@@ -72,9 +76,7 @@ RULES: dict[object, Rule] = {
     aten.lift_fresh_copy.default: _copy,
     aten.dropout.default: _dropout,
     aten._to_copy.default: _to_same_dtype,
-    aten.view.default: _same_value_type,
-    aten.reshape.default: _same_value_type,
-    aten._unsafe_view.default: _same_value_type,
+    aten.reshape.default: _same_value_type,   # capture turned views into reshapes
     aten.expand.default: _same_value_type,
     aten.permute.default: _permute,
     aten.slice.Tensor: _slice,

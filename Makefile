@@ -1,0 +1,24 @@
+# One-command set-up on a fresh machine: `make demo` runs the main job, `make test` the tests.
+PY ?= python3
+STAMP := .install-stamp
+
+$(STAMP): pyproject.toml
+	$(PY) -m pip install -q torch==2.13.0          # first and exactly: the local CPU wheel (others pull CUDA)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m ''
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_spine.py
+
+.PHONY: install demo test test-all bench

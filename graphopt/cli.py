@@ -1,0 +1,94 @@
+"""`graphopt compile MODEL` and `graphopt passes`.
+
+MODEL is `path/to/file.py` (calls its `build()`), `path/to/file.py:factory`, or `package.module:factory`.
+The factory takes no arguments and returns `(model, example_inputs)`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from .errors import GraphoptError, InputError
+
+
+def load_factory(spec: str):
+    """Resolve a MODEL spec to its factory function."""
+    where, _, name = spec.partition(":")
+    name = name or "build"
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise InputError(f"model file {where!r} not found")
+        mod_spec = importlib.util.spec_from_file_location(f"graphopt_model_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = module
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise InputError(f"cannot import model module {where!r}: {e}") from e
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise InputError(f"{where} has no function {name}() returning (model, example_inputs)")
+    return factory
+
+
+def _compile(ns: argparse.Namespace) -> int:
+    from . import compile
+    built = load_factory(ns.model)()
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise InputError(f"{ns.model} must return (model, example_inputs), got {type(built).__name__}")
+    model, example = built
+    passes = ns.passes.split(",") if ns.passes else "default"
+    cm = compile(model, example, target=ns.target, backend=ns.backend, passes=passes, dump_dir=ns.dump_dir,
+                 verify=ns.verify, tolerance=ns.tolerance, dynamic_shapes="batch" if ns.dynamic_batch else None)
+    for rec in cm.report:
+        drift = f"drift {rec.drift.rel:.2e}" if rec.drift else ""
+        print(f"{rec.index:>2} {rec.name:<16} {rec.rewrites:>4} rewrites  {rec.nodes_before:>5} → {rec.nodes_after:<5} ops"
+              f"  {rec.time_s * 1e3:7.0f} ms  {drift}")
+    if ns.onnx:
+        print(f"wrote {cm.export_onnx(ns.onnx)}")
+    if ns.dump_dir:
+        print(f"dumps: {Path(ns.dump_dir) / 'report.html'}")
+    return 0
+
+
+def _passes(ns: argparse.Namespace) -> int:
+    from .passes import DEFAULT_PIPELINES, available
+    for name, summary in available().items():
+        print(f"{name:<16} {summary}")
+    print()
+    for target, names in DEFAULT_PIPELINES.items():
+        print(f"default pipeline for {target}: {' → '.join(names)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="graphopt", description="compiler-style graph optimizer for PyTorch models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile a model; write dumps and an ONNX artifact")
+    c.add_argument("model", help="file.py (calls build()), file.py:factory or package.module:factory")
+    c.add_argument("--target", default="cpu")
+    c.add_argument("--backend", default="ort")
+    c.add_argument("--passes", help="comma-separated pass names (default: the target's pipeline)")
+    c.add_argument("--dump-dir", help="write per-pass dumps and report.html here")
+    c.add_argument("--onnx", help="write the optimized model as ONNX to this path")
+    c.add_argument("--verify", action="store_true", help="fail at the first pass whose drift exceeds --tolerance")
+    c.add_argument("--tolerance", type=float, default=1e-4)
+    c.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (dim 0 of every input)")
+    c.set_defaults(func=_compile)
+    p = sub.add_parser("passes", help="list the passes and the default pipelines")
+    p.set_defaults(func=_passes)
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except GraphoptError as e:
+        print(f"graphopt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Reference models for examples, tests and benchmarks: real `transformers` architectures built from
+their configs with random init (nothing is downloaded). Needs the `dev` extra (transformers).
+
+    model, example_inputs = zoo.build("bert", size="base", batch=1, seq=128)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import InputError
+
+
+def _tokens(cfg, batch: int, seq: int) -> tuple:
+    return (torch.randint(0, cfg.vocab_size, (batch, seq)),)
+
+
+def _image(size: int, batch: int, channels: int = 3) -> tuple:
+    return (torch.randn(batch, channels, size, size),)
+
+
+def _bert(size, batch, seq):
+    from transformers import BertConfig, BertModel
+    cfg = BertConfig() if size == "base" else BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                         intermediate_size=128, vocab_size=1000)
+    return BertModel(cfg, add_pooling_layer=False), _tokens(cfg, batch, seq)
+
+
+def _gpt2(size, batch, seq):
+    from transformers import GPT2Config, GPT2Model
+    cfg = GPT2Config(use_cache=False) if size == "base" else GPT2Config(n_embd=64, n_layer=2, n_head=4,
+                                                                        vocab_size=1000, use_cache=False)
+    return GPT2Model(cfg), _tokens(cfg, batch, seq)
+
+
+def _t5_encoder(size, batch, seq):
+    from transformers import T5Config, T5EncoderModel
+    cfg = T5Config() if size == "base" else T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                                     vocab_size=1000)
+    return T5EncoderModel(cfg), _tokens(cfg, batch, seq)
+
+
+def _llama(size, batch, seq):
+    from transformers import LlamaConfig, LlamaModel
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000, use_cache=False) if size != "base" else \
+        LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                    num_key_value_heads=4, vocab_size=32000, use_cache=False)
+    return LlamaModel(cfg), _tokens(cfg, batch, seq)
+
+
+def _vit(size, batch, seq):
+    from transformers import ViTConfig, ViTModel
+    cfg = ViTConfig() if size == "base" else ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                       intermediate_size=128, image_size=32, patch_size=8)
+    return ViTModel(cfg, add_pooling_layer=False), _image(cfg.image_size, batch)
+
+
+def _resnet(size, batch, seq):
+    from transformers import ResNetConfig, ResNetModel
+    cfg = ResNetConfig() if size == "base" else ResNetConfig(depths=[1, 1], hidden_sizes=[32, 64], embedding_size=16)
+    return ResNetModel(cfg), _image(224 if size == "base" else 64, batch)
+
+
+def _mobilenet_v2(size, batch, seq):
+    from transformers import MobileNetV2Config, MobileNetV2Model
+    cfg = MobileNetV2Config() if size == "base" else MobileNetV2Config(depth_multiplier=0.35, image_size=64)
+    return MobileNetV2Model(cfg), _image(cfg.image_size, batch)
+
+
+def _convnext(size, batch, seq):
+    from transformers import ConvNextConfig, ConvNextModel
+    cfg = ConvNextConfig() if size == "base" else ConvNextConfig(depths=[1, 1], hidden_sizes=[16, 32], num_stages=2)
+    return ConvNextModel(cfg), _image(224 if size == "base" else 64, batch)
+
+
+def _efficientnet(size, batch, seq):
+    from transformers import EfficientNetConfig, EfficientNetModel
+    cfg = EfficientNetConfig(image_size=224, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280) \
+        if size == "base" else EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320)
+    return EfficientNetModel(cfg), _image(cfg.image_size, batch)
+
+
+def _swin(size, batch, seq):
+    from transformers import SwinConfig, SwinModel
+    cfg = SwinConfig() if size == "base" else SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                         num_heads=[2, 2], window_size=4)
+    return SwinModel(cfg), _image(cfg.image_size, batch)
+
+
+MODELS: dict[str, Callable] = {
+    "bert": _bert, "gpt2": _gpt2, "t5_encoder": _t5_encoder, "llama": _llama, "vit": _vit, "resnet": _resnet,
+    "mobilenet_v2": _mobilenet_v2, "convnext": _convnext, "efficientnet": _efficientnet, "swin": _swin,
+}
+
+
+def build(name: str, size: str = "tiny", batch: int = 1, seq: int = 32, seed: int = 0):
+    """(model in eval mode, example_inputs). size: "tiny" (tests) or "base" (the published base size)."""
+    if name not in MODELS:
+        raise InputError(f"unknown zoo model {name!r}; known: {', '.join(MODELS)}")
+    if size not in ("tiny", "base"):
+        raise InputError(f"size must be 'tiny' or 'base', got {size!r}")
+    torch.manual_seed(seed)
+    model, inputs = MODELS[name](size, batch, seq)
+    _trained_like(model)
+    return model.eval(), inputs
+
+
+@torch.no_grad()
+def _trained_like(model: torch.nn.Module) -> None:
+    """transformers' CNN init (std 0.02 convs, fresh BN statistics) makes activations vanish to ~1e-24 in
+    deep nets, which would make every numerical check pass trivially. Give convs He init and BatchNorms
+    non-trivial statistics, as a trained network has, so outputs are O(1) and BN folding is exercised."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.2, 0.2)

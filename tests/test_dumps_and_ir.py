@@ -1,0 +1,77 @@
+"""The IR's views (text, networkx, DOT) and the per-pass dump directory a person reads."""
+import json
+import os
+
+import networkx as nx
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt import zoo
+from graphopt.capture import capture
+from graphopt.ir import graph_dot
+
+
+class ConvBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.drop = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.drop(self.bn(self.conv(x)).relu()).flatten(1)
+
+
+X = (torch.randn(2, 3, 8, 8),)
+
+
+def test_text_form_has_shapes_dtypes_and_weights():
+    graph = capture(ConvBlock().eval(), X)
+    text = graph.text()
+    assert text.startswith("graph(%x: f32[2,3,8,8]) {")
+    assert "aten.convolution(%x, @conv.weight, @conv.bias" in text and ": f32[2,8,6,6]" in text
+    assert text.rstrip().splitlines()[-1].startswith("# 7 weights")
+
+
+def test_text_form_is_stable():
+    torch.manual_seed(0)
+    a = capture(ConvBlock().eval(), X).text()
+    torch.manual_seed(1)
+    assert capture(ConvBlock().eval(), X).text() == a   # names and shapes, not weight values
+
+
+def test_networkx_view_and_dot():
+    graph = capture(ConvBlock().eval(), X)
+    g = graph.to_networkx()
+    assert nx.is_directed_acyclic_graph(g)
+    conv = next(n for n, d in g.nodes(data=True) if d["target"] == "aten.convolution")
+    assert g.nodes[conv]["shape"] == (2, 8, 6, 6) and g.nodes[conv]["dtype"] == torch.float32
+    assert nx.has_path(g, "x", "output")
+    dot = graph_dot(graph, highlight={conv})
+    assert dot.startswith("digraph") and f'"{conv}" [label="aten.convolution' in dot and "+weight, bias" in dot
+    assert dot.count("#ffb347") == 1                       # only the highlighted node
+    assert "@conv" not in dot and '"conv_weight"' not in dot  # weights are folded into labels
+    assert f'"x" -> "{conv}"' in dot
+
+
+def test_dump_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)           # anything written outside dump_dir would land here
+    dump = tmp_path / "dumps"
+    model, inputs = zoo.build("bert", size="tiny", batch=2)
+    cm = graphopt.compile(model, inputs, dump_dir=dump)
+    names = graphopt.passes.DEFAULT_PIPELINES["cpu"]
+    folders = sorted(p.name for p in dump.iterdir() if p.is_dir())
+    assert folders == ["00-captured"] + [f"{i:02d}-{n}" for i, n in enumerate(names, 1)] + [f"{len(names) + 1:02d}-backend-ort"]
+    for folder in folders[1:-1]:
+        stats = json.loads((dump / folder / "stats.json").read_text())
+        assert {"rewrites", "time_s", "op_delta", "op_counts", "notes", "drift"} <= set(stats)
+        assert stats["drift"]["rel_err"] <= 1e-4
+        assert (dump / folder / "graph.txt").exists() and (dump / folder / "diff.txt").exists()
+        assert any((dump / folder / f"graph.{ext}").exists() for ext in ("svg", "dot"))
+    noops = json.loads((dump / "01-remove_noops" / "stats.json").read_text())
+    assert noops["rewrites"] > 0 and noops["op_delta"].get("aten.clone", 0) < 0
+    assert "-  %clone" in (dump / "01-remove_noops" / "diff.txt").read_text()
+    html = (dump / "report.html").read_text()
+    assert all(n in html for n in names) and "backend-ort" in html
+    assert "| remove_noops |" in (dump / "report.md").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["dumps"]
+    assert cm.report[-1].drift.rel <= 1e-4
