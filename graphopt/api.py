@@ -56,7 +56,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     build_s = time.perf_counter() - t0
     compiled = CompiledModule(graph, executable, tgt, be.name, manager.records)
     outputs = compiled(*args, **kwargs) if manager.measuring else None
-    manager.record_backend(f"backend-{be.name}", outputs, build_s)
+    manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe())
     return compiled
 
 

@@ -26,6 +26,9 @@ class Executable(Protocol):
     def artifact(self) -> Any:
         """The built artifact (an onnx.ModelProto for ORT)."""
 
+    def describe(self) -> list[str]:
+        """A few lines for the report: what was built."""
+
 
 class Backend(Protocol):
     name: str

@@ -1,6 +1,8 @@
 """ONNX Runtime backend: one InferenceSession per compiled model, providers from the target."""
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -30,11 +32,17 @@ class OrtExecutable:
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         feeds = {name: _numpy(t) for name, t in zip(self.names, inputs)}
-        outs = self.session.run(None, feeds)
-        return [torch.from_numpy(np.asarray(o)).to(self.device) for o in outs]
+        outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds)]
+        return outs if self.device == "cpu" else [o.to(self.device) for o in outs]
 
     def artifact(self) -> onnx.ModelProto:
         return self.model
+
+    def describe(self) -> list[str]:
+        counts = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in self.model.graph.node)
+        ops = ", ".join(f"{op} {k}" for op, k in counts.most_common())
+        return [f"ONNX graph: {sum(counts.values())} nodes ({ops})",
+                f"ONNX Runtime providers: {', '.join(self.session.get_providers())}"]
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

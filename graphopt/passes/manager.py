@@ -68,9 +68,10 @@ class PassManager:
             text = after_text
         return self.records
 
-    def record_backend(self, name: str, outputs, build_s: float) -> StepRecord:
+    def record_backend(self, name: str, outputs, build_s: float, graph: Graph, notes: list[str]) -> StepRecord:
         """The last step: the backend's outputs against eager, so a broken lowering is caught too."""
-        rec = StepRecord(len(self.records), name, 0, build_s, 0, 0, {})
+        n = sum(graph.op_counts().values())
+        rec = StepRecord(len(self.records), name, 0, build_s, n, n, {}, notes)
         if self.measuring:
             rec.drift = drift(outputs, self.reference)
         self._finish(rec, None)
