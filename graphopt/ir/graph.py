@@ -59,7 +59,7 @@ class Graph:
 
     def add_constant(self, tensor: torch.Tensor, name: str, *, before: fx.Node) -> fx.Node:
         """Register a new weight (never touching the user's tensors) and return its get_attr node."""
-        base = "_graphopt_" + name.replace(".", "_")
+        base = "_graphopt_" + name.replace(".", "_").lstrip("_")
         target, i = base, 0
         while hasattr(self.module, target):
             i += 1

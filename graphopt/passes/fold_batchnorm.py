@@ -69,8 +69,9 @@ class FoldBatchNorm(Pass):
         new_w = w.double() * scale.reshape(shape + [1] * (w.dim() - len(shape)))
 
         args = list(producer.args) + [None] * (3 - len(producer.args))  # linear may omit its bias
-        args[1] = graph.add_constant(new_w.to(w.dtype), f"{producer.name}_weight", before=producer)
-        args[2] = graph.add_constant(new_bias.to(w.dtype), f"{producer.name}_bias", before=producer)
+        args[1] = graph.add_constant(new_w.to(w.dtype), f"{w_node.target}_bn_folded", before=producer)
+        args[2] = graph.add_constant(new_bias.to(w.dtype), f"{w_node.target.removesuffix('weight')}bias_bn_folded",
+                                     before=producer)
         producer.args = tuple(args)
         for user in list(bn.users):
             if user.args[1] == 0:

@@ -57,14 +57,14 @@ class PassManager:
         text = graph.text()
         self._record(0, "captured", graph, ctx, PassResult(), 0.0, text, text, set(), {})
         for i, p in enumerate(self.passes, start=1):
-            before_names = {n.name for n in graph.fx.nodes}
             before_counts = graph.op_counts()
             t0 = time.perf_counter()
             result = p.run(graph, ctx)
             elapsed = time.perf_counter() - t0
             after_text = graph.text()
-            created = {n.name for n in graph.fx.nodes} - before_names
-            self._record(i, p.name, graph, ctx, result, elapsed, text, after_text, created, before_counts)
+            touched = set(_node_lines(after_text).items()) - set(_node_lines(text).items())
+            self._record(i, p.name, graph, ctx, result, elapsed, text, after_text, {n for n, _ in touched},
+                         before_counts)
             text = after_text
         return self.records
 
@@ -78,7 +78,7 @@ class PassManager:
         return rec
 
     # --- internals ---------------------------------------------------------------------------
-    def _record(self, index, name, graph, ctx, result, elapsed, before_text, after_text, created, before_counts):
+    def _record(self, index, name, graph, ctx, result, elapsed, before_text, after_text, touched, before_counts):
         counts = graph.op_counts()
         delta = {op: counts.get(op, 0) - before_counts.get(op, 0) for op in set(counts) | set(before_counts)}
         rec = StepRecord(index, name, result.rewrites, elapsed, sum(before_counts.values()) if index else
@@ -97,7 +97,7 @@ class PassManager:
                                             "before", "after", n=1)
                 (folder / "diff.txt").write_text("".join(diff) or "(no change)\n")
                 rec.files.append("diff.txt")
-            rec.files.append(write_picture(graph_dot(graph, created, f"after {name}"), folder).name)
+            rec.files.append(write_picture(graph_dot(graph, touched, f"after {name}"), folder).name)
             rec.folder = folder.name
             rec.files.append("stats.json")
             (folder / "stats.json").write_text(json.dumps({**rec.as_dict(), "op_counts": counts}, indent=1))
@@ -119,3 +119,8 @@ class PassManager:
                 f"step {rec.index} '{rec.name}' moved the outputs away from eager: relative error "
                 f"{rec.drift.rel:.3g} (max abs {rec.drift.max_abs:.3g}, output {rec.drift.output}) exceeds "
                 f"tolerance {self.tolerance:g}{where}")
+
+
+def _node_lines(text: str) -> dict[str, str]:
+    """node name → its line in the graph text: a node whose line changed was created or rewritten."""
+    return {ln.split(" = ", 1)[0].strip().lstrip("%"): ln for ln in text.splitlines() if ln.startswith("  %")}
