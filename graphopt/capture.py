@@ -19,6 +19,7 @@ from .quiet import quiet
 # Ops kept whole (not decomposed): passes and backends have better lowerings for them.
 KEPT_OPS = (
     torch.ops.aten.linear.default,
+    torch.ops.aten.matmul.default,
     torch.ops.aten.layer_norm.default,
     torch.ops.aten.rms_norm.default,
     torch.ops.aten.group_norm.default,

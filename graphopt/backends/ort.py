@@ -13,6 +13,7 @@ from ..errors import UnsupportedError
 from ..ir import Graph
 from ..targets import Target
 from .base import BuildInputs
+from .ort_fusion_choice import slow_fusions
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -23,7 +24,9 @@ class OrtExecutable:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self.model = model
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        self.slow = slow_fusions() if providers[0] == "CPUExecutionProvider" else ()
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers,
+                                            disabled_optimizers=[name for name, *_ in self.slow])
         # the exporter keeps every user input, in the flattened order graphopt feeds them
         self.names = [i.name for i in self.session.get_inputs()]
         if len(self.names) != n_inputs:
@@ -42,7 +45,9 @@ class OrtExecutable:
         counts = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in self.model.graph.node)
         ops = ", ".join(f"{op} {k}" for op, k in counts.most_common())
         return [f"ONNX graph: {sum(counts.values())} nodes ({ops})",
-                f"ONNX Runtime providers: {', '.join(self.session.get_providers())}"]
+                f"ONNX Runtime providers: {', '.join(self.session.get_providers())}"] + [
+                f"ORT's {name} disabled: its kernel measured {fused:.0f} µs vs {unfused:.0f} µs unfused on this machine"
+                for name, fused, unfused in self.slow]
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -1,4 +1,5 @@
 """graphopt's own operators (torch.library custom ops in the `graphopt::` namespace)."""
-from .registry import GraphoptOp, graphopt_op, onnx_translation_table, registered
+from .registry import GraphoptOp, contrib_op, graphopt_op, onnx_translation_table, registered
+from . import attention  # noqa: E402,F401  (registers graphopt::attention)
 
-__all__ = ["GraphoptOp", "graphopt_op", "onnx_translation_table", "registered"]
+__all__ = ["GraphoptOp", "contrib_op", "graphopt_op", "onnx_translation_table", "registered"]

@@ -9,9 +9,12 @@ An operator is four parts kept together, and `graphopt_op` refuses one without a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Callable, Sequence
 
+import onnx
 import torch
+from onnxscript.values import Op, Opset
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,41 @@ def graphopt_op(name: str, *, fake: Callable, onnx: Callable, relax: Callable,
 
 def registered() -> dict[str, GraphoptOp]:
     return dict(_OPS)
+
+
+@cache
+def contrib_op(name: str) -> Op:
+    """An ONNX Runtime contrib op (domain com.microsoft) for an onnxscript translation.
+
+    The onnx package has no schemas for contrib ops and onnxscript needs one to trace a call, so
+    the schema ONNX Runtime itself registers is copied into onnx's registry, once per op, with its
+    optional outputs left off (graphopt's lowerings never read them)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+    found = [s for s in C.get_all_operator_schema() if s.name == name and s.domain == MICROSOFT]
+    if not found:
+        raise ValueError(f"onnxruntime has no contrib op {name!r}")
+    ort_schema = max(found, key=lambda s: s.since_version)
+    if not onnx.defs.has(name, MICROSOFT):
+        onnx.defs.register_schema(_to_onnx_schema(ort_schema))
+    return Op(Opset(MICROSOFT, 1), name)
+
+
+MICROSOFT = "com.microsoft"
+
+
+def _to_onnx_schema(s) -> onnx.defs.OpSchema:
+    Param, Opt = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption
+    option = {0: Opt.Single, 1: Opt.Optional, 2: Opt.Variadic}
+
+    def params(ps):
+        return [Param(p.name, p.typeStr, param_option=option[int(p.option)]) for p in ps]
+    attrs = [onnx.defs.OpSchema.Attribute(n, onnx.defs.OpSchema.AttrType(int(a.type)), "", required=a.required)
+             for n, a in s.attributes.items()]
+    types = [(t.type_param_str, list(t.allowed_type_strs), "") for t in s.type_constraints]
+    required_outputs = [p for p in s.outputs if int(p.option) == 0]  # the exporter creates one value per output
+    return onnx.defs.OpSchema(s.name, s.domain, s.since_version, inputs=params(s.inputs),
+                              outputs=params(required_outputs),
+                              type_constraints=types, attributes=attrs)
 
 
 def onnx_translation_table() -> dict:

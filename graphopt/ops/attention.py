@@ -1,0 +1,56 @@
+"""graphopt::attention — multi-head attention with the head split/merge folded in.
+
+q, k, v arrive as [batch, seq, heads·head_dim] (the layout projections produce), so the
+reshape/transpose around SDPA disappears into the op; `bias` is an additive float mask
+broadcastable to [batch, heads, q_seq, kv_seq]. Lowers to ONNX Runtime's MultiHeadAttention."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .registry import contrib_op, graphopt_op
+
+
+def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, s, e = x.shape
+    return x.reshape(b, s, heads, e // heads).transpose(1, 2)
+
+
+def _fake(q, k, v, bias, num_heads, scale, causal):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+def _onnx(q, k, v, bias, num_heads: int, scale: float, causal: bool):
+    return contrib_op("MultiHeadAttention")(q, k, v, None, None, bias, num_heads=num_heads, scale=scale,
+                                   unidirectional=int(causal))
+
+
+def _relax(node, importer):
+    from tvm import relax
+    q, k, v = (importer.env[a] for a in node.args[:3])
+    bias = importer.env[node.args[3]] if node.args[3] is not None else None
+    heads, scale, causal = node.args[4:7]
+    bb = importer.block_builder
+
+    def bsnh(x):   # relax's attention takes [batch, seq, heads, head_dim]
+        b, s, e = x.struct_info.shape
+        return bb.emit(relax.op.reshape(x, (b, s, heads, e // heads)))
+    out = bb.emit(relax.op.nn.attention(bsnh(q), bsnh(k), bsnh(v), bias, scale=relax.FloatImm("float32", scale),
+                                        causal_mask="TopLeft" if causal else None))
+    b, s, e = v.struct_info.shape
+    return bb.emit(relax.op.reshape(out, (b, q.struct_info.shape[1], e)))
+
+
+@graphopt_op("attention", fake=_fake, onnx=_onnx, relax=_relax)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+              scale: float, causal: bool) -> torch.Tensor:
+    out = torch.nn.functional.scaled_dot_product_attention(
+        _split(q, num_heads), _split(k, num_heads), _split(v, num_heads), attn_mask=bias, is_causal=causal,
+        scale=scale)
+    b, h, s, d = out.shape
+    return out.transpose(1, 2).reshape(b, s, h * d)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
