@@ -70,6 +70,11 @@ class Graph:
         node.meta["val"] = tensor
         return node
 
+    def eliminate_dead_code(self) -> bool:
+        """FX's DCE, except that seeded-random ops (SDPA, dropout) count as pure: in an inference
+        graph an unused one has no effect worth keeping."""
+        return self.fx.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and not _seeded_but_pure(n))
+
     def tidy(self) -> None:
         """After a rewrite: drop weights nobody reads, check the graph, regenerate the code."""
         for node in list(self.fx.find_nodes(op="get_attr")):
@@ -129,6 +134,12 @@ def same_shape(a: fx.Node | torch.Tensor, b: fx.Node | torch.Tensor) -> bool:
     if sa is None or sb is None or len(sa) != len(sb):
         return False
     return all(str(x) == str(y) for x, y in zip(sa, sb))
+
+
+def _seeded_but_pure(node: fx.Node) -> bool:
+    t = node.target
+    return (isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags
+            and not t._schema.is_mutable)
 
 
 def _delete_unused_attributes(module: fx.GraphModule) -> None:

@@ -12,7 +12,7 @@ class DeadCodeElimination(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         before = {n.name: op_name(n) for n in graph.ops()}
-        graph.fx.eliminate_dead_code()   # keeps side-effecting nodes (asserts, in-place ops)
+        graph.eliminate_dead_code()   # keeps side-effecting nodes (asserts, in-place ops)
         graph.tidy()
         after = {n.name for n in graph.ops()}
         result = PassResult()

@@ -83,13 +83,15 @@ def _head_split_source(node: fx.Node) -> fx.Node | None:
 
 
 def _head_merge_target(out: fx.Node) -> fx.Node | None:
-    """R when out's only consumer is permute(out, [0, 2, 1, 3]) → R = reshape to [B, S, H·D]."""
+    """R when out's only consumer is permute(out, [0, 2, 1, 3]) → (copy →) R = reshape to [B, S, H·D]."""
     if len(out.users) != 1:
         return None
     (perm,) = out.users
     if not _is(perm, aten.permute.default) or list(perm.args[1]) != [0, 2, 1, 3] or len(perm.users) != 1:
         return None
     (merge,) = perm.users
+    if _is(merge, aten.clone.default) and len(merge.users) == 1:   # .contiguous() before the reshape
+        (merge,) = merge.users
     if not _is(merge, aten.reshape.default) or tensor_meta(merge).dim() != 3:
         return None
     return merge
@@ -195,7 +197,7 @@ class FuseAttention(Pass):
                 continue
             result.did(self._fuse(graph, node))
         if result.changed:
-            graph.fx.eliminate_dead_code()
+            graph.eliminate_dead_code()
             graph.tidy()
         return result
 
@@ -223,10 +225,10 @@ class FuseAttention(Pass):
         if merge is not None:
             merge.replace_all_uses_with(fused)
         else:
-            with graph.fx.inserting_after(fused):
-                back = graph.fx.call_function(aten.permute.default, (
-                    graph.fx.call_function(aten.unflatten.int, (fused, 2, [heads, v.shape[3]])), [0, 2, 1, 3]))
-            back.args[0].meta["val"] = fused.meta["val"].unflatten(2, (heads, v.shape[3]))
+            with graph.fx.inserting_before(node):
+                heads_split = graph.fx.call_function(aten.unflatten.int, (fused, 2, [heads, v.shape[3]]))
+                back = graph.fx.call_function(aten.permute.default, (heads_split, [0, 2, 1, 3]))
+            heads_split.meta["val"] = fused.meta["val"].unflatten(2, (heads, v.shape[3]))
             back.meta["val"] = node.meta["val"]
             node.replace_all_uses_with(back)
         mask_note = "no mask" if bias is None else f"mask as additive bias %{bias.name}"

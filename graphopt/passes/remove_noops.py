@@ -70,6 +70,17 @@ def _arith_identity(neutral: float) -> Rule:   # x + 0, x - 0, x * 1, x / 1 with
     return rule
 
 
+def _metadata_holds(node: fx.Node) -> bool:
+    """export's `_assert_tensor_metadata(x, size, stride, dtype, ...)` holds for every input when the
+    IR's own type of x already says so (only dtype/device/layout checks are judged)."""
+    x = tensor_meta(node.args[0])
+    size, stride, dtype = (list(node.args[1:4]) + [None, None, None])[:3]
+    dtype = node.kwargs.get("dtype", dtype)
+    device, layout = node.kwargs.get("device"), node.kwargs.get("layout")
+    return (x is not None and size is None and stride is None and (dtype is None or dtype == x.dtype)
+            and (device is None or device == x.device) and (layout is None or layout == x.layout))
+
+
 RULES: dict[object, Rule] = {
     aten.clone.default: _copy,
     aten.alias.default: _copy,
@@ -95,6 +106,10 @@ class RemoveNoops(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         for node in list(graph.ops()):
+            if node.target is aten._assert_tensor_metadata.default and _metadata_holds(node):
+                result.did(f"removed %{node.name} (metadata assert on %{node.args[0].name}): true by the IR's types")
+                graph.fx.erase_node(node)
+                continue
             rule = RULES.get(node.target)
             source = rule(node) if rule else None
             if source is None:
