@@ -1,5 +1,5 @@
 """Passes over the IR. Importing this package registers every built-in pass by name."""
-from . import dce, fold_batchnorm, fold_constants, fuse_attention, remove_noops  # noqa: F401  (registration)
+from . import dce, fold_batchnorm, fold_constants, fuse_attention, fuse_epilogues, fuse_norms, remove_noops  # noqa: F401  (registration)
 from .base import DEFAULT_PIPELINES, Pass, PassContext, PassResult, available, register, resolve
 from .drift import Drift, drift
 from .manager import PassManager, StepRecord

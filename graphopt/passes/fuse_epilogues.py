@@ -1,0 +1,143 @@
+"""Epilogue fusion: a conv or linear absorbs what follows it, so its output is written once.
+
+    relu/relu6/sigmoid/tanh/hardsigmoid/silu/hardswish/gelu( conv2d(x, w, b) [+ residual] ) → graphopt::conv_act
+    gelu(erf|tanh)/relu/silu/…( linear(x, w, b) )                                  → graphopt::linear_act
+
+Legality is checked on the networkx view: every intermediate value must have the chain as its
+only consumer (no work duplicated for another user), and the residual must not depend on the
+conv's own output (fusing would create a cycle)."""
+from __future__ import annotations
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from ..ir import Graph, same_shape, tensor_meta
+from .base import Pass, PassContext, PassResult, register
+
+aten = torch.ops.aten
+
+
+def activation_of(node: fx.Node) -> str | None:
+    """graphopt's activation name for an activation node (see ops/epilogue.py), else None."""
+    t, a = node.target, node.args
+    if t is aten.relu.default:
+        return "relu"
+    if t in (aten.hardtanh.default, aten.clamp.default) and list(a[1:3]) == [0, 6]:
+        return "relu6"
+    if t is aten.gelu.default:
+        return "gelu_tanh" if node.kwargs.get("approximate", a[1] if len(a) > 1 else "none") == "tanh" else "gelu"
+    return {aten.sigmoid.default: "sigmoid", aten.tanh.default: "tanh", aten.hardsigmoid.default: "hardsigmoid",
+            aten.silu.default: "silu", aten.hardswish.default: "hardswish"}.get(t)
+
+
+def _pair(v) -> list[int]:
+    return list(v) * 2 if len(v) == 1 else list(v)
+
+
+def _pads(x: fx.Node, padding) -> tuple[list[int], fx.Node | None]:
+    """The conv's padding as [top, left, bottom, right], absorbing a zero pad that only feeds it."""
+    ph, pw = _pair(padding)
+    if (x.op == "call_function" and x.target is aten.constant_pad_nd.default and len(x.users) == 1
+            and (x.args[2] if len(x.args) > 2 else 0) == 0 and len(x.args[1]) == 4 and min(x.args[1]) >= 0):
+        left, right, top, bottom = x.args[1]
+        return [ph + top, pw + left, ph + bottom, pw + right], x
+    return [ph, pw, ph, pw], None
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _residual(node: fx.Node, producer: fx.Node) -> fx.Node | None:
+    """z when node = producer + z (either order, alpha 1) with z of the producer's shape and dtype."""
+    if node.target is not aten.add.Tensor or node.kwargs.get("alpha", 1) != 1:
+        return None
+    z = node.args[1] if node.args[0] is producer else node.args[0]
+    if not isinstance(z, fx.Node) or z is producer or tensor_meta(z) is None:
+        return None
+    return z if same_shape(z, producer) and tensor_meta(z).dtype == tensor_meta(producer).dtype else None
+
+
+@register
+class FuseEpilogues(Pass):
+    name = "fuse_epilogues"
+    summary = "fuse conv2d + bias + residual add + activation and linear + bias + activation into one op"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        view = None
+        for node in list(graph.ops()):
+            if node.target is aten.convolution.default:
+                reason = self._why_not_conv(node)
+                if reason:
+                    result.skipped(f"%{node.name}: {reason}")
+                    continue
+                chain, z = [node], None
+                user = _only_user(node)
+                if user is not None and (z := _residual(user, node)) is not None:
+                    view = view or graph.to_networkx()
+                    if nx.has_path(view, node.name, z.name):
+                        result.skipped(f"%{node.name}: residual %{z.name} depends on the conv's output (cycle)")
+                        continue
+                    chain.append(user)
+                act, why = self._activation_after(chain[-1])
+                if act is None:
+                    if z is not None or why:
+                        result.skipped(f"%{node.name}: {why or 'residual add without an activation'}")
+                    continue
+                chain.append(_only_user(chain[-1]))
+                x, w, b, stride, padding, dilation, _, _, groups = node.args
+                pads, pad_node = _pads(x, padding)
+                if pad_node is not None:
+                    x = pad_node.args[0]
+                self._replace(graph, chain, torch.ops.graphopt.conv_act.default,
+                              (x, w, b, z, _pair(stride), pads, _pair(dilation), groups, act))
+                if pad_node is not None:
+                    graph.fx.erase_node(pad_node)
+                merged = ([pad_node] if pad_node is not None else []) + chain[1:]
+                result.did(f"%{node.name} + {'residual %' + z.name + ' + ' if z is not None else ''}{act} → "
+                           f"graphopt.conv_act (merged {', '.join('%' + n.name for n in merged)})")
+            elif node.target is aten.linear.default:
+                act, why = self._activation_after(node)
+                if act is None:
+                    if why:
+                        result.skipped(f"%{node.name}: {why}")
+                    continue
+                x, w, b = (list(node.args) + [None])[:3]
+                chain = [node, _only_user(node)]
+                self._replace(graph, chain, torch.ops.graphopt.linear_act.default, (x, w, b, act))
+                result.did(f"%{node.name} + {act} → graphopt.linear_act (merged %{chain[1].name})")
+        if result.changed:
+            graph.tidy()
+        return result
+
+    @staticmethod
+    def _why_not_conv(node: fx.Node) -> str | None:
+        _, w, _, stride, padding, dilation, transposed, _, groups = node.args
+        if transposed:
+            return "transposed convolution"
+        if tensor_meta(w).dim() != 4:
+            return f"{tensor_meta(w).dim() - 2}-D convolution (conv_act covers 2-D)"
+        return None
+
+    @staticmethod
+    def _activation_after(node: fx.Node) -> tuple[str | None, str | None]:
+        """(activation name, None) when node's only consumer is a supported activation; else (None, why)."""
+        if not node.users:
+            return None, None
+        user = _only_user(node)
+        if user is None:
+            acts = [u for u in node.users if activation_of(u)]
+            return None, f"output also used by {len(node.users) - 1} other node(s)" if acts else None
+        return (activation_of(user), None) if activation_of(user) else (None, None)
+
+    @staticmethod
+    def _replace(graph: Graph, chain: list[fx.Node], op, args: tuple) -> None:
+        last = chain[-1]
+        with graph.fx.inserting_before(last):
+            fused = graph.fx.call_function(op, args)
+        fused.meta["val"] = last.meta["val"]
+        last.replace_all_uses_with(fused)
+        for n in reversed(chain):
+            graph.fx.erase_node(n)
