@@ -3,16 +3,14 @@
     relu/relu6/sigmoid/tanh/hardsigmoid/silu/hardswish/gelu( conv2d(x, w, b) [+ residual] ) → graphopt::conv_act
     gelu(erf|tanh)/relu/silu/…( linear(x, w, b) )                                  → graphopt::linear_act
 
-Legality is checked on the networkx view: every intermediate value must have the chain as its
-only consumer (no work duplicated for another user), and the residual must not depend on the
-conv's own output (fusing would create a cycle)."""
+Legality is checked on the networkx view (ir/legality.py): every intermediate value must have the
+chain as its only consumer, so no work is duplicated for another user and no cycle can form."""
 from __future__ import annotations
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..ir import Graph, same_shape, tensor_meta
+from ..ir import Graph, fusion_blocker, same_shape, tensor_meta
 from .base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
@@ -45,10 +43,6 @@ def _pads(x: fx.Node, padding) -> tuple[list[int], fx.Node | None]:
     return [ph, pw, ph, pw], None
 
 
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _residual(node: fx.Node, producer: fx.Node) -> fx.Node | None:
     """z when node = producer + z (either order, alpha 1) with z of the producer's shape and dtype."""
     if node.target is not aten.add.Tensor or node.kwargs.get("alpha", 1) != 1:
@@ -68,46 +62,42 @@ class FuseEpilogues(Pass):
         result = PassResult()
         view = None
         for node in list(graph.ops()):
+            if node.target not in (aten.convolution.default, aten.linear.default):
+                continue
+            reason = self._why_not_conv(node) if node.target is aten.convolution.default else None
+            chain, z = [node], None
+            if reason is None and node.target is aten.convolution.default:
+                add = next((u for u in node.users if _residual(u, node) is not None), None)
+                if add is not None:
+                    chain, z = [node, add], _residual(add, node)
+            act_node = next((u for u in chain[-1].users if activation_of(u)), None) if reason is None else None
+            if act_node is None:
+                if reason or z is not None:
+                    result.skipped(f"%{node.name}: {reason or 'residual add without an activation'}")
+                continue
+            chain.append(act_node)
+            view = view or graph.to_networkx()         # rebuilt after each rewrite (names change)
+            blocker = fusion_blocker(view, [n.name for n in chain])
+            if blocker:
+                result.skipped(f"%{node.name}: {blocker}")
+                continue
+            act = activation_of(act_node)
             if node.target is aten.convolution.default:
-                reason = self._why_not_conv(node)
-                if reason:
-                    result.skipped(f"%{node.name}: {reason}")
-                    continue
-                chain, z = [node], None
-                user = _only_user(node)
-                if user is not None and (z := _residual(user, node)) is not None:
-                    view = view or graph.to_networkx()
-                    if nx.has_path(view, node.name, z.name):
-                        result.skipped(f"%{node.name}: residual %{z.name} depends on the conv's output (cycle)")
-                        continue
-                    chain.append(user)
-                act, why = self._activation_after(chain[-1])
-                if act is None:
-                    if z is not None or why:
-                        result.skipped(f"%{node.name}: {why or 'residual add without an activation'}")
-                    continue
-                chain.append(_only_user(chain[-1]))
                 x, w, b, stride, padding, dilation, _, _, groups = node.args
                 pads, pad_node = _pads(x, padding)
-                if pad_node is not None:
-                    x = pad_node.args[0]
-                self._replace(graph, chain, torch.ops.graphopt.conv_act.default,
-                              (x, w, b, z, _pair(stride), pads, _pair(dilation), groups, act))
+                op_args = (pad_node.args[0] if pad_node is not None else x, w, b, z, _pair(stride), pads,
+                           _pair(dilation), groups, act)
+                self._replace(graph, chain, torch.ops.graphopt.conv_act.default, op_args)
                 if pad_node is not None:
                     graph.fx.erase_node(pad_node)
                 merged = ([pad_node] if pad_node is not None else []) + chain[1:]
-                result.did(f"%{node.name} + {'residual %' + z.name + ' + ' if z is not None else ''}{act} → "
-                           f"graphopt.conv_act (merged {', '.join('%' + n.name for n in merged)})")
-            elif node.target is aten.linear.default:
-                act, why = self._activation_after(node)
-                if act is None:
-                    if why:
-                        result.skipped(f"%{node.name}: {why}")
-                    continue
+                what = f"{'residual %' + z.name + ' + ' if z is not None else ''}{act} → graphopt.conv_act"
+            else:
                 x, w, b = (list(node.args) + [None])[:3]
-                chain = [node, _only_user(node)]
                 self._replace(graph, chain, torch.ops.graphopt.linear_act.default, (x, w, b, act))
-                result.did(f"%{node.name} + {act} → graphopt.linear_act (merged %{chain[1].name})")
+                merged, what = chain[1:], f"{act} → graphopt.linear_act"
+            view = None
+            result.did(f"%{node.name} + {what} (merged {', '.join('%' + n.name for n in merged)})")
         if result.changed:
             graph.tidy()
         return result
@@ -120,17 +110,6 @@ class FuseEpilogues(Pass):
         if tensor_meta(w).dim() != 4:
             return f"{tensor_meta(w).dim() - 2}-D convolution (conv_act covers 2-D)"
         return None
-
-    @staticmethod
-    def _activation_after(node: fx.Node) -> tuple[str | None, str | None]:
-        """(activation name, None) when node's only consumer is a supported activation; else (None, why)."""
-        if not node.users:
-            return None, None
-        user = _only_user(node)
-        if user is None:
-            acts = [u for u in node.users if activation_of(u)]
-            return None, f"output also used by {len(node.users) - 1} other node(s)" if acts else None
-        return (activation_of(user), None) if activation_of(user) else (None, None)
 
     @staticmethod
     def _replace(graph: Graph, chain: list[fx.Node], op, args: tuple) -> None:

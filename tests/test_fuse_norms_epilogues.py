@@ -1,0 +1,153 @@
+"""Norm and epilogue fusions on hand models, with the negative cases that must not fuse."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphopt
+from graphopt import zoo
+from conftest import assert_matches
+
+
+def step(cm, name):
+    return next(r for r in cm.report if r.name == name)
+
+
+# --- norms ---------------------------------------------------------------------------------------
+class HandLayerNorm(nn.Module):
+    def __init__(self, n=16, spelling="div_sqrt"):
+        super().__init__()
+        self.w, self.b, self.spelling = nn.Parameter(torch.rand(n) + 0.5), nn.Parameter(torch.randn(n)), spelling
+
+    def forward(self, x):
+        d = x - x.mean(-1, keepdim=True)
+        var = (d * d).mean(-1, keepdim=True)
+        y = d / torch.sqrt(var + 1e-5) if self.spelling == "div_sqrt" else d * torch.rsqrt(var + 1e-5)
+        return y * self.w + self.b
+
+
+class HandRMSNorm(nn.Module):   # as in Llama / T5
+    def __init__(self, n=16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(n) + 0.5)
+
+    def forward(self, x):
+        var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + 1e-6)).to(x.dtype)
+
+
+@pytest.mark.parametrize("model,op", [(HandLayerNorm(), "aten.layer_norm"), (HandLayerNorm(spelling="rsqrt"), "aten.layer_norm"),
+                                      (HandRMSNorm(), "aten.rms_norm")])
+def test_written_out_norms_fuse(model, op):
+    x = (torch.randn(2, 5, 16) * 3 + 1,)
+    cm = graphopt.compile(model.eval(), x)
+    assert cm.graph.op_counts() == {op: 1}, step(cm, "fuse_norms").notes
+    assert_matches(cm, model, x)
+
+
+def test_norm_over_another_tensors_statistics_is_not_fused():
+    class CrossNorm(nn.Module):
+        def forward(self, x, y):
+            return x * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
+    x = (torch.randn(2, 16), torch.randn(2, 16))
+    cm = graphopt.compile(CrossNorm().eval(), x)
+    assert "aten.rms_norm" not in cm.graph.op_counts()
+    assert any("another tensor" in n for n in step(cm, "fuse_norms").notes)
+    assert_matches(cm, CrossNorm(), x)
+
+
+def test_t5_and_llama_rmsnorms_fuse():
+    for name in ("t5_encoder", "llama"):
+        model, inputs = zoo.build(name, size="tiny", batch=2)
+        cm = graphopt.compile(model, inputs)
+        assert cm.graph.op_counts()["aten.rms_norm"] == 5, name    # 2 layers × 2 + final
+        assert_matches(cm, model, inputs)
+
+
+# --- epilogues -----------------------------------------------------------------------------------
+ACTS = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU(), "hardswish": nn.Hardswish(),
+        "gelu": nn.GELU(), "sigmoid": nn.Sigmoid(), "hardsigmoid": nn.Hardsigmoid()}
+
+
+class ConvAct(nn.Module):
+    def __init__(self, act, residual=False, pad=None):
+        super().__init__()
+        self.conv, self.act, self.residual, self.pad = nn.Conv2d(8, 8, 3, padding=0 if pad else 1), act, residual, pad
+
+    def forward(self, x):
+        y = self.conv(F.pad(x, self.pad) if self.pad else x)
+        return self.act(y + x if self.residual else y)
+
+
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_conv_act(act):
+    model, x = ConvAct(ACTS[act]).eval(), (torch.randn(2, 8, 9, 9),)
+    cm = graphopt.compile(model, x)
+    assert cm.graph.op_counts() == {"graphopt.conv_act": 1}
+    assert_matches(cm, model, x)
+
+
+@pytest.mark.parametrize("kw", [{"residual": True}, {"pad": (0, 1, 0, 1)}, {"pad": (1, 1, 1, 1), "residual": True}])
+def test_conv_act_absorbs_residual_and_padding(kw):
+    model, x = ConvAct(nn.ReLU(), **kw).eval(), (torch.randn(2, 8, 9, 9),)
+    cm = graphopt.compile(model, x)
+    assert cm.graph.op_counts() == {"graphopt.conv_act": 1}, step(cm, "fuse_epilogues").notes
+    assert_matches(cm, model, x)
+    if kw.get("residual"):
+        assert "com.microsoft.FusedConv 1" in cm.report[-1].notes[0]
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.relu(), y * 2            # the conv's output has a second consumer
+
+
+def test_epilogue_negative_cases():
+    x = (torch.randn(1, 4, 5, 5),)
+    model = SharedConv().eval()
+    cm = graphopt.compile(model, x)
+    assert_matches(cm, model, x)
+    assert "graphopt.conv_act" not in cm.graph.op_counts()
+    assert any("also used by 1 node(s) outside the fusion" in n for n in step(cm, "fuse_epilogues").notes)
+
+
+def test_fusion_blocker_on_networkx_view():
+    import networkx as nx
+    from graphopt.ir import fusion_blocker
+    g = nx.DiGraph([("x", "conv"), ("conv", "add"), ("conv", "sig"), ("sig", "add"), ("add", "relu")])
+    assert "also used by 1 node(s) outside" in fusion_blocker(g, ["conv", "add", "relu"])
+    g = nx.DiGraph([("conv", "add"), ("add", "relu"), ("x", "conv"), ("add", "mid"), ("mid", "relu")])
+    assert "outside" in fusion_blocker(g, ["conv", "add", "relu"])
+    cycle = nx.DiGraph([("a", "c"), ("a", "b"), ("b", "c")])     # fusing a with c would make it feed itself via b
+    assert fusion_blocker(cycle, ["a", "c"]).startswith("%a is also used")
+    assert fusion_blocker(cycle, ["b", "c"]) is None
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
+def test_linear_act(act):
+    model = nn.Sequential(nn.Linear(16, 32), ACTS[act], nn.Linear(32, 8)).eval()
+    x = (torch.randn(3, 7, 16),)
+    cm = graphopt.compile(model, x)
+    assert cm.graph.op_counts() == {"graphopt.linear_act": 1, "aten.linear": 1}
+    assert_matches(cm, model, x)
+
+
+def test_gelu_tanh_lowers_to_fastgelu():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(approximate="tanh")).eval()
+    x = (torch.randn(3, 16),)
+    cm = graphopt.compile(model, x)
+    assert "com.microsoft.FastGelu" in cm.report[-1].notes[0]
+    assert_matches(cm, model, x)
+
+
+@pytest.mark.parametrize("name,n", [("resnet", 7), ("mobilenet_v2", 35), ("bert", 2)])
+def test_real_models_fuse_epilogues(name, n):
+    model, inputs = zoo.build(name, size="tiny", batch=2)
+    cm = graphopt.compile(model, inputs)
+    assert step(cm, "fuse_epilogues").rewrites == n
+    assert_matches(cm, model, inputs)
