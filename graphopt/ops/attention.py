@@ -28,18 +28,19 @@ def _onnx(q, k, v, bias, num_heads: int, scale: float, causal: bool):
 
 def _relax(node, importer):
     from tvm import relax
+    from tvm.tirx import FloatImm
     q, k, v = (importer.env[a] for a in node.args[:3])
     bias = importer.env[node.args[3]] if node.args[3] is not None else None
     heads, scale, causal = node.args[4:7]
     bb = importer.block_builder
 
     def bsnh(x):   # relax's attention takes [batch, seq, heads, head_dim]
-        b, s, e = x.struct_info.shape
+        b, s, e = importer.shape_of(x)
         return bb.emit(relax.op.reshape(x, (b, s, heads, e // heads)))
-    out = bb.emit(relax.op.nn.attention(bsnh(q), bsnh(k), bsnh(v), bias, scale=relax.FloatImm("float32", scale),
+    out = bb.emit(relax.op.nn.attention(bsnh(q), bsnh(k), bsnh(v), bias, scale=FloatImm("float32", scale),
                                         causal_mask="TopLeft" if causal else None))
-    b, s, e = v.struct_info.shape
-    return bb.emit(relax.op.reshape(out, (b, q.struct_info.shape[1], e)))
+    b, _, e = importer.shape_of(v)
+    return bb.emit(relax.op.reshape(out, (b, importer.shape_of(q)[1], e)))
 
 
 @graphopt_op("attention", fake=_fake, onnx=_onnx, relax=_relax)

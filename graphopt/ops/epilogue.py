@@ -51,14 +51,14 @@ def _onnx_act(y, act: str):
 
 def _relax_act(bb, y, act: str):
     from tvm import relax
-    nn = relax.op.nn
-    fns = {"relu": nn.relu, "sigmoid": relax.op.sigmoid, "tanh": relax.op.tanh, "silu": nn.silu, "gelu": nn.gelu,
-           "gelu_tanh": nn.gelu_tanh,
-           "relu6": lambda v: relax.op.clip(v, relax.PrimValue(0.0), relax.PrimValue(6.0)),
-           "hardsigmoid": lambda v: relax.op.clip(relax.op.add(relax.op.divide(v, relax.const(6.0)), relax.const(0.5)),
-                                                  relax.PrimValue(0.0), relax.PrimValue(1.0)),
-           "hardswish": lambda v: relax.op.multiply(v, relax.op.clip(relax.op.add(
-               relax.op.divide(v, relax.const(6.0)), relax.const(0.5)), relax.PrimValue(0.0), relax.PrimValue(1.0)))}
+    op, nn = relax.op, relax.op.nn
+    dtype = y.ty.dtype
+
+    def hard_sigmoid(v):  # clip(v + 3, 0, 6) / 6, as TVM's own torch frontend writes it
+        return op.divide(op.clip(op.add(v, relax.const(3, dtype)), 0, 6), relax.const(6, dtype))
+    fns = {"relu": nn.relu, "sigmoid": op.sigmoid, "tanh": op.tanh, "silu": nn.silu, "gelu": nn.gelu,
+           "gelu_tanh": nn.gelu_tanh, "relu6": lambda v: op.clip(v, 0, 6), "hardsigmoid": hard_sigmoid,
+           "hardswish": lambda v: op.multiply(v, hard_sigmoid(v))}
     return bb.emit(fns[act](y))
 
 

@@ -84,3 +84,9 @@ def _to_onnx_schema(s) -> onnx.defs.OpSchema:
 def onnx_translation_table() -> dict:
     """For torch.onnx.export(custom_translation_table=...)."""
     return {op.overload: op.onnx for op in _OPS.values()}
+
+
+def relax_convert_map() -> dict:
+    """For tvm.relax.frontend.torch.from_exported_program(custom_convert_map=...), which looks
+    converters up by the op's `__name__` ("attention.default") and calls them as f(node, importer)."""
+    return {op.overload.__name__: op.relax for op in _OPS.values()}

@@ -6,7 +6,8 @@ Two rules, run in order:
   2. SDPA whose q/k/v are head splits  permute(reshape(X, [B,S,H,D]), [0,2,1,3])  and whose output
      is merged back the same way  →  graphopt::attention(Xq, Xk, Xv, bias) on [B, S, H·D].
 Inputs that are not head splits (rotary embeddings applied in [B,H,S,D]) are flattened back with
-a transpose; every candidate left alone is reported with the reason."""
+a transpose; a constant mask that is exactly the causal mask becomes the kernel's causal flag;
+every candidate left alone is reported with the reason."""
 from __future__ import annotations
 
 import torch
@@ -146,13 +147,26 @@ def _to_bsh(graph: Graph, t: fx.Node, before: fx.Node) -> fx.Node:
     return f
 
 
+def constant_mask_kind(graph: Graph, mask: fx.Node | None) -> str | None:
+    """"none" for a constant bool mask that masks nothing, "causal" for one that is exactly the
+    lower-triangular causal mask (every batch and head); else None."""
+    if mask is None or not graph.is_constant(mask) or tensor_meta(mask).dtype != torch.bool:
+        return None
+    m = graph.constant(mask)
+    if bool(m.all()):
+        return "none"
+    s, t = m.shape[-2:]
+    if s == t and torch.equal(m, torch.ones(s, t, dtype=torch.bool).tril().expand_as(m)):
+        return "causal"
+    return None
+
+
 def _bias(graph: Graph, mask: fx.Node | None, q: torch.Tensor, k: torch.Tensor, before: fx.Node) -> fx.Node | None:
-    """SDPA's mask as an additive float bias of shape [B|1, H|1, S, T]; None when it masks nothing."""
-    if mask is None:
+    """SDPA's mask as an additive float bias of shape [B|1, H|1, S, T]; None when it masks nothing
+    beyond causality (see constant_mask_kind)."""
+    if mask is None or constant_mask_kind(graph, mask):
         return None
     m = tensor_meta(mask)
-    if m.dtype == torch.bool and graph.is_constant(mask) and bool(graph.constant(mask).all()):
-        return None
     shape = [1] * (4 - m.dim()) + list(m.shape)
     shape[2:] = [q.shape[2], k.shape[2]]
     with graph.fx.inserting_before(before):
@@ -216,11 +230,12 @@ class FuseAttention(Pass):
         scale = a["scale"] if a["scale"] is not None else attention_op.default_scale(head_dim)
         inputs = [_to_bsh(graph, a[n], node) for n in ("query", "key", "value")]
         folded = sum(_head_split_source(a[n]) is not None for n in ("query", "key", "value"))
+        causal = bool(a["is_causal"]) or constant_mask_kind(graph, a["attn_mask"]) == "causal"
         bias = _bias(graph, a["attn_mask"], q, k, node)
         merge = _head_merge_target(node)
         with graph.fx.inserting_before(node):
             fused = graph.fx.call_function(torch.ops.graphopt.attention.default,
-                                           (*inputs, bias, heads, float(scale), bool(a["is_causal"])))
+                                           (*inputs, bias, heads, float(scale), causal))
         fused.meta["val"] = q.new_empty(q.shape[0], q.shape[2], heads * v.shape[3])
         if merge is not None:
             merge.replace_all_uses_with(fused)
@@ -231,7 +246,8 @@ class FuseAttention(Pass):
             heads_split.meta["val"] = fused.meta["val"].unflatten(2, (heads, v.shape[3]))
             back.meta["val"] = node.meta["val"]
             node.replace_all_uses_with(back)
-        mask_note = "no mask" if bias is None else f"mask as additive bias %{bias.name}"
+        mask_note = (f"mask as additive bias %{bias.name}" if bias is not None else
+                     "constant causal mask → causal kernel" if causal and not a["is_causal"] else "no mask")
         return (f"%{node.name} → graphopt.attention ({heads} heads × {head_dim}, {folded}/3 head splits folded, "
                 f"{'merge folded' if merge is not None else 'merge kept'}, {mask_note}"
-                f"{', causal' if a['is_causal'] else ''})")
+                f"{', causal' if causal else ''})")
