@@ -4,7 +4,7 @@ STAMP := .install-stamp
 
 $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0          # first and exactly: the local CPU wheel (others pull CUDA)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,tvm]'
 	touch $(STAMP)
 
 install: $(STAMP)

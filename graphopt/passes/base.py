@@ -54,8 +54,8 @@ class Pass(abc.ABC):
 _REGISTRY: dict[str, type[Pass]] = {}
 
 DEFAULT_PIPELINES: dict[str, tuple[str, ...]] = {
-    "cpu": ("remove_noops", "fold_constants", "fold_batchnorm", "fuse_norms", "fuse_attention", "fuse_epilogues",
-            "fold_constants", "dce"),
+    "cpu": ("remove_noops", "fold_constants", "fold_batchnorm", "fft_conv", "fuse_norms", "fuse_attention",
+            "fuse_epilogues", "fold_constants", "dce"),
     "cuda": ("remove_noops", "fold_constants", "fold_batchnorm", "dce"),
     "arm64": ("remove_noops", "fold_constants", "fold_batchnorm", "dce"),
 }

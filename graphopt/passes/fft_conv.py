@@ -1,0 +1,150 @@
+"""FFT-convolution rewriting: long 1-D convolutions become graphopt::fft_conv1d, a matmul (Monarch)
+FFT convolution, where the cost model (passes/fft_cost.py, rates measured on this machine) says
+it is faster. Two sources:
+
+  1. aten.convolution with a 1-D kernel (dense, grouped or depthwise; stride and dilation 1), a
+     zero pad in front of it folded in (the causal-conv idiom pad(x, [K−1, 0]) → conv);
+  2. a convolution the model already computes by FFT, as Hyena does:
+        irfft(rfft(pad(u), n) · K̂, n)[..., :L]  with K̂ constant (its filter generator folded),
+     always rewritten (it is an FFT either way; the matmul form is what runs fast here, and TVM has
+     no FFT op at all).
+
+The kernel's spectrum is computed here, at compile time, in the layout the lowering wants; every
+decision and its estimated costs go into the dumps."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..ir import Graph, tensor_meta
+from ..ops.fft_conv import fft_size, spectrum
+from .base import Pass, PassContext, PassResult, register
+from .fft_cost import ConvShape, decide
+
+aten = torch.ops.aten
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _static_batch(val: torch.Tensor) -> int:
+    b = val.shape[0]
+    return b if isinstance(b, int) else 1
+
+
+@register
+class FFTConv(Pass):
+    name = "fft_conv"
+    summary = "rewrite long 1-D convolutions (and rfft·irfft convolutions) as matmul-FFT convs when measured faster"
+
+    def __init__(self, force: str | None = None):
+        self.force = force   # "fft" or "direct" overrides the cost model (tests, experiments)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for node in list(graph.ops()):
+            if node.target is aten.convolution.default:
+                self._conv(graph, node, result)
+            elif node.target is aten._fft_c2r.default:
+                self._fft_idiom(graph, node, result)
+        if result.changed:
+            graph.eliminate_dead_code()
+            graph.tidy()
+        return result
+
+    def _choose(self, shape: ConvShape):
+        d = decide(shape)
+        return d if self.force is None else type(d)(self.force, d.direct_ms, d.fft_ms, d.n)
+
+    # --- 1. direct 1-D convolutions --------------------------------------------------------------
+    def _conv(self, graph: Graph, node: fx.Node, result: PassResult) -> None:
+        x, w, b, stride, padding, dilation, transposed, _, groups = node.args
+        wv = tensor_meta(w)
+        if wv is None or wv.dim() != 3:
+            return                                    # not a 1-D convolution
+        why = ("transposed" if transposed else "strided" if list(stride) != [1] else
+               "dilated" if list(dilation) != [1] else "weights are not constant" if not graph.is_constant(w)
+               or (b is not None and not graph.is_constant(b)) else None)
+        if why:
+            result.skipped(f"%{node.name}: {why} 1-D convolution")
+            return
+        pad_left = pad_right = padding[0]
+        source = x
+        if _is(x, aten.constant_pad_nd.default) and len(x.users) == 1 and len(x.args[1]) == 2 \
+                and min(x.args[1]) >= 0 and (x.args[2] if len(x.args) > 2 else 0) == 0:
+            source = x.args[0]
+            pad_left, pad_right = pad_left + x.args[1][0], pad_right + x.args[1][1]
+        xv, k = tensor_meta(source), wv.shape[-1]
+        length, c_out, c_in = xv.shape[-1], wv.shape[0], xv.shape[1]
+        if not isinstance(length, int):
+            result.skipped(f"%{node.name}: dynamic sequence length")
+            return
+        start, out_len = k - 1 - pad_left, length + pad_left + pad_right - k + 1
+        if start < 0:
+            result.skipped(f"%{node.name}: padding wider than the kernel")
+            return
+        shape = ConvShape(_static_batch(xv), c_in, c_out, groups, length, k, out_len)
+        decision = self._choose(shape)
+        if decision.form == "direct":
+            result.skipped(f"%{node.name} (K={k}, L={length}, {c_in}→{c_out}, groups {groups}): {decision}")
+            return
+        n, n1, n2 = fft_size(max(length + k - 1, start + out_len))
+        h = graph.constant(w).flip(-1).reshape(groups, c_out // groups, c_in // groups, k)
+        spec = graph.add_constant(spectrum(h, n1, n2), f"{w.target}_spectrum", before=node)
+        with graph.fx.inserting_before(node):
+            y = graph.fx.call_function(torch.ops.graphopt.fft_conv1d.default,
+                                       (source, spec, n1, n2, groups, start, out_len, shape.depthwise))
+            y.meta["val"] = tensor_meta(node).new_empty(tensor_meta(node).shape)
+            if b is not None:
+                bias = graph.fx.call_function(aten.reshape.default, (b, [1, c_out, 1]))
+                bias.meta["val"] = tensor_meta(b).reshape(1, c_out, 1)
+                y = graph.fx.call_function(aten.add.Tensor, (y, bias))
+                y.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(y)
+        result.did(f"%{node.name} (K={k}, L={length}, {c_in}→{c_out}, groups {groups}) → graphopt.fft_conv1d: {decision}")
+
+    # --- 2. the rfft · irfft idiom ---------------------------------------------------------------
+    def _fft_idiom(self, graph: Graph, node: fx.Node, result: PassResult) -> None:
+        prod, dims, norm, n = node.args
+        sl = next(iter(node.users)) if len(node.users) == 1 else None
+        rank = tensor_meta(node).dim()
+        if not (_is(prod, aten.mul.Tensor) and [d % rank for d in dims] == [rank - 1] and rank == 3 and norm == 2):
+            result.skipped(f"%{node.name}: not an irfft over the last dim of a spectrum product [B, C, ·]")
+            return
+        fwd, kern = prod.args if _is(prod.args[0], aten._fft_r2c.default) else prod.args[::-1]
+        if not (_is(fwd, aten._fft_r2c.default) and isinstance(kern, fx.Node) and graph.is_constant(kern)):
+            result.skipped(f"%{node.name}: spectrum product is not rfft(input) · constant spectrum")
+            return
+        if fwd.args[2] != 0 or [d % rank for d in fwd.args[1]] != [rank - 1]:
+            result.skipped(f"%{node.name}: forward rfft is normalized or not over the last dim")
+            return
+        if n & (n - 1):
+            result.skipped(f"%{node.name}: FFT size {n} is not a power of two (circular convolution kept)")
+            return
+        u = fwd.args[0]
+        if _is(u, aten.constant_pad_nd.default) and list(u.args[1])[:1] == [0] and all(p == 0 for p in u.args[1][2:]):
+            u = u.args[0]                              # right zero-padding up to n: the op pads itself
+        uv = tensor_meta(u)
+        c, length = uv.shape[1], uv.shape[-1]
+        kspec = graph.constant(kern)
+        if not isinstance(length, int) or kspec.shape[-2:-1] not in (torch.Size([c]), torch.Size([1])):
+            result.skipped(f"%{node.name}: spectrum {tuple(kspec.shape)} is not one filter per channel")
+            return
+        start, end = 0, n
+        if _is(sl, aten.slice.Tensor) and sl.args[1] % rank == rank - 1 and (len(sl.args) < 5 or sl.args[4] == 1):
+            start, end = sl.args[2] or 0, min(sl.args[3], n)
+        out_node = sl if start != 0 or end != n else node
+        if self.force == "direct":
+            result.skipped(f"%{node.name}: rfft·irfft convolution kept (forced)")
+            return
+        h = torch.fft.irfft(kspec.reshape(-1, kspec.shape[-1]).to(torch.complex128), n=n).expand(c, n)
+        _, n1, n2 = fft_size(n)
+        spec = graph.add_constant(spectrum(h.reshape(c, 1, 1, n), n1, n2), f"{kern.target}_monarch", before=node)
+        with graph.fx.inserting_before(out_node):
+            y = graph.fx.call_function(torch.ops.graphopt.fft_conv1d.default,
+                                       (u, spec, n1, n2, c, start, end - start, True))
+        y.meta["val"] = tensor_meta(out_node).new_empty(tensor_meta(out_node).shape)
+        out_node.replace_all_uses_with(y)
+        result.did(f"%{out_node.name}: rfft·irfft convolution (n={n}, {c} channels) → graphopt.fft_conv1d "
+                   f"(circular, period {n}; replaces the model's own FFT: ONNX DFT on ORT, none on TVM)")
