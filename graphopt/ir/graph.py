@@ -105,6 +105,11 @@ class Graph:
         return graph_text(self)
 
 
+def is_call(node, *targets) -> bool:
+    """node is an fx.Node calling one of `targets` (pattern-matching helper for passes)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
 def op_name(node: fx.Node) -> str:
     """`aten.linear` for torch.ops.aten.linear.default; the plain name for Python callables."""
     t = node.target

@@ -16,16 +16,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir import Graph, tensor_meta
+from ..ir import Graph, is_call, tensor_meta
 from ..ops.fft_conv import fft_size, spectrum
 from .base import Pass, PassContext, PassResult, register
 from .fft_cost import ConvShape, decide
 
 aten = torch.ops.aten
 
-
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
 def _static_batch(val: torch.Tensor) -> int:
@@ -71,7 +68,7 @@ class FFTConv(Pass):
             return
         pad_left = pad_right = padding[0]
         source = x
-        if _is(x, aten.constant_pad_nd.default) and len(x.users) == 1 and len(x.args[1]) == 2 \
+        if is_call(x, aten.constant_pad_nd.default) and len(x.users) == 1 and len(x.args[1]) == 2 \
                 and min(x.args[1]) >= 0 and (x.args[2] if len(x.args) > 2 else 0) == 0:
             source = x.args[0]
             pad_left, pad_right = pad_left + x.args[1][0], pad_right + x.args[1][1]
@@ -109,11 +106,11 @@ class FFTConv(Pass):
         prod, dims, norm, n = node.args
         sl = next(iter(node.users)) if len(node.users) == 1 else None
         rank = tensor_meta(node).dim()
-        if not (_is(prod, aten.mul.Tensor) and [d % rank for d in dims] == [rank - 1] and rank == 3 and norm == 2):
+        if not (is_call(prod, aten.mul.Tensor) and [d % rank for d in dims] == [rank - 1] and rank == 3 and norm == 2):
             result.skipped(f"%{node.name}: not an irfft over the last dim of a spectrum product [B, C, ·]")
             return
-        fwd, kern = prod.args if _is(prod.args[0], aten._fft_r2c.default) else prod.args[::-1]
-        if not (_is(fwd, aten._fft_r2c.default) and isinstance(kern, fx.Node) and graph.is_constant(kern)):
+        fwd, kern = prod.args if is_call(prod.args[0], aten._fft_r2c.default) else prod.args[::-1]
+        if not (is_call(fwd, aten._fft_r2c.default) and isinstance(kern, fx.Node) and graph.is_constant(kern)):
             result.skipped(f"%{node.name}: spectrum product is not rfft(input) · constant spectrum")
             return
         if fwd.args[2] != 0 or [d % rank for d in fwd.args[1]] != [rank - 1]:
@@ -123,7 +120,7 @@ class FFTConv(Pass):
             result.skipped(f"%{node.name}: FFT size {n} is not a power of two (circular convolution kept)")
             return
         u = fwd.args[0]
-        if _is(u, aten.constant_pad_nd.default) and list(u.args[1])[:1] == [0] and all(p == 0 for p in u.args[1][2:]):
+        if is_call(u, aten.constant_pad_nd.default) and list(u.args[1])[:1] == [0] and all(p == 0 for p in u.args[1][2:]):
             u = u.args[0]                              # right zero-padding up to n: the op pads itself
         uv = tensor_meta(u)
         c, length = uv.shape[1], uv.shape[-1]
@@ -132,7 +129,7 @@ class FFTConv(Pass):
             result.skipped(f"%{node.name}: spectrum {tuple(kspec.shape)} is not one filter per channel")
             return
         start, end = 0, n
-        if _is(sl, aten.slice.Tensor) and sl.args[1] % rank == rank - 1 and (len(sl.args) < 5 or sl.args[4] == 1):
+        if is_call(sl, aten.slice.Tensor) and sl.args[1] % rank == rank - 1 and (len(sl.args) < 5 or sl.args[4] == 1):
             start, end = sl.args[2] or 0, min(sl.args[3], n)
         out_node = sl if start != 0 or end != n else node
         if self.force == "direct":

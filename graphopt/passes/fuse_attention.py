@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir import Graph, tensor_meta
+from ..ir import Graph, is_call, tensor_meta
 from ..ops import attention as attention_op
 from .base import Pass, PassContext, PassResult, register
 
@@ -23,9 +23,6 @@ SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
 
 def _static(*dims) -> bool:
     return all(isinstance(d, int) for d in dims)
@@ -34,11 +31,11 @@ def _static(*dims) -> bool:
 # --- rule 1: written-out attention → SDPA ------------------------------------------------------
 def _transposed_last_two(node) -> fx.Node | None:
     """k when node is kᵀ over the last two dims (transpose or permute)."""
-    if _is(node, aten.transpose.int):
+    if is_call(node, aten.transpose.int):
         rank = tensor_meta(node).dim()
         if sorted(d % rank for d in node.args[1:3]) == [rank - 2, rank - 1]:
             return node.args[0]
-    if _is(node, aten.permute.default):
+    if is_call(node, aten.permute.default):
         perm = list(node.args[1])
         if perm == list(range(len(perm) - 2)) + [len(perm) - 1, len(perm) - 2]:
             return node.args[0]
@@ -47,18 +44,18 @@ def _transposed_last_two(node) -> fx.Node | None:
 
 def match_written_out(out: fx.Node) -> tuple[dict, str | None]:
     """For `out = matmul(softmax(...), v)`: the SDPA arguments, or the reason there is no match."""
-    if not _is(out, aten.matmul.default, aten.bmm.default):
+    if not is_call(out, aten.matmul.default, aten.bmm.default):
         return {}, "not a matmul"
     probs, v = out.args
-    if not _is(probs, aten._softmax.default, aten.softmax.int) or probs.args[1] not in (-1, tensor_meta(probs).dim() - 1):
+    if not is_call(probs, aten._softmax.default, aten.softmax.int) or probs.args[1] not in (-1, tensor_meta(probs).dim() - 1):
         return {}, "first operand is not a softmax over the last dim"
     x, mask, scale = probs.args[0], None, 1.0
-    if _is(x, aten.add.Tensor) and isinstance(x.args[1], fx.Node) and len(x.users) == 1:
+    if is_call(x, aten.add.Tensor) and isinstance(x.args[1], fx.Node) and len(x.users) == 1:
         x, mask = x.args
-    if _is(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)) and len(x.users) == 1:
+    if is_call(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)) and len(x.users) == 1:
         scale = x.args[1] if x.target is aten.mul.Tensor else 1.0 / x.args[1]
         x = x.args[0]
-    if not _is(x, aten.matmul.default, aten.bmm.default) or len(x.users) != 1:
+    if not is_call(x, aten.matmul.default, aten.bmm.default) or len(x.users) != 1:
         return {}, "softmax input is not q·kᵀ (optionally scaled and masked)"
     q, kt = x.args
     k = _transposed_last_two(kt)
@@ -72,10 +69,10 @@ def match_written_out(out: fx.Node) -> tuple[dict, str | None]:
 # --- rule 2: SDPA + head split/merge → graphopt::attention -------------------------------------
 def _head_split_source(node: fx.Node) -> fx.Node | None:
     """X when node = permute(reshape(X, [B, S, H, D]), [0, 2, 1, 3]) and X is [B, S, H·D]."""
-    if not _is(node, aten.permute.default) or list(node.args[1]) != [0, 2, 1, 3]:
+    if not is_call(node, aten.permute.default) or list(node.args[1]) != [0, 2, 1, 3]:
         return None
     split = node.args[0]
-    if not _is(split, aten.reshape.default):
+    if not is_call(split, aten.reshape.default):
         return None
     x, xv, sv = split.args[0], tensor_meta(split.args[0]), tensor_meta(split)
     if xv is None or xv.dim() != 3 or sv.dim() != 4 or [str(d) for d in xv.shape[:2]] != [str(d) for d in sv.shape[:2]]:
@@ -88,12 +85,12 @@ def _head_merge_target(out: fx.Node) -> fx.Node | None:
     if len(out.users) != 1:
         return None
     (perm,) = out.users
-    if not _is(perm, aten.permute.default) or list(perm.args[1]) != [0, 2, 1, 3] or len(perm.users) != 1:
+    if not is_call(perm, aten.permute.default) or list(perm.args[1]) != [0, 2, 1, 3] or len(perm.users) != 1:
         return None
     (merge,) = perm.users
-    if _is(merge, aten.clone.default) and len(merge.users) == 1:   # .contiguous() before the reshape
+    if is_call(merge, aten.clone.default) and len(merge.users) == 1:   # .contiguous() before the reshape
         (merge,) = merge.users
-    if not _is(merge, aten.reshape.default) or tensor_meta(merge).dim() != 3:
+    if not is_call(merge, aten.reshape.default) or tensor_meta(merge).dim() != 3:
         return None
     return merge
 
@@ -193,8 +190,8 @@ class FuseAttention(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         for node in list(graph.ops()):          # rule 1
-            if _is(node, aten._softmax.default, aten.softmax.int):
-                consumers = [u for u in node.users if _is(u, aten.matmul.default, aten.bmm.default)]
+            if is_call(node, aten._softmax.default, aten.softmax.int):
+                consumers = [u for u in node.users if is_call(u, aten.matmul.default, aten.bmm.default)]
                 if len(consumers) != 1 or len(node.users) != 1:
                     result.skipped(f"%{node.name}: softmax is not consumed by exactly one matmul")
                     continue

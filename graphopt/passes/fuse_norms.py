@@ -13,19 +13,16 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir import Graph, tensor_meta
+from ..ir import Graph, is_call, tensor_meta
 from .base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
 
 
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
 
 def _last_dim_mean(node) -> fx.Node | None:
     """z when node = mean(z, [-1], keepdim=True)."""
-    if not _is(node, aten.mean.dim):
+    if not is_call(node, aten.mean.dim):
         return None
     dims, keep = node.args[1], (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
     rank = tensor_meta(node).dim()
@@ -33,27 +30,27 @@ def _last_dim_mean(node) -> fx.Node | None:
 
 
 def _square_of(node) -> fx.Node | None:
-    if _is(node, aten.pow.Tensor_Scalar) and node.args[1] == 2:
+    if is_call(node, aten.pow.Tensor_Scalar) and node.args[1] == 2:
         return node.args[0]
-    if _is(node, aten.mul.Tensor) and node.args[0] is node.args[1]:
+    if is_call(node, aten.mul.Tensor) and node.args[0] is node.args[1]:
         return node.args[0]
     return None
 
 
 def _normalizer(node) -> tuple[fx.Node, fx.Node, float] | None:
     """(x, z, eps) when node = x · rsqrt(mean(z²) + eps) in one of its spellings."""
-    if _is(node, aten.mul.Tensor):
+    if is_call(node, aten.mul.Tensor):
         for x, r in (node.args, node.args[::-1]):
-            if _is(r, aten.rsqrt.default):
+            if is_call(r, aten.rsqrt.default):
                 inv = r.args[0]
-            elif _is(r, aten.reciprocal.default) and _is(r.args[0], aten.sqrt.default):
+            elif is_call(r, aten.reciprocal.default) and is_call(r.args[0], aten.sqrt.default):
                 inv = r.args[0].args[0]
             else:
                 continue
             found = _var_eps(inv)
             if found and isinstance(x, fx.Node):
                 return (x, *found)
-    if _is(node, aten.div.Tensor) and _is(node.args[1], aten.sqrt.default):
+    if is_call(node, aten.div.Tensor) and is_call(node.args[1], aten.sqrt.default):
         found = _var_eps(node.args[1].args[0])
         if found:
             return (node.args[0], *found)
@@ -61,7 +58,7 @@ def _normalizer(node) -> tuple[fx.Node, fx.Node, float] | None:
 
 
 def _var_eps(node) -> tuple[fx.Node, float] | None:
-    if not _is(node, aten.add.Tensor, aten.add.Scalar) or not isinstance(node.args[1], (int, float)):
+    if not is_call(node, aten.add.Tensor, aten.add.Scalar) or not isinstance(node.args[1], (int, float)):
         return None
     z = _square_of(_last_dim_mean(node.args[0]))
     return (z, float(node.args[1])) if z is not None else None
@@ -72,13 +69,13 @@ def _affine(graph: Graph, node: fx.Node, n: int, with_bias: bool):
     weight = bias = None
     if len(node.users) == 1:
         (user,) = node.users
-        if _is(user, aten.mul.Tensor):
+        if is_call(user, aten.mul.Tensor):
             other = user.args[1] if user.args[0] is node else user.args[0]
             if isinstance(other, fx.Node) and graph.is_constant(other) and tuple(tensor_meta(other).shape) == (n,):
                 node, weight = user, other
     if with_bias and weight is not None and len(node.users) == 1:
         (user,) = node.users
-        if _is(user, aten.add.Tensor) and user.args[0] is node and isinstance(user.args[1], fx.Node) \
+        if is_call(user, aten.add.Tensor) and user.args[0] is node and isinstance(user.args[1], fx.Node) \
                 and graph.is_constant(user.args[1]) and tuple(tensor_meta(user.args[1]).shape) == (n,):
             node, bias = user, user.args[1]
     return node, weight, bias
@@ -92,7 +89,7 @@ class FuseNorms(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         for node in list(graph.ops()):
-            if node.graph is None or not _is(node, aten.mul.Tensor, aten.div.Tensor):
+            if node.graph is None or not is_call(node, aten.mul.Tensor, aten.div.Tensor):
                 continue
             found = _normalizer(node)
             if found is None:
@@ -101,7 +98,7 @@ class FuseNorms(Pass):
             if tensor_meta(x) is None or tensor_meta(x).dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 continue
             n = tensor_meta(x).shape[-1]
-            if _is(x, aten.sub.Tensor) and x is z and _last_dim_mean(x.args[1]) is x.args[0]:
+            if is_call(x, aten.sub.Tensor) and x is z and _last_dim_mean(x.args[1]) is x.args[0]:
                 kind, source = "layer_norm", x.args[0]
             elif z is x:
                 kind, source = "rms_norm", x
