@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import graphopt.ops  # noqa: F401  (registers the ops)
 from graphopt.ops import relax_convert_map
+from graphopt.ops.fft_conv import fft_size, spectrum
 
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
@@ -22,17 +23,23 @@ class UsesOps(nn.Module):
         self.lw = nn.Parameter(torch.randn(32, 32) * 0.1)
         self.lb = nn.Parameter(torch.randn(32) * 0.1)
 
-    def forward(self, img, seq, bias):
+        n, self.n1, self.n2 = fft_size(64 + 20 - 1)
+        self.register_buffer("spec", spectrum(torch.randn(4, 1, 1, 20), self.n1, self.n2))
+        self.register_buffer("dense_spec", spectrum(torch.randn(1, 3, 4, 20), self.n1, self.n2))
+
+    def forward(self, img, seq, bias, sig):
         g = torch.ops.graphopt
         c = g.conv_act(img, self.w, self.b, None, [1, 1], [0, 1, 1, 0], [1, 1], 1, "relu6")
         h = g.linear_act(seq, self.lw, self.lb, "gelu")
         a = g.attention(h, seq, seq, bias, 4, 0.3, False)
-        return c, a, g.attention(h, h, seq, None, 4, 0.25, True)
+        f = g.fft_conv1d(sig, self.spec, self.n1, self.n2, 4, 19, 45, True)
+        d = g.fft_conv1d(sig, self.dense_spec, self.n1, self.n2, 1, 0, 64, False)
+        return c, a, g.attention(h, h, seq, None, 4, 0.25, True), f, d
 
 
 def test_relax_converters_match_reference():
     model = UsesOps().eval()
-    inputs = (torch.randn(1, 4, 6, 6), torch.randn(2, 5, 32), torch.randn(2, 1, 5, 5))
+    inputs = (torch.randn(1, 4, 6, 6), torch.randn(2, 5, 32), torch.randn(2, 1, 5, 5), torch.randn(2, 4, 64))
     with torch.no_grad():
         ref = model(*inputs)
     ep = torch.export.export(model, inputs, strict=False)
