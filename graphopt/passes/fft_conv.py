@@ -19,7 +19,7 @@ import torch.fx as fx
 from ..ir import Graph, is_call, tensor_meta
 from ..ops.fft_conv import fft_size, spectrum
 from .base import Pass, PassContext, PassResult, register
-from .fft_cost import ConvShape, decide
+from .fft_cost import ConvShape, decide, measured_rates
 
 aten = torch.ops.aten
 
@@ -45,6 +45,9 @@ class FFTConv(Pass):
                 self._conv(graph, node, result)
             elif node.target is aten._fft_c2r.default:
                 self._fft_idiom(graph, node, result)
+        if measured_rates.cache_info().currsize:
+            rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in measured_rates().items())
+            result.notes.append(f"cost model rates measured on this machine (GMAC/s): {rates}")
         if result.changed:
             graph.eliminate_dead_code()
             graph.tidy()

@@ -32,7 +32,8 @@ def write_report(folder: Path, records: list, tolerance: float) -> None:
         if r.notes:
             items = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes[:500])
             more = f"<li>… {len(r.notes) - 500} more in stats.json</li>" if len(r.notes) > 500 else ""
-            notes = f"<details><summary>{len(r.notes)} notes</summary><ul>{items}{more}</ul></details>"
+            opened = " open" if len(r.notes) <= 5 else ""
+            notes = f"<details{opened}><summary>{len(r.notes)} notes</summary><ul>{items}{more}</ul></details>"
         rows.append(f"<tr{' class=bad' if bad else ''}><td>{r.index}</td><td><b>{html.escape(r.name)}</b>{notes}</td>"
                     f"<td>{r.rewrites}</td><td>{r.nodes_before} → {r.nodes_after}</td>"
                     f"<td>{html.escape(_delta(r.op_delta)) or '—'}</td><td>{drift}</td>"
