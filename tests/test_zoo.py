@@ -33,3 +33,13 @@ def test_dynamic_batch(name):
     compiled = graphopt.compile(model, (x,), dynamic_shapes="batch")
     other = torch.cat([x, x, x])[:5]
     assert_matches(compiled, model, (other,))
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_dynamic_batch_and_sequence_with_fusions(name):
+    from torch.export import Dim
+    model, (x,) = zoo.build(name, size="tiny", batch=2)
+    compiled = graphopt.compile(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},))
+    assert compiled.graph.op_counts().get("graphopt.attention") == 2
+    for shape in [(1, 20), (3, 7)]:
+        assert_matches(compiled, model, (x.repeat(2, 1)[: shape[0], : shape[1]],))

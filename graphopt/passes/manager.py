@@ -17,6 +17,7 @@ from ..errors import VerificationError
 from ..ir import Graph, graph_dot, write_picture
 from .base import Pass, PassContext, PassResult
 from .drift import Drift, drift
+from .report import write_report
 
 
 @dataclass
@@ -55,7 +56,7 @@ class PassManager:
 
     def run(self, graph: Graph, ctx: PassContext) -> list[StepRecord]:
         text = graph.text()
-        self._record(0, "captured", graph, ctx, PassResult(), 0.0, text, text, set(), {})
+        self._record(0, "captured", graph, ctx, PassResult(), 0.0, text, text, set(), graph.op_counts())
         for i, p in enumerate(self.passes, start=1):
             before_counts = graph.op_counts()
             t0 = time.perf_counter()
@@ -81,9 +82,8 @@ class PassManager:
     def _record(self, index, name, graph, ctx, result, elapsed, before_text, after_text, touched, before_counts):
         counts = graph.op_counts()
         delta = {op: counts.get(op, 0) - before_counts.get(op, 0) for op in set(counts) | set(before_counts)}
-        rec = StepRecord(index, name, result.rewrites, elapsed, sum(before_counts.values()) if index else
-                         sum(counts.values()), sum(counts.values()),
-                         {k: v for k, v in sorted(delta.items()) if v} if index else {}, result.notes)
+        rec = StepRecord(index, name, result.rewrites, elapsed, sum(before_counts.values()), sum(counts.values()),
+                         {k: v for k, v in sorted(delta.items()) if v}, result.notes)
         if self.measuring:
             rec.drift = drift(graph.run(*ctx.example_args, **ctx.example_kwargs), self.reference)
         folder = None
@@ -111,7 +111,6 @@ class PassManager:
                 folder.mkdir(parents=True, exist_ok=True)
                 rec.folder, rec.files = folder.name, ["stats.json"]
                 (folder / "stats.json").write_text(json.dumps(rec.as_dict(), indent=1))
-            from .report import write_report
             write_report(self.dump_dir, self.records, self.tolerance)
         if self.verify and rec.drift is not None and rec.drift.rel > self.tolerance:
             where = f"; see {self.dump_dir / rec.folder}" if self.dump_dir is not None and rec.folder else ""

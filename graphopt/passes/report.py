@@ -18,7 +18,7 @@ def _drift(rec, tolerance: float) -> tuple[str, bool]:
 
 
 def write_report(folder: Path, records: list, tolerance: float) -> None:
-    md = [f"# graphopt compile report\n", f"Drift: max |out − eager| / max |eager| on the example inputs; "
+    md = ["# graphopt compile report\n", f"Drift: max |out − eager| / max |eager| on the example inputs; "
           f"tolerance {tolerance:g}.\n", "| # | step | rewrites | ops before → after | op changes | drift | time | files |",
           "|---|---|---|---|---|---|---|---|"]
     rows = []
