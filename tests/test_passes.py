@@ -7,6 +7,7 @@ import torch.nn as nn
 import graphopt
 from graphopt.passes import PassContext, resolve
 from graphopt.capture import capture
+from graphopt.ir import graph_text
 from conftest import assert_matches
 
 
@@ -160,7 +161,7 @@ def test_dce_removes_unused_nodes_and_weights():
     assert graph.op_counts() == {"aten.linear": 2, "aten.relu": 1}
     res = resolve(["dce"], graphopt.get_target("cpu"))[0].run(graph, PassContext(graphopt.get_target("cpu"), x))
     assert res.rewrites == 2 and graph.op_counts() == {"aten.linear": 1}
-    assert "b_weight" not in graph.text() and not hasattr(graph.module, "_graphopt_b_weight")
+    assert "b_weight" not in graph_text(graph) and not hasattr(graph.module, "_graphopt_b_weight")
     torch.testing.assert_close(graph.run(*x), model(*x))
 
 

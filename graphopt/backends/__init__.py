@@ -1,4 +1,15 @@
 """Backends: build an executable for a target from the optimized IR, and run it."""
-from .base import Backend, BuildInputs, Executable, get_backend
+from ..errors import InputError
+from .base import Backend, BuildInputs, Executable
+from .ort import OrtBackend
 
-__all__ = ["Backend", "BuildInputs", "Executable", "get_backend"]
+BACKENDS: dict[str, type] = {"ort": OrtBackend}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return BACKENDS[name]()
+
+
+__all__ = ["BACKENDS", "Backend", "BuildInputs", "Executable", "OrtBackend", "get_backend"]

@@ -6,7 +6,6 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import InputError
 from ..ir import Graph
 from ..targets import Target
 
@@ -37,11 +36,3 @@ class Backend(Protocol):
         """Raise a GraphoptError now if this backend cannot build for `target` on this machine."""
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> Executable: ...
-
-
-def get_backend(name: str) -> Backend:
-    from .ort import OrtBackend
-    backends = {"ort": OrtBackend}
-    if name not in backends:
-        raise InputError(f"unknown backend {name!r}; choose one of: {', '.join(backends)}")
-    return backends[name]()

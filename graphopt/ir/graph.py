@@ -100,10 +100,6 @@ class Graph:
                 g.add_edge(inp.name, n.name)
         return g
 
-    def text(self) -> str:
-        from .text import graph_text
-        return graph_text(self)
-
 
 def is_call(node, *targets) -> bool:
     """node is an fx.Node calling one of `targets` (pattern-matching helper for passes)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import VerificationError
-from ..ir import Graph, graph_dot, write_picture
+from ..ir import Graph, graph_dot, graph_text, write_picture
 from .base import Pass, PassContext, PassResult
 from .drift import Drift, drift
 from .report import write_report
@@ -55,14 +55,14 @@ class PassManager:
         return self.reference is not None and (self.verify or self.dump_dir is not None)
 
     def run(self, graph: Graph, ctx: PassContext) -> list[StepRecord]:
-        text = graph.text()
+        text = graph_text(graph)
         self._record(0, "captured", graph, ctx, PassResult(), 0.0, text, text, set(), graph.op_counts())
         for i, p in enumerate(self.passes, start=1):
             before_counts = graph.op_counts()
             t0 = time.perf_counter()
             result = p.run(graph, ctx)
             elapsed = time.perf_counter() - t0
-            after_text = graph.text()
+            after_text = graph_text(graph)
             touched = set(_node_lines(after_text).items()) - set(_node_lines(text).items())
             self._record(i, p.name, graph, ctx, result, elapsed, text, after_text, {n for n, _ in touched},
                          before_counts)
