@@ -73,5 +73,13 @@ class CompiledModule:
         onnx.save_model(model, path)
         return path
 
+    def export_library(self, path: str | Path) -> Path:
+        """Write the TVM build as a shared library the TVM runtime loads alone (cross-compiled for arm64)."""
+        export = getattr(self.executable, "export_library", None)
+        if export is None:
+            raise InputError(f"backend {self.backend!r} builds no library; compile with backend='tvm', or use "
+                             "export_onnx")
+        return export(path)
+
     def __repr__(self) -> str:
         return f"CompiledModule(target={self.target}, backend={self.backend}, inputs=[{', '.join(map(str, self.inputs))}])"

@@ -2,8 +2,9 @@
 from ..errors import InputError
 from .base import Backend, BuildInputs, Executable
 from .ort import OrtBackend
+from .tvm import TvmBackend
 
-BACKENDS: dict[str, type] = {"ort": OrtBackend}
+BACKENDS: dict[str, type] = {"ort": OrtBackend, "tvm": TvmBackend}
 
 
 def get_backend(name: str) -> Backend:
@@ -12,4 +13,4 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]()
 
 
-__all__ = ["BACKENDS", "Backend", "BuildInputs", "Executable", "OrtBackend", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "BuildInputs", "Executable", "OrtBackend", "TvmBackend", "get_backend"]

@@ -60,7 +60,7 @@ class OrtBackend:
     def check(self, target: Target) -> None:
         if target.name == "arm64":
             raise UnsupportedError("target 'arm64' is not yet supported by the ONNX Runtime backend (it runs on "
-                                   "this host only); use target='cpu' here")
+                                   "this host only); use backend='tvm' to cross-compile for arm64")
         if target.name == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UnsupportedError("target 'cuda' needs onnxruntime-gpu (this onnxruntime has only "

@@ -1,0 +1,90 @@
+"""TVM backend: the optimized IR lowered to Relax, built for the target, run by the Relax VM.
+
+Untuned CPU builds use TVM's default schedules, which are slow on CPU (kernel tuning with
+MetaSchedule is what makes TVM competitive there, and is not built yet); CUDA builds use DLight's
+default schedules. Cross builds (cuda without a GPU, arm64) compile and export
+(`CompiledModule.export_library`) but cannot run on this machine."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..codegen.relax import to_relax
+from ..errors import UnsupportedError
+from ..ir import Graph
+from ..targets import Target
+from .base import BuildInputs
+
+CROSS_CC = {"arm64": "aarch64-linux-gnu-gcc"}
+
+
+def tvm_target(target: Target):
+    """graphopt Target → tvm.target.Target (host ISA detected for cpu)."""
+    import tvm
+    from tvm.target import codegen
+    if target.name == "cpu":
+        mcpu = "sapphirerapids" if "amx_tile" in target.features else codegen.llvm_get_system_cpu()
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
+    if target.name == "cuda":
+        arch = None
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            arch = f"sm_{major}{minor}"
+        return tvm.target.Target({"kind": "cuda", "arch": arch or "sm_80"}, host={"kind": "llvm"})
+    return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+
+
+class TvmExecutable:
+    def __init__(self, executable, target: Target):
+        self.executable, self.target = executable, target
+        self.vm = None
+        if target.name == "cpu" or (target.name == "cuda" and torch.cuda.is_available()):
+            import tvm
+            from tvm import relax
+            self.device = tvm.cpu() if target.name == "cpu" else tvm.cuda()
+            self.vm = relax.VirtualMachine(executable, self.device)
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.vm is None:
+            raise UnsupportedError(f"this module was built for {self.target}, which this machine cannot run; "
+                                   "use export_library(path) and load it there")
+        import tvm
+        out = self.vm["main"](*[tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), self.device) for t in inputs])
+        outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
+        return [torch.from_numpy(o.numpy()).to(self.target.device) for o in outs]
+
+    def artifact(self):
+        return self.executable
+
+    def describe(self) -> list[str]:
+        return [f"TVM Relax VM executable for {self.target} (untuned default schedules)"]
+
+    def export_library(self, path: str | Path) -> Path:
+        cc = CROSS_CC.get(self.target.name)
+        if cc is not None and shutil.which(cc) is None:
+            raise UnsupportedError(f"exporting for {self.target} needs the cross compiler {cc} "
+                                   "(Debian: apt-get install gcc-aarch64-linux-gnu)")
+        kwargs = {}
+        if cc is not None:
+            from tvm.support import cc as tvm_cc
+            kwargs["fcompile"] = tvm_cc.cross_compiler(cc)
+        self.executable.export_library(str(path), **kwargs)
+        return Path(path)
+
+
+class TvmBackend:
+    name = "tvm"
+
+    def check(self, target: Target) -> None:
+        try:
+            import tvm  # noqa: F401
+        except ImportError as e:
+            raise UnsupportedError("backend 'tvm' needs Apache TVM: pip install -e '.[tvm]'") from e
+
+    def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> TvmExecutable:
+        import tvm
+        mod = to_relax(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes)
+        return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target)
