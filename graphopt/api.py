@@ -9,6 +9,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .backends import BuildInputs, get_backend
+from .backends.tvm_tune import Tune
 from .capture import batch_dynamic_shapes, capture
 from .compiled import CompiledModule
 from .errors import InputError
@@ -19,18 +20,22 @@ from .targets import Target, get_target
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target = "cpu", backend: str = "ort",
             passes: str | Sequence[str | Pass] = "default", dump_dir: str | Path | None = None,
-            verify: bool = False, tolerance: float = 1e-4, dynamic_shapes: Any = None) -> CompiledModule:
+            verify: bool = False, tolerance: float = 1e-4, dynamic_shapes: Any = None,
+            tune: Tune | None = None) -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
     dump_dir: write per-pass dumps and report.html there.  verify: raise VerificationError at the first
     pass whose output drift (relative to output scale) exceeds `tolerance`.  dynamic_shapes: a
-    torch.export spec, or "batch" to let dim 0 of every input vary."""
+    torch.export spec, or "batch" to let dim 0 of every input vary.  tune: graphopt.Tune(...) searches
+    kernel schedules for the TVM backend, keeping what it finds in a database directory."""
     # 1. everything the user gave is checked before any work
     tgt = get_target(target)
     be = get_backend(backend)
     be.check(tgt)
     pipeline = resolve(passes, tgt)
+    if tune is not None and (be.name != "tvm" or not isinstance(tune, Tune)):
+        raise InputError("tune= takes a graphopt.Tune and needs backend='tvm'")
     args, kwargs = _example(model, example_inputs)
     if isinstance(dynamic_shapes, str):
         if dynamic_shapes != "batch":
@@ -52,7 +57,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     manager = PassManager(pipeline, dump_dir, verify, tolerance, reference)
     manager.run(graph, ctx)
     t0 = time.perf_counter()
-    executable = be.build(graph, tgt, BuildInputs(args, kwargs, dynamic_shapes))
+    executable = be.build(graph, tgt, BuildInputs(args, kwargs, dynamic_shapes, tune))
     build_s = time.perf_counter() - t0
     compiled = CompiledModule(graph, executable, tgt, be.name, manager.records)
     outputs = compiled(*args, **kwargs) if manager.measuring else None

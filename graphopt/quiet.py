@@ -7,7 +7,7 @@ import io
 import logging
 import warnings
 
-_PREFIXES = ("torch", "onnxscript", "onnx_ir")
+_PREFIXES = ("torch", "onnxscript", "onnx_ir", "tvm")
 
 
 @contextlib.contextmanager

@@ -52,3 +52,35 @@ def test_cuda_builds_without_a_gpu(tmp_path):
     assert cm.export_library(tmp_path / "bert_cuda.so").stat().st_size > 0
     with pytest.raises(graphopt.UnsupportedError, match="built for cuda"):
         cm(*inputs)
+
+
+class TwoConvs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x).relu())
+
+
+def test_tuning_database_is_reused_and_budget_respected(tmp_path, capsys):
+    model, x = TwoConvs().eval(), (torch.randn(1, 8, 16, 16),)
+    db = tmp_path / "tuning-db"
+    first = graphopt.compile(model, x, backend="tvm", tune=graphopt.Tune(trials=4, time_budget=600, db=db))
+    notes = first.report[-1].notes
+    assert "tuning: 8 trials" in notes[1] and "2 tasks tuned now, 0 from the database" in notes[1], notes
+    assert "[graphopt tune] 2/2 tasks" in capsys.readouterr().err          # the progress line
+    assert_matches(first, model, x)
+    assert (db / "database_tuning_record.json").stat().st_size > 0
+    second = graphopt.compile(model, x, backend="tvm", tune=graphopt.Tune(trials=4, time_budget=600, db=db))
+    assert "tuning: 0 trials" in second.report[-1].notes[1] and "2 from the database" in second.report[-1].notes[1]
+    assert_matches(second, model, x)
+    # a spent budget tunes nothing: every task keeps TVM's default schedule, and the numbers still hold
+    broke = graphopt.compile(model, x, backend="tvm", tune=graphopt.Tune(trials=4, time_budget=0, db=tmp_path / "b"))
+    assert "0 trials" in broke.report[-1].notes[1] and "2 on default schedules" in broke.report[-1].notes[1]
+    assert_matches(broke, model, x)
+
+
+def test_tune_needs_the_tvm_backend():
+    with pytest.raises(graphopt.InputError, match="needs backend='tvm'"):
+        graphopt.compile(TwoConvs().eval(), (torch.randn(1, 8, 4, 4),), tune=graphopt.Tune())

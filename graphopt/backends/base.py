@@ -16,6 +16,7 @@ class BuildInputs:
     args: tuple
     kwargs: dict = field(default_factory=dict)
     dynamic_shapes: Any = None
+    tune: Any = None          # backends.tvm_tune.Tune, for the TVM backend
 
 
 class Executable(Protocol):

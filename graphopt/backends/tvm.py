@@ -1,8 +1,8 @@
 """TVM backend: the optimized IR lowered to Relax, built for the target, run by the Relax VM.
 
-Untuned CPU builds use TVM's default schedules, which are slow on CPU (kernel tuning with
-MetaSchedule is what makes TVM competitive there, and is not built yet); CUDA builds use DLight's
-default schedules. Cross builds (cuda without a GPU, arm64) compile and export
+Untuned CPU builds use TVM's default schedules, which are slow on CPU; `tune=graphopt.Tune(...)`
+searches schedules with MetaSchedule (backends/tvm_tune.py). CUDA builds use DLight's default
+schedules. Cross builds (cuda without a GPU, arm64) compile and export
 (`CompiledModule.export_library`) but cannot run on this machine."""
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..errors import UnsupportedError
 from ..ir import Graph
 from ..targets import Target
 from .base import BuildInputs
+from .tvm_tune import tune_and_compile
 
 CROSS_CC = {"arm64": "aarch64-linux-gnu-gcc"}
 
@@ -38,8 +39,8 @@ def tvm_target(target: Target):
 
 
 class TvmExecutable:
-    def __init__(self, executable, target: Target):
-        self.executable, self.target = executable, target
+    def __init__(self, executable, target: Target, tune_report=None):
+        self.executable, self.target, self.tune_report = executable, target, tune_report
         self.vm = None
         if target.name == "cpu" or (target.name == "cuda" and torch.cuda.is_available()):
             import tvm
@@ -60,7 +61,9 @@ class TvmExecutable:
         return self.executable
 
     def describe(self) -> list[str]:
-        return [f"TVM Relax VM executable for {self.target} (untuned default schedules)"]
+        if self.tune_report is None:
+            return [f"TVM Relax VM executable for {self.target} (untuned: default schedules)"]
+        return [f"TVM Relax VM executable for {self.target}"] + self.tune_report.lines()
 
     def export_library(self, path: str | Path) -> Path:
         cc = CROSS_CC.get(self.target.name)
@@ -87,4 +90,9 @@ class TvmBackend:
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> TvmExecutable:
         import tvm
         mod = to_relax(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes)
-        return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target)
+        if inputs.tune is None:
+            return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target)
+        if target.name != "cpu":
+            raise UnsupportedError(f"tuning is implemented for target 'cpu' only, not {target}")
+        executable, report = tune_and_compile(mod, tvm_target(target), inputs.tune)
+        return TvmExecutable(executable, target, report)

@@ -1,0 +1,97 @@
+"""Kernel tuning for the TVM backend: MetaSchedule, with a persistent database.
+
+Tasks already in the database for this target are not tuned again, so a second compile of the
+same model does zero trials. The time budget is checked between tasks; a task that gets no
+trials keeps TVM's default schedule. Builder workers skip importing TVM's tensor intrinsics
+(tens of seconds per worker on this machine) because fp32 schedules do not tensorize."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..quiet import quiet
+
+
+@dataclass(frozen=True)
+class Tune:
+    """Tuning options: `trials` per task, `time_budget` in seconds for the whole model, `db` a directory
+    holding the tuning records (created if missing; reused across compiles and processes)."""
+    trials: int = 64
+    time_budget: float = 600.0
+    db: str | Path = "graphopt-tuning"
+    progress: bool = True
+
+
+@dataclass
+class TuneReport:
+    tuned: list[str] = field(default_factory=list)        # tasks tuned by this compile
+    reused: list[str] = field(default_factory=list)       # tasks whose records were already in the database
+    untuned: list[str] = field(default_factory=list)      # left to default schedules (budget spent)
+    trials: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        return [f"tuning: {self.trials} trials in {self.seconds:.0f} s; {len(self.tuned)} tasks tuned now, "
+                f"{len(self.reused)} from the database, {len(self.untuned)} on default schedules"] + \
+               [f"tuned: {t}" for t in self.tuned] + [f"from database: {t}" for t in self.reused] + \
+               [f"default schedule: {t}" for t in self.untuned]
+
+
+def build_without_intrinsics(mod, target, _params):
+    """MetaSchedule's default builder, minus `import tvm.s_tir.tensor_intrin` (unused by fp32 schedules)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def tune_and_compile(mod, target, tune: Tune):
+    """Tune what the database lacks, then compile with the best records applied: (executable, report)."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    start, report = time.perf_counter(), TuneReport()
+    work_dir = Path(tune.db)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with target:
+        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                        relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")])(mod)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    database = ms.database.JSONDatabase(work_dir=str(work_dir))
+
+    def best_us(task) -> float | None:
+        """The database's best latency for this task on this target (records are keyed by both)."""
+        record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
+        secs = [s.value for s in record.run_secs] if record is not None and record.run_secs else []
+        return sum(secs) / len(secs) * 1e6 if secs else None
+
+    todo = [task for task in tasks if best_us(task) is None]
+    report.reused = [task.task_name for task in tasks if task not in todo]
+    deadline = start + tune.time_budget
+    builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics)
+    for i, task in enumerate(todo):
+        if time.perf_counter() >= deadline:
+            report.untuned.extend(t.task_name for t in todo[i:])
+            break
+        strategy = ms.search_strategy.EvolutionarySearch(population_size=max(32, 4 * tune.trials),
+                                                         init_min_unmeasured=min(50, 2 * tune.trials))
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(work_dir),
+                                                                                 strategy=strategy)
+        with quiet(stdout=True):   # MetaSchedule logs every trial to the console; its logs stay in db/logs
+            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                               max_trials_global=tune.trials, max_trials_per_task=tune.trials,
+                               num_trials_per_iter=min(64, tune.trials), builder=builder, database=database)
+        report.tuned.append(task.task_name)
+        report.trials += tune.trials
+        if tune.progress:
+            best = best_us(task)
+            left = max(0.0, deadline - time.perf_counter())
+            print(f"[graphopt tune] {i + 1}/{len(todo)} tasks ({len(report.reused)} reused)  {task.task_name}: best "
+                  f"{best:.1f} µs  {left:.0f} s of budget left", file=sys.stderr, flush=True)
+    with target:
+        mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+    executable = tvm.compile(mod, target=target)
+    report.seconds = time.perf_counter() - start
+    return executable, report
