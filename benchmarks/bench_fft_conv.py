@@ -8,7 +8,6 @@ end. All side by side in one process on the same inputs.
 """
 import argparse
 import importlib.util
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,15 +44,6 @@ def torch_fft_conv(w):
     return run
 
 
-def single_calls(fn, args, calls=2):
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def compare(title, systems, args, reference, rounds):
     """Time fast systems interleaved, slow ones by single calls; print ms and graphopt's speedups."""
     once = {}
@@ -67,7 +57,7 @@ def compare(title, systems, args, reference, rounds):
             title += f"  {name} err {err:.1e};"
     fast = {k: v for k, v in systems.items() if once[k] < SLOW_S}
     ms = bench.time_side_by_side(fast, args, rounds=rounds, min_round_s=0.1)
-    ms.update({k: single_calls(v, args) for k, v in systems.items() if k not in fast})
+    ms.update({k: bench.time_single_calls(v, args) for k, v in systems.items() if k not in fast})
     print("\n".join(bench.format_table(title, {k: ms[k] for k in systems})), flush=True)
     return ms
 

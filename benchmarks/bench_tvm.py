@@ -5,22 +5,12 @@ BERT-base (seq 128). Tuning records persist in --db, so a rerun measures without
     python benchmarks/bench_tvm.py [--models resnet,mobilenet_v2,bert] [--trials 32] [--budget 600] [--db tuning-db]
 """
 import argparse
-import statistics
 import time
 
 import torch
 
 import graphopt
 from graphopt import bench, zoo
-
-
-def single_call_ms(fn, args, calls=2):
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main():
@@ -41,7 +31,7 @@ def main():
         untuned = graphopt.compile(model, args, backend="tvm")
         systems = {"eager": bench.eager(model), "ORT (graphopt)": graphopt.compile(model, args), "TVM tuned": tuned}
         ms = bench.time_side_by_side(systems, args, rounds=ns.rounds)
-        ms["TVM untuned"] = single_call_ms(untuned, args)
+        ms["TVM untuned"] = bench.time_single_calls(untuned, args)
         print("\n".join(bench.format_table(f"{name}: {tuning}", ms, subject="TVM tuned")), flush=True)
 
 

@@ -64,6 +64,16 @@ def time_side_by_side(systems: dict[str, Callable], args: tuple, rounds: int = 1
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def time_single_calls(fn: Callable, args: tuple, calls: int = 2) -> float:
+    """Median ms of a few whole calls: for systems too slow for interleaved rounds."""
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def format_table(title: str, ms: dict[str, float], subject: str = "graphopt") -> list[str]:
     """One line per system: median ms and the subject's speedup over it (>1: subject is faster)."""
     lines = [title]
