@@ -6,12 +6,12 @@ LayerNormalization it replaces, so a fusion is kept only when its kernel measure
 the unfused ops on a transformer-sized problem; the verdicts are cached for the process."""
 from __future__ import annotations
 
-import time
 from functools import cache
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from .ort_timing import median_run_seconds
 
 ROWS, HIDDEN = 128, 768   # one BERT-base sequence
 
@@ -27,20 +27,8 @@ def _model(nodes: list, inits: dict[str, np.ndarray]) -> bytes:
     return model.SerializeToString()
 
 
-def _median_us(model: bytes, feeds: dict, calls: int = 100, rounds: int = 5) -> float:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # time the kernels as written
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    for _ in range(20):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return float(np.median(times))
+def _median_us(model: bytes, feeds: dict) -> float:
+    return median_run_seconds(model, feeds, optimize=False, calls=100, rounds=5, warmup=20) * 1e6
 
 
 def _probes() -> dict[str, tuple[bytes, bytes]]:

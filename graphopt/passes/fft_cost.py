@@ -6,11 +6,9 @@ depthwise direct convs, dense direct convs and the Monarch FFT conv run at very 
 so no threshold is guessed."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import cache
 
-import numpy as np
 import torch
 
 from ..ops.fft_conv import fft_size
@@ -80,22 +78,11 @@ def measured_rates() -> dict[str, float]:
     return rates
 
 
-def _ort_seconds(module: torch.nn.Module, args: tuple, calls: int = 20) -> float:
-    import onnxruntime as ort
-
+def _ort_seconds(module: torch.nn.Module, args: tuple) -> float:
+    from ..backends.ort_timing import median_run_seconds
     from ..ops import onnx_translation_table
     from ..quiet import quiet
     with quiet(stdout=True):
         program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=onnx_translation_table())
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(program.model_proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: args[0].numpy()}
-    sess.run(None, feed)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            sess.run(None, feed)
-        times.append((time.perf_counter() - t0) / calls)
-    return float(np.median(times))
+    model = program.model_proto
+    return median_run_seconds(model.SerializeToString(), {model.graph.input[0].name: args[0].numpy()})

@@ -52,7 +52,8 @@ class PassManager:
 
     @property
     def measuring(self) -> bool:
-        return self.reference is not None and (self.verify or self.dump_dir is not None)
+        """Drift is measured when compile() computed the eager reference (for dumps or verify)."""
+        return self.reference is not None
 
     def run(self, graph: Graph, ctx: PassContext) -> list[StepRecord]:
         text = graph_text(graph)
