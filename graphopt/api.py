@@ -14,21 +14,29 @@ from .capture import batch_dynamic_shapes, capture
 from .compiled import CompiledModule
 from .errors import InputError
 from .passes import Pass, PassContext, PassManager, resolve
+from .passes.calibrate import check_batches
 from .passes.drift import flat_tensors
+from .passes.quant_plan import QuantizeAuto, with_quantization
+from .passes.quantize import Quantize
 from .targets import Target, get_target
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target = "cpu", backend: str = "ort",
             passes: str | Sequence[str | Pass] = "default", dump_dir: str | Path | None = None,
             verify: bool = False, tolerance: float = 1e-4, dynamic_shapes: Any = None,
-            tune: Tune | None = None) -> CompiledModule:
+            tune: Tune | None = None, quantize: str | None = None, calibration: Any = None,
+            accuracy_budget: float | None = None) -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
     dump_dir: write per-pass dumps and report.html there.  verify: raise VerificationError at the first
     pass whose output drift (relative to output scale) exceeds `tolerance`.  dynamic_shapes: a
     torch.export spec, or "batch" to let dim 0 of every input vary.  tune: graphopt.Tune(...) searches
-    kernel schedules for the TVM backend, keeping what it finds in a database directory."""
+    kernel schedules for the TVM backend, keeping what it finds in a database directory.
+
+    quantize: "int8" (static; needs `calibration`, a list of batches shaped like example_inputs),
+    "int8-dynamic", "int4-weight" (linears), or "auto": per layer float/int8/int4, the fastest plan whose
+    mean (1 − cosine) output error on the calibration batches stays within `accuracy_budget` (0.01)."""
     # 1. everything the user gave is checked before any work
     tgt = get_target(target)
     be = get_backend(backend)
@@ -41,6 +49,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         if dynamic_shapes != "batch":
             raise InputError(f"dynamic_shapes={dynamic_shapes!r}: give 'batch' or a torch.export dynamic_shapes spec")
         dynamic_shapes = batch_dynamic_shapes(args, kwargs)
+    pipeline = with_quantization(pipeline, quantize, accuracy_budget, model)
+    calibration = check_batches(calibration, args, kwargs)
+    if any(isinstance(p, (Quantize, QuantizeAuto)) and p.needs_calibration for p in pipeline) and not calibration:
+        raise InputError(f"quantize={quantize!r} needs calibration data: pass calibration=[batch, ...] with a few "
+                         "representative inputs shaped like example_inputs, or use quantize='int8-dynamic'")
     if dump_dir is not None:
         dump_dir = Path(dump_dir)
         if dump_dir.exists() and not dump_dir.is_dir():
@@ -53,7 +66,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
 
     # 2. capture → passes → backend
     graph = capture(model, args, kwargs, dynamic_shapes)
-    ctx = PassContext(tgt, args, kwargs)
+    ctx = PassContext(tgt, args, kwargs, {"calibration": calibration})
     manager = PassManager(pipeline, dump_dir, verify, tolerance, reference)
     manager.run(graph, ctx)
     t0 = time.perf_counter()

@@ -13,6 +13,8 @@ from typing import Any, Iterator
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 
@@ -70,6 +72,21 @@ class Graph:
         node.meta["val"] = tensor
         return node
 
+    def call(self, target, args: tuple, *, before: fx.Node) -> fx.Node:
+        """Insert `target(*args)` before `before`, its meta["val"] computed on the graph's FakeTensors."""
+        with self.fx.inserting_before(before):
+            node = self.fx.call_function(target, args)
+        vals = fx.map_arg(args, lambda n: n.meta["val"])
+        fake_mode = detect_fake_mode(pytree.tree_leaves(vals))
+        if fake_mode is None:
+            node.meta["val"] = target(*vals)
+        else:
+            vals = pytree.tree_map_only(torch.Tensor, lambda t: t if isinstance(t, FakeTensor)
+                                        else fake_mode.from_tensor(t, static_shapes=True), vals)
+            with fake_mode:
+                node.meta["val"] = target(*vals)
+        return node
+
     def eliminate_dead_code(self) -> bool:
         """FX's DCE, except that seeded-random ops (SDPA, dropout) count as pure: in an inference
         graph an unused one has no effect worth keeping."""
@@ -89,6 +106,11 @@ class Graph:
     def run(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
+
+    def flat_inputs(self, args: tuple, kwargs: dict) -> list:
+        """(args, kwargs) → the graph's placeholders in order (what fx.Interpreter.run takes)."""
+        keys = self.in_spec.children_specs[1].context
+        return pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in keys}))
 
     def to_networkx(self) -> nx.DiGraph:
         """Dataflow view for analyses (reachability, cycles, dominators): one vertex per node name."""

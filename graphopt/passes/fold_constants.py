@@ -21,6 +21,8 @@ def _foldable(node: fx.Node) -> bool:
         return False
     if node.target is operator.getitem:
         return True
+    if node.target is torch.ops.graphopt.dequantize.default:
+        return False   # int8 weight + DequantizeLinear is what ORT's QDQ fusion turns into an integer kernel
     return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded not in node.target.tags
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir import Graph, fusion_blocker, same_shape, tensor_meta
+from ..ir import Graph, fusion_blocker, is_call, same_shape, tensor_meta
 from .base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
@@ -107,6 +107,8 @@ class FuseEpilogues(Pass):
         _, w, _, stride, padding, dilation, transposed, _, groups = node.args
         if transposed:
             return "transposed convolution"
+        if is_call(node.args[0], torch.ops.graphopt.dequantize.default):
+            return "quantized: ONNX Runtime fuses it with its Q/DQ into QLinearConv"
         if tensor_meta(w).dim() != 4:
             return f"{tensor_meta(w).dim() - 2}-D convolution (conv_act covers 2-D)"
         return None

@@ -1,0 +1,202 @@
+"""Mixed precision: choose per layer float / int8 / int4 — the fastest plan within an accuracy budget.
+
+Each layer's sensitivity is measured on the calibration batches: quantize that layer alone (in the
+IR, which stays executable) and take the output error, mean (1 − cosine) against float. Each
+option's latency gain is measured too: the uniform plans are lowered to ONNX Runtime and timed,
+and a uniform plan's saving is shared among its layers by their FLOPs. A greedy then takes the
+(layer, option) moves with the least error per millisecond saved while the summed error fits the
+budget, and the combined plan is checked as a whole (moves are undone, worst first, until it fits).
+The plan, the errors and the uniform plans it was compared with are in the dumps."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..errors import InputError, UnsupportedError
+from ..ir import Graph
+from ..ops import quant
+from .base import Pass, PassContext, PassResult, register
+from .calibrate import observe
+from .quantize import CONV, LINEAR, MODES, Quantize, QuantOptions, _activation_qparams, _quantize_weight, \
+    layer_name, layers, uniform_plan
+
+DEFAULT_BUDGET = 0.01
+
+
+def with_quantization(pipeline: list[Pass], quantize: str | None, budget: float | None, model) -> list[Pass]:
+    """The pipeline with the quantization pass the user asked for, placed after the fusions that read
+    float patterns (attention, norms) and before the epilogue fusion (which must leave QDQ convs alone)."""
+    if budget is not None and quantize != "auto":
+        raise InputError("accuracy_budget= applies to quantize='auto'")
+    if quantize is None:
+        return pipeline
+    if quantize != "auto" and quantize not in MODES:
+        raise InputError(f"quantize={quantize!r}: choose one of {', '.join(MODES)} or 'auto'")
+    if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < 1):
+        raise InputError(f"accuracy_budget={budget!r}: give the allowed mean (1 - cosine) output error, e.g. 0.01")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {torch.float32}:
+        raise UnsupportedError(f"quantize={quantize!r} lowers float32 models; this one has "
+                               f"{', '.join(sorted(map(str, dtypes)))} weights: call model.float() first")
+    qpass = QuantizeAuto(budget or DEFAULT_BUDGET) if quantize == "auto" else Quantize(quantize)
+    names = [p.name for p in pipeline]
+    at = names.index("fuse_epilogues") if "fuse_epilogues" in names else len(names) - (names[-1:] == ["dce"])
+    return pipeline[:at] + [qpass] + pipeline[at:]
+
+
+@register
+class QuantizeAuto(Pass):
+    name = "quantize_auto"
+    summary = "mixed precision: per-layer float/int8/int4 plan, fastest within an output-error budget"
+    needs_calibration = True
+
+    def __init__(self, budget: float = DEFAULT_BUDGET, options: QuantOptions | None = None):
+        self.budget, self.options = budget, options or QuantOptions()
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        batches = ctx.options.get("calibration")
+        if not batches:
+            raise InputError("quantize='auto' needs calibration data: pass calibration=[batch, ...]")
+        result = PassResult()
+        options = {n.name: (["int8"] if n.target is CONV else ["int8-dynamic", "int4"]) for n in layers(graph)}
+        errors = _sensitivities(graph, batches, options, self.options)
+        uniform = {m: uniform_plan(graph, m) for m in ("int8", "int8-dynamic", "int4")}
+        ms = {"float": _latency_ms(graph, ctx, {})} | {m: _latency_ms(graph, ctx, p) for m, p in uniform.items()}
+        flops = {n.name: _flops(n) for n in layers(graph)}
+        saving = {}
+        for name, opts in options.items():
+            for o in opts:
+                pool = sum(flops[k] for k, v in uniform[o].items() if v == o) or 1
+                saving[name, o] = max(ms["float"] - ms[o], 0.0) * flops[name] / pool
+
+        plan, spent = {name: "float" for name in options}, 0.0
+        moves = sorted(saving, key=lambda k: errors[k] / max(saving[k], 1e-9))
+        for name, o in moves:
+            gain = saving[name, o] - (saving.get((name, plan[name]), 0.0))
+            extra = errors[name, o] - errors.get((name, plan[name]), 0.0)
+            if gain > 0 and spent + extra <= self.budget:
+                plan[name], spent = o, spent + extra
+        measured = _plan_error(graph, batches, plan, self.options)
+        while measured > self.budget:          # errors do not add exactly: back off the worst move
+            worst = max((k for k in plan if plan[k] != "float"), key=lambda k: errors[k, plan[k]])
+            plan[worst] = "float"
+            measured = _plan_error(graph, batches, plan, self.options)
+        est = ms["float"] - sum(saving[k, v] for k, v in plan.items() if v != "float")
+        for name, n in ((n.name, n) for n in layers(graph)):
+            o = plan[name]
+            errs = ", ".join(f"{m} error {errors[name, m]:.1e} saves {saving[name, m]:.2f} ms" for m in options[name])
+            result.notes.append(f"plan %{name} ({layer_name(n)}): {o}   [{errs}]")
+        uniform_err = {m: _plan_error(graph, batches, p, self.options) for m, p in uniform.items()}
+        for m in uniform:
+            result.notes.append(f"uniform {m}: {ms[m]:.2f} ms, error {uniform_err[m]:.1e}"
+                                + ("" if uniform_err[m] <= self.budget else " (over budget)"))
+        result.notes.append(f"float: {ms['float']:.2f} ms; chosen plan: ≈{est:.2f} ms, error {measured:.1e} "
+                            f"(budget {self.budget:g})")
+        result.stats.update({f"layers_{m}": sum(v == m for v in plan.values()) for m in ("float", *uniform)})
+        if any(v != "float" for v in plan.values()):
+            sub = Quantize("int8", self.options, plan).run(graph, ctx)
+            result.rewrites += sub.rewrites
+            result.notes.extend(sub.notes)
+        self.plan, self.measured = plan, measured
+        return result
+
+
+# --- measuring ---------------------------------------------------------------------------------
+def _error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """mean (1 − cosine similarity) over batches and outputs, each output flattened per sample."""
+    errs = [1 - F.cosine_similarity(o.reshape(len(o), -1).double(), r.reshape(len(r), -1).double(), dim=1).mean().item()
+            for o, r in zip(outs, refs)]
+    return max(sum(errs) / len(errs), 0.0)
+
+
+def _run_all(module: fx.GraphModule, graph: Graph, batches) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in batches:
+            flat = graph.flat_inputs(args, kwargs)
+            res = fx.Interpreter(module).run(*flat)
+            outs.extend(t for t in torch.utils._pytree.tree_leaves(res) if isinstance(t, torch.Tensor)
+                        and t.is_floating_point())
+    return outs
+
+
+def _sensitivities(graph: Graph, batches, options: dict[str, list[str]], qopts: QuantOptions) -> dict:
+    """(layer, option) → output error with only that layer quantized, on (up to) two batches."""
+    batches = batches[:2]
+    nodes = {n.name: n for n in layers(graph)}
+    observers = observe(graph, batches, {n.args[0] for n in nodes.values()})
+    refs = _run_all(graph.module, graph, batches)
+    errors = {}
+    for name, opts in options.items():
+        n = nodes[name]
+        for o in opts:
+            swap = _quantized_layer(graph, n, o, observers[n.args[0].name].range(qopts.observer, True), qopts)
+
+            class Swap(fx.Interpreter):
+                def run_node(self, node):
+                    if node is n:
+                        return swap(*self.map_nodes_to_values(node.args, node))
+                    return super().run_node(node)
+            outs = []
+            with torch.no_grad():
+                for args, kwargs in batches:
+                    res = Swap(graph.module).run(*graph.flat_inputs(args, kwargs))
+                    outs.extend(t for t in torch.utils._pytree.tree_leaves(res) if isinstance(t, torch.Tensor)
+                                and t.is_floating_point())
+            errors[name, o] = _error(outs, refs)
+    return errors
+
+
+def _quantized_layer(graph: Graph, n: fx.Node, option: str, rng, qopts: QuantOptions):
+    """A function computing layer `n` as `option` would (weights and input rounded the same way)."""
+    w = graph.constant(n.args[1]).float()
+    if option == "int8":
+        wq = quant.dequantize(*_quantize_weight(w), 0)
+        s, z = _activation_qparams(rng, qopts.symmetric_activations)
+        if n.target is CONV:
+            return lambda x, _w, b=None, *rest: F.conv2d(quant.dequantize(quant.quantize(x, s, z), s, z, 0), wq, b,
+                                                         *[rest[i] for i in (0, 1, 2)], rest[5])
+        return lambda x, _w, b=None: F.linear(quant.dequantize(quant.quantize(x, s, z), s, z, 0), wq, b)
+    if option == "int8-dynamic":
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        w_t = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8).t()
+        return lambda x, _w, b=None: quant.dynamic_linear(x, w_t, scale, b)
+    packed = quant.pack_int4(w)
+    return lambda x, _w, b=None: quant.int4_linear(x, *packed, b, w.shape[1], quant.INT4_BLOCK)
+
+
+def _plan_error(graph: Graph, batches, plan: dict[str, str], qopts: QuantOptions) -> float:
+    if all(v == "float" for v in plan.values()):
+        return 0.0
+    trial = _copy(graph)
+    ctx = PassContext(None, (), {}, {"calibration": batches})
+    Quantize("int8", qopts, plan).run(trial, ctx)
+    return _error(_run_all(trial.module, trial, batches), _run_all(graph.module, graph, batches))
+
+
+def _latency_ms(graph: Graph, ctx: PassContext, plan: dict[str, str]) -> float:
+    """Milliseconds per call of the graph under `plan`, lowered to ONNX Runtime, on the example inputs."""
+    from ..backends.ort_timing import median_run_seconds
+    from ..codegen.onnx import to_onnx
+    trial = _copy(graph)
+    if any(v != "float" for v in plan.values()):
+        Quantize("int8", QuantOptions(bias_correction=False), plan).run(trial, ctx)
+    model = to_onnx(trial, ctx.example_args, ctx.example_kwargs)
+    flat = trial.flat_inputs(ctx.example_args, ctx.example_kwargs)
+    feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}
+    return median_run_seconds(model.SerializeToString(), feeds) * 1e3
+
+
+def _copy(graph: Graph) -> Graph:
+    return Graph(copy.deepcopy(graph.module), graph.in_spec, graph.out_spec)
+
+
+def _flops(n: fx.Node) -> float:
+    w = n.args[1].meta["val"]
+    out = n.meta["val"]
+    per_out = math.prod(w.shape[1:]) if n.target is CONV else w.shape[1]
+    return float(per_out * math.prod(int(d) for d in out.shape)) if n.target in (CONV, LINEAR) else 0.0

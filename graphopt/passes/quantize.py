@@ -1,0 +1,289 @@
+"""Quantization lowering: convs and linears to int8 (static or dynamic) or int4 weight-only.
+
+A plan maps each layer (a conv or linear with constant weights) to "float", "int8" (static: weights
+per output channel, activations calibrated), "int8-dynamic" (linears: activations quantized at run
+time) or "int4" (linears: 4-bit block-wise weights). Static int8 inserts the QDQ form ONNX Runtime
+turns into integer kernels:
+
+    x → Q → DQ ─┐
+    w_int8 → DQ ─┼→ conv → (relu) → Q → DQ → next conv / residual add / max-pool
+    b_int32 → DQ ┘
+
+Residual adds between quantized convs, and the max-pools and zero pads between them, are quantized
+too, so whole blocks stay integer (ORT: QLinearConv → QLinearAdd → uint8 MaxPool, all NHWC).
+Softmax, norms, attention and everything else stay float. The float bias absorbs the mean shift
+the weight rounding causes (bias correction, measured on the calibration data)."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..ir import Graph, is_call, tensor_meta
+from ..ops import quant
+from .base import Pass, PassContext, PassResult, register
+from .calibrate import METHODS, observe
+
+aten = torch.ops.aten
+gop = torch.ops.graphopt
+CONV, LINEAR, ADD = aten.convolution.default, aten.linear.default, aten.add.Tensor
+# ops that do not change a tensor's range: their output reuses their input's quantization
+PASS_THROUGH = (aten.max_pool2d_with_indices.default, aten.constant_pad_nd.default)
+ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.clamp.default)
+LAYER_MODES = {"float", "int8", "int8-dynamic", "int4"}
+MODES = {"int8": "int8", "int8-dynamic": "int8-dynamic", "int4-weight": "int4"}
+
+
+@dataclass
+class QuantOptions:
+    observer: str = "percentile"          # activation range: minmax | percentile | mse
+    symmetric_activations: bool = False   # int8 around 0 instead of uint8 over [min, max]
+    bias_correction: bool = True
+    keep_float: tuple[str, ...] = ()      # layer names (node names or module paths) to leave in float
+
+    def __post_init__(self):
+        if self.observer not in METHODS:
+            raise InputError(f"observer={self.observer!r}: choose one of {', '.join(METHODS)}")
+
+
+def layers(graph: Graph) -> list[fx.Node]:
+    """The quantizable layers: 2-D convs and linears whose weights are constants."""
+    return [n for n in graph.ops() if why_not_layer(graph, n) is None]
+
+
+def why_not_layer(graph: Graph, n: fx.Node) -> str | None:
+    if n.target not in (CONV, LINEAR):
+        return "not a conv or linear"
+    if not (isinstance(n.args[1], fx.Node) and graph.is_constant(n.args[1])):
+        return "weight is not a constant"
+    if tensor_meta(n.args[0]) is None or tensor_meta(n.args[0]).dtype != torch.float32:
+        return "input is not float32"
+    if n.target is CONV and (n.args[6] or tensor_meta(n.args[1]).dim() != 4):
+        return "transposed or non-2-D convolution"
+    return None
+
+
+def layer_name(n: fx.Node) -> str:
+    """The module path of a layer ('encoder.layer.0.attention.self.query'), else its node name."""
+    stack = n.meta.get("nn_module_stack")
+    return next(reversed(stack.values()))[0] if stack else n.name
+
+
+def uniform_plan(graph: Graph, mode: str, keep_float=()) -> dict[str, str]:
+    """Every layer in `mode` (static int8 for convs; linears as the mode says), except kept ones."""
+    plan = {}
+    for n in layers(graph):
+        m = mode if n.target is LINEAR or mode == "int8" else "float"
+        plan[n.name] = "float" if (n.name in keep_float or layer_name(n) in keep_float) else m
+    return plan
+
+
+@register
+class Quantize(Pass):
+    name = "quantize"
+    summary = "lower convs/linears to int8 (static QDQ or dynamic) or int4 weight-only, per a plan"
+
+    def __init__(self, mode: str = "int8-dynamic", options: QuantOptions | None = None,
+                 plan: dict[str, str] | None = None):
+        if mode not in MODES:
+            raise InputError(f"quantize={mode!r}: choose one of {', '.join(MODES)} or 'auto'")
+        self.mode, self.options, self.plan = mode, options or QuantOptions(), plan
+
+    @property
+    def needs_calibration(self) -> bool:
+        return "int8" in (self.plan.values() if self.plan else [MODES[self.mode]])
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        plan = self.plan or uniform_plan(graph, MODES[self.mode], self.options.keep_float)
+        nodes = {n.name: n for n in graph.ops()}
+        chosen = {name: m for name, m in plan.items() if m != "float" and name in nodes}
+        for name, m in plan.items():
+            if m == "float" and name in nodes:
+                result.skipped(f"%{name} ({layer_name(nodes[name])}): kept in float by the plan")
+        static = [nodes[n] for n, m in chosen.items() if m == "int8"]
+        if static:
+            self._static(graph, ctx, static, result)
+        for name, m in chosen.items():
+            if m in ("int8-dynamic", "int4"):
+                node = nodes[name]
+                if node.target is not LINEAR:
+                    result.skipped(f"%{name}: {m} covers linears only")
+                    continue
+                self._weight_only(graph, node, m)
+                result.did(f"%{name} ({layer_name(node)}) → {m}")
+        if result.changed:
+            graph.eliminate_dead_code()
+            graph.tidy()
+        return result
+
+    # --- int8 dynamic / int4 weight-only: one op per linear -------------------------------------
+    def _weight_only(self, graph: Graph, node: fx.Node, mode: str) -> None:
+        x, w_node, b_node = (list(node.args) + [None])[:3]
+        w = graph.constant(w_node).float()
+        name = w_node.target
+        if mode == "int8-dynamic":
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+            w_q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+            args = (x, graph.add_constant(w_q.t().contiguous(), f"{name}_int8", before=node),
+                    graph.add_constant(scale, f"{name}_scale", before=node), b_node)
+            op = gop.dynamic_linear.default
+        else:
+            packed, scales, zps = quant.pack_int4(w)
+            args = (x, *(graph.add_constant(t, f"{name}_{s}", before=node)
+                         for t, s in ((packed, "int4"), (scales, "scales"), (zps, "zero_points"))),
+                    b_node, w.shape[1], quant.INT4_BLOCK)
+            op = gop.int4_linear.default
+        new = graph.call(op, args, before=node)
+        node.replace_all_uses_with(new)
+        graph.fx.erase_node(node)
+
+    # --- int8 static: QDQ around layers, residual adds and the pools/pads between them -----------
+    def _static(self, graph: Graph, ctx: PassContext, layer_nodes: list[fx.Node], result: PassResult) -> None:
+        batches = ctx.options.get("calibration")
+        if not batches:
+            raise InputError("static int8 quantization needs calibration data: pass calibration=[batch, ...] "
+                             "(a few representative inputs), or use quantize='int8-dynamic'")
+        quantized = set(layer_nodes)
+        quantized |= _residual_adds(graph, quantized)
+        quantized |= _pass_throughs(graph, quantized)
+        tensors = _quantized_tensors(quantized)
+
+        weights = {n: _quantize_weight(graph.constant(n.args[1]).float()) for n in layer_nodes}
+        shift = {}   # layer → mean output change caused by weight rounding (bias correction)
+
+        def on_node(n, args):
+            if n in weights and self.options.bias_correction:
+                dw = quant.dequantize(*weights[n], 0) - graph.constant(n.args[1]).float()
+                d = _layer(n, args[0], dw)
+                dims = [0] + list(range(2, d.dim())) if n.target is CONV else list(range(d.dim() - 1))
+                shift.setdefault(n, []).append(d.mean(dims))
+        observers = observe(graph, batches, tensors, on_node)
+
+        qparams: dict[fx.Node, tuple] = {}
+        for t in graph.fx.nodes:   # topological: a pass-through's input is settled before it
+            if t not in tensors:
+                continue
+            src = _range_source(t, tensors)
+            qparams[t] = qparams[src] if src is not t else _activation_qparams(
+                observers[t.name].range(self.options.observer, not self.options.symmetric_activations),
+                self.options.symmetric_activations)
+        x_scale = {n: qparams[n.args[0]][0] for n in layer_nodes}
+        dq = {t: self._insert_qdq(graph, t, *qparams[t]) for t in tensors}
+        for n in quantized:
+            n.args = tuple(dq.get(a, a) if i < (2 if n.target is ADD else 1) else a for i, a in enumerate(n.args))
+            if n.target is ADD:
+                result.did(f"%{n.name}: residual add in int8 (QLinearAdd)")
+            elif n.target in PASS_THROUGH:
+                result.did(f"%{n.name} ({n.target.name()}): runs on the int8 values")
+        for n in layer_nodes:
+            self._quantize_layer(graph, n, weights[n], x_scale[n],
+                                 torch.stack(shift[n]).mean(0) if n in shift else None)
+            kind = "conv" if n.target is CONV else "linear"
+            result.did(f"%{n.name} ({layer_name(n)}) → int8 {kind}, per-channel weights"
+                       + (", bias corrected" if n in shift else ""))
+        result.stats.update(quantized_layers=len(layer_nodes), quantized_tensors=len(tensors))
+
+    def _insert_qdq(self, graph: Graph, t: fx.Node, scale: torch.Tensor, zp: torch.Tensor) -> fx.Node:
+        after = t.next
+        s, z = (graph.add_constant(v, f"{t.name}_{k}", before=after) for v, k in ((scale, "scale"), (zp, "zero_point")))
+        q = graph.call(gop.quantize.default, (t, s, z), before=after)
+        return graph.call(gop.dequantize.default, (q, s, z, 0), before=after)
+
+    def _quantize_layer(self, graph: Graph, n: fx.Node, weight, x_scale, shift) -> None:
+        w_q, w_scale, w_zp = weight
+        name = n.args[1].target
+        consts = [graph.add_constant(v, f"{name}_{k}", before=n) for v, k in
+                  ((w_q, "int8"), (w_scale, "scale"), (w_zp, "zero_point"))]
+        w_dq = graph.call(gop.dequantize.default, (*consts, 0), before=n)
+        b_node = n.args[2] if len(n.args) > 2 else None
+        bias = graph.constant(b_node).float() if b_node is not None else torch.zeros(w_q.shape[0])
+        if shift is not None:
+            bias = bias - shift
+        b_scale = (x_scale * w_scale).float()
+        b_q = torch.round(bias / b_scale).clamp(-2**31, 2**31 - 1).to(torch.int32)
+        b_consts = [graph.add_constant(v, f"{name}_bias_{k}", before=n) for v, k in
+                    ((b_q, "int32"), (b_scale, "scale"), (torch.zeros_like(b_q), "zero_point"))]
+        b_dq = graph.call(gop.dequantize.default, (*b_consts, 0), before=n)
+        if n.target is CONV:
+            n.args = (n.args[0], w_dq, b_dq, *n.args[3:])
+            return
+        # linear → matmul with the weight stored [in, out]: the form ORT's QDQ MatMul fusion reads
+        w_t = graph.call(aten.permute.default, (w_dq, [1, 0]), before=n)
+        mm = graph.call(aten.matmul.default, (n.args[0], w_t), before=n)
+        out = graph.call(aten.add.Tensor, (mm, b_dq), before=n)
+        n.replace_all_uses_with(out)
+        graph.fx.erase_node(n)
+
+
+def _quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel (axis 0): (int8 weight, scales, zero points)."""
+    scale = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.clamp(torch.round(w / scale.reshape(-1, *[1] * (w.dim() - 1))), -127, 127).to(torch.int8)
+    return q, scale, torch.zeros(w.shape[0], dtype=torch.int8)
+
+
+def _activation_qparams(rng: tuple[float, float], symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = rng
+    if symmetric:
+        scale = max(abs(lo), abs(hi), 1e-8) / 127
+        return torch.tensor(scale, dtype=torch.float32), torch.tensor(0, dtype=torch.int8)
+    scale = max(hi - lo, 1e-8) / 255
+    return torch.tensor(scale, dtype=torch.float32), torch.tensor(round(-lo / scale), dtype=torch.uint8)
+
+
+def _layer(n: fx.Node, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The layer's output for weight `w` and no bias."""
+    if n.target is CONV:
+        _, _, _, stride, padding, dilation, _, _, groups = n.args
+        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+    return F.linear(x, w)
+
+
+def _through_activations(t: fx.Node) -> fx.Node:
+    while is_call(t, *ACTIVATIONS) or (is_call(t, operator.getitem) and t.args[1] == 0):
+        t = t.args[0]
+    return t
+
+
+def _residual_adds(graph: Graph, quantized: set[fx.Node]) -> set[fx.Node]:
+    """Adds of two feature maps both coming (through activations) from quantized convs or such adds."""
+    adds: set[fx.Node] = set()
+    for n in graph.ops():
+        if n.target is ADD and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) \
+                and tensor_meta(n) is not None and tensor_meta(n).dim() == 4 and not n.kwargs.get("alpha", 1) != 1:
+            if all(_through_activations(a) in quantized | adds for a in n.args):
+                adds.add(n)
+    return adds
+
+
+def _pass_throughs(graph: Graph, quantized: set[fx.Node]) -> set[fx.Node]:
+    """Max-pools and zero pads whose result feeds a quantized op: run them on the int8 values."""
+    out = set()
+    for n in reversed(list(graph.ops())):
+        if n.target in PASS_THROUGH and (n.target is not aten.constant_pad_nd.default or (n.args[2:] or [0])[0] == 0):
+            users = {u for v in ([n] + [u for u in n.users if is_call(u, operator.getitem)]) for u in v.users}
+            if users and all(u in quantized or u in out or is_call(u, operator.getitem) for u in users):
+                out.add(n)
+    return out
+
+
+def _quantized_tensors(quantized: set[fx.Node]) -> list[fx.Node]:
+    """Every activation read by a quantized op (both inputs of adds, the data input of the rest)."""
+    seen: dict[fx.Node, None] = {}
+    for n in quantized:
+        for a in n.args[:2] if n.target is ADD else n.args[:1]:
+            seen[a] = None
+    return list(seen)
+
+
+def _range_source(t: fx.Node, tensors) -> fx.Node:
+    """The tensor whose quantization `t` shares: a pass-through's input, when that is quantized too."""
+    p = t.args[0] if is_call(t, operator.getitem) else t
+    if is_call(p, *PASS_THROUGH) and p.args[0] in tensors:
+        return p.args[0]
+    return t
