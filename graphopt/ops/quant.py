@@ -152,19 +152,28 @@ def _int4_linear_onnx(x, packed, scales, zero_points, bias, in_features: int, bl
 
 
 def _int4_linear_relax(node, importer):
+    """The 4-bit weight is unpacked in Relax (weights are parameters there, not constants)."""
     from tvm import relax
-    x = importer.env[node.args[0]]
-    packed, scales, zero_points = (_constant(importer, a) for a in node.args[1:4])
-    w = unpack_int4(packed, scales, zero_points, node.args[5])
+    R = relax.op
+    x, packed, scales, zero_points = (importer.env[a] for a in node.args[:4])
     bias = importer.env[node.args[4]] if node.args[4] is not None else None
+    k = node.args[5]
+    n, blocks, half = (int(d) for d in importer.shape_of(packed))
     bb = importer.block_builder
-    wt = relax.const(w.t().contiguous().numpy(), "float32")
-    y = bb.emit(relax.op.matmul(x, wt))
-    return bb.emit(relax.op.add(y, bias)) if bias is not None else y
 
+    e = bb.emit
 
-def _constant(importer, node) -> torch.Tensor:
-    return torch.from_numpy(importer.env[node].data.numpy())
+    def nibbles(t, shape):   # uint8 → its low and high 4 bits, interleaved along the last axis
+        t = e(R.astype(t, "int32"))
+        pair = [e(R.expand_dims(e(R.bitwise_and(t, relax.const(15, "int32"))), -1)),
+                e(R.expand_dims(e(R.right_shift(t, relax.const(4, "int32"))), -1))]
+        return e(R.astype(e(R.reshape(e(R.concat(pair, axis=-1)), shape)), "float32"))
+    q = nibbles(packed, (n, blocks, 2 * half))
+    zp = e(R.strided_slice(nibbles(e(R.reshape(zero_points, (n, -1))), (n, -1)), axes=[1], begin=[0], end=[blocks]))
+    w = e(R.multiply(e(R.subtract(q, e(R.expand_dims(zp, -1)))), e(R.reshape(scales, (n, blocks, 1)))))
+    w = e(R.strided_slice(e(R.reshape(w, (n, blocks * 2 * half))), axes=[1], begin=[0], end=[k]))
+    y = e(R.matmul(x, e(R.permute_dims(w, [1, 0]))))
+    return bb.emit(R.add(y, bias)) if bias is not None else y
 
 
 @graphopt_op("int4_linear", fake=_int4_linear_fake, onnx=_int4_linear_onnx, relax=_int4_linear_relax)

@@ -62,7 +62,7 @@ class QuantizeAuto(Pass):
         if not batches:
             raise InputError("quantize='auto' needs calibration data: pass calibration=[batch, ...]")
         result = PassResult()
-        options = {n.name: (["int8"] if n.target is CONV else ["int8-dynamic", "int4"]) for n in layers(graph)}
+        options = {n.name: (["int8"] if n.target is CONV else ["int8", "int8-dynamic", "int4"]) for n in layers(graph)}
         errors = _sensitivities(graph, batches, options, self.options)
         uniform = {m: uniform_plan(graph, m) for m in ("int8", "int8-dynamic", "int4")}
         ms = {"float": _latency_ms(graph, ctx, {})} | {m: _latency_ms(graph, ctx, p) for m, p in uniform.items()}

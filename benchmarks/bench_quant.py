@@ -1,0 +1,143 @@
+"""Issue 5 benchmark: quantized inference side by side in one process, with accuracy columns.
+
+Systems: eager PyTorch fp32, plain ONNX Runtime fp32, ONNX Runtime's own quantization tool
+(quantize_static QDQ per-channel for CNNs, quantize_dynamic for transformers, the way its docs
+recommend), graphopt int8 (static, calibrated), graphopt int8-dynamic (transformers), graphopt auto.
+Accuracy against eager fp32 on held-out inputs: output SQNR (dB) for CNNs; mean token cosine for
+BERT; for MiniLM (real trained weights) sentence-embedding cosine and the Spearman correlation of
+pair similarities, on 320 sentences.
+
+    python benchmarks/bench_quant.py [--models resnet,mobilenet_v2,bert,minilm]
+"""
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+
+import graphopt
+from graphopt import bench, zoo
+from graphopt.quiet import quiet
+
+CNNS = ("resnet", "mobilenet_v2")
+
+
+def ort_tool(model, args, calibration, static: bool):
+    """ONNX Runtime's quantization tool on torch.onnx's export of the model."""
+    tmp = Path(tempfile.mkdtemp())
+    with quiet(stdout=True):
+        torch.onnx.export(model, args, dynamo=True, verbose=False).save(tmp / "fp32.onnx")
+    names = [i.name for i in ort.InferenceSession(tmp / "fp32.onnx").get_inputs()]
+    if static:
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.batches = iter([{n: t.numpy() for n, t in zip(names, b)} for b in calibration])
+
+            def get_next(self):
+                return next(self.batches, None)
+        quantize_static(tmp / "fp32.onnx", tmp / "int8.onnx", Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    else:
+        quantize_dynamic(tmp / "fp32.onnx", tmp / "int8.onnx")
+    session = ort.InferenceSession(tmp / "int8.onnx", providers=["CPUExecutionProvider"])
+
+    def run(*inputs):
+        return [torch.from_numpy(o) for o in session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})]
+    return run
+
+
+def first(out) -> torch.Tensor:
+    """The main output (last hidden state / logits / first element) as a tensor."""
+    if isinstance(out, (list, tuple)):
+        return torch.as_tensor(out[0])
+    return out[0] if not isinstance(out, torch.Tensor) else out
+
+
+def sqnr_db(ref, out) -> float:
+    return (10 * torch.log10(ref.square().sum() / (ref - out).square().sum().clamp(min=1e-30))).item()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
+
+
+def inputs_for(name, model, args, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    if name in CNNS:
+        return [(torch.randn(args[0].shape, generator=g),) for _ in range(n)]
+    return [tuple(torch.randint(0, model.config.vocab_size, t.shape, generator=g) if t.dtype == torch.int64
+                  and t.max() > 1 else t for t in args) for _ in range(n)]
+
+
+def accuracy_cnn_bert(name, model, run, held_out) -> str:
+    refs = [first(model(*b)).detach() for b in held_out]
+    outs = [first(run(*b)).detach() for b in held_out]
+    if name in CNNS:
+        return f"SQNR {np.mean([sqnr_db(r, o) for r, o in zip(refs, outs)]):5.1f} dB"
+    cos = np.mean([F.cosine_similarity(r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1])).mean().item()
+                   for r, o in zip(refs, outs)])
+    return f"cosine {cos:.4f}"
+
+
+def accuracy_minilm(model, run, batches) -> str:
+    ref = torch.cat([zoo.mean_pool(model(*b).last_hidden_state, b[1]) for b in batches]).detach()
+    out = torch.cat([zoo.mean_pool(first(run(*b)), b[1]) for b in batches]).detach()
+    cos = F.cosine_similarity(ref, out).mean().item()
+    i, j = torch.triu_indices(len(ref), len(ref), 1)
+    rho = spearman((ref[i] * ref[j]).sum(1), (out[i] * out[j]).sum(1))
+    return f"cosine {cos:.4f}  Spearman {rho:.4f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet,mobilenet_v2,bert,minilm")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--budget", type=float, default=0.01)
+    ns = ap.parse_args()
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.get_num_threads()} threads; "
+          "median ms per call, interleaved rounds")
+    summary = []
+    for name in ns.models.split(","):
+        if name == "minilm":
+            model, tok = zoo.minilm()
+            texts = zoo.sentences(320)
+            enc = [tok(texts[i:i + 16], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+                   for i in range(0, len(texts), 16)]
+            batches = [(e["input_ids"], e["attention_mask"]) for e in enc]
+            args, calibration, held_out = batches[0], batches[:8], batches
+        else:
+            model, args = zoo.build(name, size="base", batch=1, seq=128)
+            calibration = inputs_for(name, model, args, 8, seed=1)
+            held_out = inputs_for(name, model, args, 4, seed=2)
+        cnn = name in CNNS
+        systems = {"eager fp32": bench.eager(model), "ORT fp32": bench.plain_ort(model, args),
+                   "ORT quant tool": ort_tool(model, args, calibration, static=cnn)}
+        compile_s = {}
+        for label, mode in [("graphopt int8", "int8")] + ([] if cnn else [("graphopt int8-dyn", "int8-dynamic")]) \
+                + [("graphopt auto", "auto")]:
+            t0 = time.perf_counter()
+            systems[label] = graphopt.compile(model, args, quantize=mode, calibration=calibration,
+                                              accuracy_budget=ns.budget if mode == "auto" else None)
+            compile_s[label] = time.perf_counter() - t0
+        ms = bench.time_side_by_side(systems, args, rounds=ns.rounds)
+        print(f"\n{name} (input {'x'.join(map(str, args[0].shape))}):")
+        for label, t in ms.items():
+            acc = "" if label == "eager fp32" else (accuracy_minilm(model, systems[label], held_out) if name == "minilm"
+                                                     else accuracy_cnn_bert(name, model, systems[label], held_out))
+            extra = f"   (compile {compile_s[label]:.0f} s)" if label in compile_s else ""
+            print(f"  {label:<18} {t:8.2f} ms   ×{ms['eager fp32'] / t:5.2f} eager  ×{ms['ORT fp32'] / t:5.2f} ORT fp32"
+                  f"  ×{ms['ORT quant tool'] / t:5.2f} ORT tool   {acc}{extra}", flush=True)
+        best = min((t, k) for k, t in ms.items() if k.startswith("graphopt int8"))
+        summary.append(f"  {name:<13} {best[1]}: ×{ms['ORT quant tool'] / best[0]:.2f} vs ORT quant tool, "
+                       f"×{ms['eager fp32'] / best[0]:.2f} vs eager fp32; auto ×{ms['ORT quant tool'] / ms['graphopt auto']:.2f}"
+                       " vs ORT quant tool")
+    print("\nsummary:\n" + "\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()

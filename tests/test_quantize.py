@@ -1,0 +1,162 @@
+"""Quantization lowering: int8 static (QDQ → ORT integer kernels), int8 dynamic, int4 weight-only,
+the mixed-precision planner, calibration, errors, and the Relax lowering of the same graphs.
+
+Thresholds: CNN output SQNR ≥ 25 dB (int8); BERT token cosine ≥ 0.999 (int8 dynamic) / 0.98 (int4);
+MiniLM (real weights) sentence-embedding cosine ≥ 0.99 mean and pair-similarity Spearman ≥ 0.98."""
+import collections
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphopt
+from graphopt import InputError, UnsupportedError, zoo
+from graphopt.passes.calibrate import Observer
+from graphopt.passes.drift import flat_tensors
+from graphopt.passes.quantize import Quantize, QuantOptions
+
+
+def sqnr_db(ref, out):
+    return 10 * torch.log10(ref.square().sum() / (ref - out).square().sum()).item()
+
+
+def calibration_for(args, n=4, vocab=1000):
+    return [tuple(torch.randn_like(t) if t.is_floating_point() else torch.randint(0, vocab, t.shape) for t in args)
+            for _ in range(n)]
+
+
+def ort_kernels(cm, tmp_path) -> collections.Counter:
+    """The op types ONNX Runtime actually runs after its own graph optimizations."""
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(cm.executable.artifact().SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return zoo.build("resnet", size="tiny")
+
+
+def test_static_int8_cnn_runs_integer_kernels_with_25db(resnet, tmp_path):
+    model, args = resnet
+    cm = graphopt.compile(model, args, quantize="int8", calibration=calibration_for(args))
+    x = torch.randn_like(args[0])                        # held out: not a calibration batch
+    ref, out = flat_tensors(model(x)), flat_tensors(cm(x))
+    assert min(sqnr_db(r, o) for r, o in zip(ref, out)) >= 25
+    kernels = ort_kernels(cm, tmp_path)
+    assert kernels["QLinearConv"] == 9 and kernels["Conv"] == 0, kernels     # every conv runs in int8
+    assert kernels["QLinearAdd"] >= 1, kernels                                # residual adds too
+    assert torch.allclose(flat_tensors(cm.graph.run(x))[0], out[0], atol=1e-4)  # ORT computes what the IR says
+
+
+def test_dynamic_int8_and_int4_linears():
+    model, args = zoo.build("bert", size="tiny", seq=16)
+    ref = model(*args).last_hidden_state
+    for mode, kernel, min_cos in [("int8-dynamic", "DynamicQuantizeMatMul", 0.999), ("int4-weight", "MatMulNBits", 0.98)]:
+        cm = graphopt.compile(model, args, quantize=mode)
+        ops = collections.Counter(n.op_type for n in cm.executable.artifact().graph.node)
+        assert ops[kernel] == 12 and ops["MatMul"] == 0, ops
+        cos = F.cosine_similarity(cm(*args).last_hidden_state.reshape(-1, 64), ref.reshape(-1, 64)).mean()
+        assert cos >= min_cos, (mode, cos)
+
+
+def test_minilm_real_weights_keep_embeddings_and_ranking():
+    model, tok = zoo.minilm()
+    texts = zoo.sentences(320)
+    batches = [tok(texts[i:i + 32], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+               for i in range(0, len(texts), 32)]
+    batches = [(b["input_ids"], b["attention_mask"]) for b in batches]
+    cm = graphopt.compile(model, batches[0], quantize="int8-dynamic")
+    with torch.no_grad():
+        ref = torch.cat([zoo.mean_pool(model(*b).last_hidden_state, b[1]) for b in batches])
+    out = torch.cat([zoo.mean_pool(cm(*b).last_hidden_state, b[1]) for b in batches])
+    assert F.cosine_similarity(ref, out).mean() >= 0.99
+    i, j = torch.triu_indices(len(ref), len(ref), 1)
+    sims = torch.stack([(ref[i] * ref[j]).sum(1), (out[i] * out[j]).sum(1)])
+    ranks = sims.argsort(dim=1).argsort(dim=1).double()
+    assert torch.corrcoef(ranks)[0, 1] >= 0.98
+
+
+def test_user_weights_untouched_and_plan_in_dumps(resnet, tmp_path):
+    model, args = resnet
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cm = graphopt.compile(model, args, quantize="auto", calibration=calibration_for(args), accuracy_budget=0.01,
+                          dump_dir=tmp_path / "dumps")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    (step,) = [r for r in cm.report if r.name == "quantize_auto"]
+    plan = [n for n in step.notes if n.startswith("plan ")]
+    assert len(plan) == 9 and any(n.startswith("uniform int8") for n in step.notes)
+    assert (tmp_path / "dumps" / step.folder / "stats.json").exists()
+    chosen = step.notes[[i for i, n in enumerate(step.notes) if "chosen plan" in n][0]]
+    assert float(chosen.split("error ")[1].split()[0]) <= 0.01
+
+
+def test_auto_respects_a_tight_budget(resnet):
+    model, args = resnet
+    cm = graphopt.compile(model, args, quantize="auto", calibration=calibration_for(args), accuracy_budget=1e-9)
+    assert "graphopt.quantize" not in cm.graph.op_counts()      # nothing fits: the plan stays float
+    ref, out = flat_tensors(model(*args)), flat_tensors(cm(*args))
+    assert torch.allclose(ref[0], out[0], atol=1e-4)
+
+
+class ShiftedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_bias_correction_removes_the_mean_shift():
+    model = ShiftedConv().eval()
+    x = torch.rand(2, 16, 12, 12) + 4                    # inputs far from zero mean: rounding shifts outputs
+    cal = [(torch.rand(2, 16, 12, 12) + 4,) for _ in range(4)]
+    ref = model(x)
+
+    def mean_shift(correct):
+        quant = Quantize("int8", QuantOptions(observer="minmax", bias_correction=correct))
+        cm = graphopt.compile(model, (x,), passes=["fold_constants", quant, "dce"], calibration=cal)
+        return (cm(x) - ref).mean(dim=(0, 2, 3)).abs().mean().item()
+    assert mean_shift(True) < 0.5 * mean_shift(False)
+
+
+def test_observers_clip_outliers():
+    obs = Observer()
+    values = torch.randn(10_000)
+    values[0] = 1000.0
+    obs.update(values)
+    assert obs.range("minmax", True)[1] == 1000.0
+    assert obs.range("percentile", True)[1] < 10
+    assert obs.range("mse", True)[1] < 1000.0
+
+
+def test_quantization_errors_come_before_any_work(resnet, monkeypatch):
+    import graphopt.api
+    model, args = resnet
+    monkeypatch.setattr(graphopt.api, "capture", lambda *a, **k: pytest.fail("capture ran on bad input"))
+    with pytest.raises(InputError, match="needs calibration data"):
+        graphopt.compile(model, args, quantize="int8")
+    with pytest.raises(InputError, match=r"calibration batch 1, input 0: got \(1, 3, 16, 16\).*expected shape"):
+        graphopt.compile(model, args, quantize="int8", calibration=[args, (torch.randn(1, 3, 16, 16),)])
+    with pytest.raises(InputError, match="quantize='int3'"):
+        graphopt.compile(model, args, quantize="int3")
+    with pytest.raises(InputError, match="accuracy_budget= applies to quantize='auto'"):
+        graphopt.compile(model, args, quantize="int8-dynamic", accuracy_budget=0.01)
+    with pytest.raises(UnsupportedError, match="lowers float32 models.*bfloat16"):
+        graphopt.compile(ShiftedConv().eval().to(torch.bfloat16), (torch.randn(1, 16, 4, 4, dtype=torch.bfloat16),),
+                         quantize="int8-dynamic")
+
+
+@pytest.mark.parametrize("name,mode", [("resnet", "int8"), ("bert", "int8-dynamic"), ("bert", "int4-weight")])
+def test_quantized_graphs_lower_to_tvm(name, mode):
+    pytest.importorskip("tvm")
+    model, args = zoo.build(name, size="tiny", seq=16)
+    cm = graphopt.compile(model, args, backend="tvm", quantize=mode, calibration=calibration_for(args))
+    ir, out = flat_tensors(cm.graph.run(*args)), flat_tensors(cm(*args))
+    assert torch.allclose(ir[0], out[0], atol=1e-4 * ir[0].abs().max().item())
