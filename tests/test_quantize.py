@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import InputError, UnsupportedError, zoo
-from graphopt.passes.calibrate import Observer
+from graphopt.passes.calibrate import Observer, quantization_mse
 from graphopt.passes.drift import flat_tensors
 from graphopt.passes.quantize import Quantize, QuantOptions
 
@@ -133,7 +133,11 @@ def test_observers_clip_outliers():
     obs.update(values)
     assert obs.range("minmax", True)[1] == 1000.0
     assert obs.range("percentile", True)[1] < 10
-    assert obs.range("mse", True)[1] < 1000.0
+    for sample in (torch.distributions.StudentT(3.0).sample((20_000,)), torch.randn(20_000) ** 3):
+        heavy = Observer()                               # heavy tails: MSE trades clipping for resolution
+        heavy.update(sample)
+        errors = {m: quantization_mse(sample, *heavy.range(m, True)) for m in ("minmax", "percentile", "mse")}
+        assert errors["mse"] <= min(errors.values()) and heavy.range("mse", True)[1] <= sample.max()
 
 
 def test_quantization_errors_come_before_any_work(resnet, monkeypatch):

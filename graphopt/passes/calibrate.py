@@ -44,17 +44,17 @@ class Observer:
 
 
 def _mse_range(values: torch.Tensor, lo: float, hi: float, unsigned: bool) -> tuple[float, float]:
-    """Shrink the min/max range by the factor (of 100 tried) with the least uint8 rounding+clipping MSE."""
-    best, best_err = (lo, hi), float("inf")
-    for f in torch.linspace(0.2, 1.0, 100).tolist():
-        a, b = lo * f, hi * f
-        scale = max((b - a) / 255, 1e-12)
-        zp = round(-a / scale)
-        q = torch.clamp(torch.round(values / scale) + zp, 0, 255)
-        err = ((q - zp) * scale - values).square().mean().item()
-        if err < best_err:
-            best, best_err = (a, b), err
-    return best
+    """Shrink the min/max range by the factor (100 tried, 0.01 to 1) with the least uint8 rounding+clipping MSE."""
+    candidates = [(lo * f, hi * f) for f in torch.logspace(-2, 0, 100).tolist()]
+    return min(candidates, key=lambda r: quantization_mse(values, *r))
+
+
+def quantization_mse(values: torch.Tensor, lo: float, hi: float) -> float:
+    """Mean squared error of `values` after uint8 quantization over [lo, hi] (rounding and clipping)."""
+    scale = max((hi - lo) / 255, 1e-12)
+    zp = round(-lo / scale)
+    q = torch.clamp(torch.round(values / scale) + zp, 0, 255)
+    return ((q - zp) * scale - values).square().mean().item()
 
 
 def observe(graph: Graph, batches: Iterable, nodes: Iterable[fx.Node],

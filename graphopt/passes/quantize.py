@@ -148,6 +148,8 @@ class Quantize(Pass):
         if not batches:
             raise InputError("static int8 quantization needs calibration data: pass calibration=[batch, ...] "
                              "(a few representative inputs), or use quantize='int8-dynamic'")
+        for pad in _fold_zero_pads(graph, layer_nodes):
+            result.did(f"%{pad}: zero pad folded into the conv's own padding")
         quantized = set(layer_nodes)
         quantized |= _residual_adds(graph, quantized)
         quantized |= _pass_throughs(graph, quantized)
@@ -270,6 +272,23 @@ def _pass_throughs(graph: Graph, quantized: set[fx.Node]) -> set[fx.Node]:
             if users and all(u in quantized or u in out or is_call(u, operator.getitem) for u in users):
                 out.add(n)
     return out
+
+
+def _fold_zero_pads(graph: Graph, convs: list[fx.Node]) -> list[str]:
+    """A symmetric zero pad in front of a conv becomes the conv's padding (TF-"same" models pad every
+    conv): in QDQ form a separate Pad would run in float between a DequantizeLinear and a QuantizeLinear."""
+    folded = []
+    for conv in convs:
+        pad = conv.args[0]
+        if conv.target is not CONV or not is_call(pad, aten.constant_pad_nd.default) or (pad.args[2:] or [0])[0] != 0:
+            continue
+        p = list(pad.args[1])
+        if len(p) != 4 or p[0] != p[1] or p[2] != p[3] or min(p) < 0:
+            continue
+        padding = [conv.args[4][0] + p[2], conv.args[4][1] + p[0]]
+        conv.args = (pad.args[0], *conv.args[1:4], padding, *conv.args[5:])
+        folded.append(pad.name)
+    return folded
 
 
 def _quantized_tensors(quantized: set[fx.Node]) -> list[fx.Node]:
