@@ -18,7 +18,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    quantize_dynamic,
+    quantize_static,
+)
 
 import graphopt
 from graphopt import bench, zoo

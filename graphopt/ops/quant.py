@@ -96,7 +96,7 @@ def _dynamic_linear_relax(node, importer):
     x, w_t, w_scale = (importer.env[a] for a in node.args[:3])
     bias = importer.env[node.args[3]] if node.args[3] is not None else None
     bb = importer.block_builder
-    f32 = lambda v: relax.const(v, "float32")   # noqa: E731
+    f32 = lambda v: relax.const(v, "float32")
     lo = bb.emit(R.minimum(R.min(x), f32(0.0)))
     hi = bb.emit(R.maximum(R.max(x), f32(0.0)))
     scale = bb.emit(R.maximum(R.divide(R.subtract(hi, lo), f32(255.0)), f32(1e-30)))

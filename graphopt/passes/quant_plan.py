@@ -21,8 +21,18 @@ from ..ir import Graph
 from ..ops import quant
 from .base import Pass, PassContext, PassResult, register
 from .calibrate import observe
-from .quantize import CONV, LINEAR, MODES, Quantize, QuantOptions, _activation_qparams, _quantize_weight, \
-    layer_name, layers, uniform_plan
+from .quantize import (
+    CONV,
+    LINEAR,
+    MODES,
+    Quantize,
+    QuantOptions,
+    _activation_qparams,
+    _quantize_weight,
+    layer_name,
+    layers,
+    uniform_plan,
+)
 
 DEFAULT_BUDGET = 0.01
 
@@ -113,12 +123,17 @@ def _error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
     return max(sum(errs) / len(errs), 0.0)
 
 
-def _run_all(module: fx.GraphModule, graph: Graph, batches) -> list[torch.Tensor]:
+def _run_all(graph: Graph, batches, swap: tuple[fx.Node, object] | None = None) -> list[torch.Tensor]:
+    """The float outputs of the graph on every batch; `swap=(node, fn)` computes that node with fn."""
+    class Runner(fx.Interpreter):
+        def run_node(self, node):
+            if swap is not None and node is swap[0]:
+                return swap[1](*self.map_nodes_to_values(node.args, node))
+            return super().run_node(node)
     outs = []
     with torch.no_grad():
         for args, kwargs in batches:
-            flat = graph.flat_inputs(args, kwargs)
-            res = fx.Interpreter(module).run(*flat)
+            res = Runner(graph.module).run(*graph.flat_inputs(args, kwargs))
             outs.extend(t for t in torch.utils._pytree.tree_leaves(res) if isinstance(t, torch.Tensor)
                         and t.is_floating_point())
     return outs
@@ -129,25 +144,13 @@ def _sensitivities(graph: Graph, batches, options: dict[str, list[str]], qopts: 
     batches = batches[:2]
     nodes = {n.name: n for n in layers(graph)}
     observers = observe(graph, batches, {n.args[0] for n in nodes.values()})
-    refs = _run_all(graph.module, graph, batches)
+    refs = _run_all(graph, batches)
     errors = {}
     for name, opts in options.items():
         n = nodes[name]
         for o in opts:
             swap = _quantized_layer(graph, n, o, observers[n.args[0].name].range(qopts.observer, True), qopts)
-
-            class Swap(fx.Interpreter):
-                def run_node(self, node):
-                    if node is n:
-                        return swap(*self.map_nodes_to_values(node.args, node))
-                    return super().run_node(node)
-            outs = []
-            with torch.no_grad():
-                for args, kwargs in batches:
-                    res = Swap(graph.module).run(*graph.flat_inputs(args, kwargs))
-                    outs.extend(t for t in torch.utils._pytree.tree_leaves(res) if isinstance(t, torch.Tensor)
-                                and t.is_floating_point())
-            errors[name, o] = _error(outs, refs)
+            errors[name, o] = _error(_run_all(graph, batches, (n, swap)), refs)
     return errors
 
 
@@ -175,7 +178,7 @@ def _plan_error(graph: Graph, batches, plan: dict[str, str], qopts: QuantOptions
     trial = _copy(graph)
     ctx = PassContext(None, (), {}, {"calibration": batches})
     Quantize("int8", qopts, plan).run(trial, ctx)
-    return _error(_run_all(trial.module, trial, batches), _run_all(graph.module, graph, batches))
+    return _error(_run_all(trial, batches), _run_all(graph, batches))
 
 
 def _latency_ms(graph: Graph, ctx: PassContext, plan: dict[str, str]) -> float:

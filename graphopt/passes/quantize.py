@@ -16,7 +16,7 @@ the weight rounding causes (bias correction, measured on the calibration data)."
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -257,9 +257,9 @@ def _residual_adds(graph: Graph, quantized: set[fx.Node]) -> set[fx.Node]:
     adds: set[fx.Node] = set()
     for n in graph.ops():
         if n.target is ADD and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) \
-                and tensor_meta(n) is not None and tensor_meta(n).dim() == 4 and not n.kwargs.get("alpha", 1) != 1:
-            if all(_through_activations(a) in quantized | adds for a in n.args):
-                adds.add(n)
+                and tensor_meta(n) is not None and tensor_meta(n).dim() == 4 and n.kwargs.get("alpha", 1) == 1 \
+                and all(_through_activations(a) in quantized | adds for a in n.args):
+            adds.add(n)
     return adds
 
 
