@@ -27,6 +27,7 @@ from ..ir import Graph, is_call, tensor_meta
 from ..ops import quant
 from .base import Pass, PassContext, PassResult, register
 from .calibrate import METHODS, observe
+from .qconv_choice import SHIFT, gemm_path_faster
 
 aten = torch.ops.aten
 gop = torch.ops.graphopt
@@ -43,6 +44,7 @@ class QuantOptions:
     observer: str = "percentile"          # activation range: minmax | percentile | mse
     symmetric_activations: bool = False   # int8 around 0 instead of uint8 over [min, max]
     bias_correction: bool = True
+    kernel_choice: bool = True            # per conv shape, encode weights for the faster ORT int8 kernel
     keep_float: tuple[str, ...] = ()      # layer names (node names or module paths) to leave in float
 
     def __post_init__(self):
@@ -183,6 +185,12 @@ class Quantize(Pass):
             elif n.target in PASS_THROUGH:
                 result.did(f"%{n.name} ({n.target.name()}): runs on the int8 values")
         for n in layer_nodes:
+            if n.target is CONV and self.options.kernel_choice and ctx.target is not None \
+                    and ctx.target.name == "cpu" and _prefers_gemm_path(n):
+                q, s, _ = weights[n]
+                weights[n] = ((q.to(torch.int16) + SHIFT).to(torch.int8), s, torch.full_like(q[:, 0, 0, 0], SHIFT))
+                result.notes.append(f"%{n.name}: weights given zero point {SHIFT}: ORT's int8 GEMM path measured "
+                                    "faster than its symmetric conv kernel for this shape")
             self._quantize_layer(graph, n, weights[n], x_scale[n],
                                  torch.stack(shift[n]).mean(0) if n in shift else None)
             kind = "conv" if n.target is CONV else "linear"
@@ -227,6 +235,14 @@ def _quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     scale = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp(min=1e-12) / 127
     q = torch.clamp(torch.round(w / scale.reshape(-1, *[1] * (w.dim() - 1))), -127, 127).to(torch.int8)
     return q, scale, torch.zeros(w.shape[0], dtype=torch.int8)
+
+
+def _prefers_gemm_path(conv: fx.Node) -> bool:
+    x, w = tensor_meta(conv.args[0]), tensor_meta(conv.args[1])
+    if not all(isinstance(d, int) for d in (*x.shape, *w.shape)):   # a dynamic shape: keep the default
+        return False
+    _, _, _, stride, padding, dilation, _, _, groups = conv.args
+    return gemm_path_faster(*x.shape, w.shape[0], *w.shape[2:], tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
 def _activation_qparams(rng: tuple[float, float], symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
