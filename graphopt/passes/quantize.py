@@ -31,9 +31,9 @@ from .qconv_choice import SHIFT, gemm_path_faster
 
 aten = torch.ops.aten
 gop = torch.ops.graphopt
-CONV, LINEAR, ADD = aten.convolution.default, aten.linear.default, aten.add.Tensor
+CONV, LINEAR, ADD, PAD = aten.convolution.default, aten.linear.default, aten.add.Tensor, aten.constant_pad_nd.default
 # ops that do not change a tensor's range: their output reuses their input's quantization
-PASS_THROUGH = (aten.max_pool2d_with_indices.default, aten.constant_pad_nd.default)
+PASS_THROUGH = (aten.max_pool2d_with_indices.default, PAD)
 ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.clamp.default)
 LAYER_MODES = {"float", "int8", "int8-dynamic", "int4"}
 MODES = {"int8": "int8", "int8-dynamic": "int8-dynamic", "int4-weight": "int4"}
@@ -156,6 +156,8 @@ class Quantize(Pass):
         quantized |= _residual_adds(graph, quantized)
         quantized |= _pass_throughs(graph, quantized)
         tensors = _quantized_tensors(quantized)
+        ends = _unquantized_ends(quantized, tensors)
+        tensors += ends
 
         weights = {n: _quantize_weight(graph.constant(n.args[1]).float()) for n in layer_nodes}
         shift = {}   # layer → mean output change caused by weight rounding (bias correction)
@@ -177,13 +179,23 @@ class Quantize(Pass):
                 observers[t.name].range(self.options.observer, not self.options.symmetric_activations),
                 self.options.symmetric_activations)
         x_scale = {n: qparams[n.args[0]][0] for n in layer_nodes}
-        dq = {t: self._insert_qdq(graph, t, *qparams[t]) for t in tensors}
-        for n in quantized:
+        int_pads = {n for n in quantized if n.target is PAD}   # ORT leaves DQ → Pad → Q in float: pad the integers
+        dq = {t: self._insert_qdq(graph, t, *qparams[t], quantized_already=t in int_pads) for t in tensors}
+        for n in quantized - int_pads:
             n.args = tuple(dq.get(a, a) if i < (2 if n.target is ADD else 1) else a for i, a in enumerate(n.args))
             if n.target is ADD:
                 result.did(f"%{n.name}: residual add in int8 (QLinearAdd)")
             elif n.target in PASS_THROUGH:
                 result.did(f"%{n.name} ({n.target.name()}): runs on the int8 values")
+        for t in ends:   # every reader of a block's last output reads it dequantized
+            for u in [u for u in t.users if u is not dq[t].args[0]]:
+                u.replace_input_with(t, dq[t])
+        for pad in int_pads:
+            src = pad.args[0]
+            int_pad = graph.call(PAD, (dq[src].args[0], pad.args[1], int(qparams[src][1])), before=pad)
+            pad.replace_all_uses_with(int_pad)
+            graph.fx.erase_node(pad)
+            result.did(f"%{pad.name} (constant_pad_nd): pads the int8 values with the zero point")
         for n in layer_nodes:
             if n.target is CONV and self.options.kernel_choice and ctx.target is not None \
                     and ctx.target.name == "cpu" and _prefers_gemm_path(n):
@@ -198,10 +210,11 @@ class Quantize(Pass):
                        + (", bias corrected" if n in shift else ""))
         result.stats.update(quantized_layers=len(layer_nodes), quantized_tensors=len(tensors))
 
-    def _insert_qdq(self, graph: Graph, t: fx.Node, scale: torch.Tensor, zp: torch.Tensor) -> fx.Node:
+    def _insert_qdq(self, graph: Graph, t: fx.Node, scale: torch.Tensor, zp: torch.Tensor,
+                    quantized_already: bool = False) -> fx.Node:
         after = t.next
         s, z = (graph.add_constant(v, f"{t.name}_{k}", before=after) for v, k in ((scale, "scale"), (zp, "zero_point")))
-        q = graph.call(gop.quantize.default, (t, s, z), before=after)
+        q = t if quantized_already else graph.call(gop.quantize.default, (t, s, z), before=after)
         return graph.call(gop.dequantize.default, (q, s, z, 0), before=after)
 
     def _quantize_layer(self, graph: Graph, n: fx.Node, weight, x_scale, shift) -> None:
@@ -283,7 +296,7 @@ def _pass_throughs(graph: Graph, quantized: set[fx.Node]) -> set[fx.Node]:
     """Max-pools and zero pads whose result feeds a quantized op: run them on the int8 values."""
     out = set()
     for n in reversed(list(graph.ops())):
-        if n.target in PASS_THROUGH and (n.target is not aten.constant_pad_nd.default or (n.args[2:] or [0])[0] == 0):
+        if n.target in PASS_THROUGH and (n.target is not PAD or (n.args[2:] or [0])[0] == 0):
             users = {u for v in ([n] + [u for u in n.users if is_call(u, operator.getitem)]) for u in v.users}
             if users and all(u in quantized or u in out or is_call(u, operator.getitem) for u in users):
                 out.add(n)
@@ -296,7 +309,7 @@ def _fold_zero_pads(graph: Graph, convs: list[fx.Node]) -> list[str]:
     folded = []
     for conv in convs:
         pad = conv.args[0]
-        if conv.target is not CONV or not is_call(pad, aten.constant_pad_nd.default) or (pad.args[2:] or [0])[0] != 0:
+        if conv.target is not CONV or not is_call(pad, PAD) or (pad.args[2:] or [0])[0] != 0:
             continue
         p = list(pad.args[1])
         if len(p) != 4 or p[0] != p[1] or p[2] != p[3] or min(p) < 0:
@@ -314,6 +327,21 @@ def _quantized_tensors(quantized: set[fx.Node]) -> list[fx.Node]:
         for a in n.args[:2] if n.target is ADD else n.args[:1]:
             seen[a] = None
     return list(seen)
+
+
+def _unquantized_ends(quantized: set[fx.Node], tensors: list[fx.Node]) -> list[fx.Node]:
+    """Outputs (after their activation) of quantized convs and adds that no quantized op reads, like
+    the last block before a pooling head: quantizing them lets ORT run that conv/add in int8 too."""
+    ends = []
+    for n in quantized:
+        if n.target is not CONV and n.target is not ADD:
+            continue
+        out = n
+        while len(out.users) == 1 and is_call(next(iter(out.users)), *ACTIVATIONS):
+            out = next(iter(out.users))
+        if out not in tensors and out not in ends:
+            ends.append(out)
+    return ends
 
 
 def _range_source(t: fx.Node, tensors) -> fx.Node:
