@@ -42,8 +42,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     be = get_backend(backend)
     be.check(tgt)
     pipeline = resolve(passes, tgt)
-    if tune is not None and (be.name != "tvm" or not isinstance(tune, Tune)):
-        raise InputError("tune= takes a graphopt.Tune and needs backend='tvm'")
+    if tune is not None and (be.name not in ("tvm", "auto") or not isinstance(tune, Tune)):
+        raise InputError("tune= takes a graphopt.Tune and needs backend='tvm' or 'auto'")
     args, kwargs = _example(model, example_inputs)
     if isinstance(dynamic_shapes, str):
         if dynamic_shapes != "batch":
@@ -72,7 +72,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     t0 = time.perf_counter()
     executable = be.build(graph, tgt, BuildInputs(args, kwargs, dynamic_shapes, tune))
     build_s = time.perf_counter() - t0
-    compiled = CompiledModule(graph, executable, tgt, be.name, manager.records)
+    compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records)
     outputs = compiled(*args, **kwargs) if manager.measuring else None
     manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe())
     return compiled

@@ -84,3 +84,16 @@ def test_tuning_database_is_reused_and_budget_respected(tmp_path, capsys):
 def test_tune_needs_the_tvm_backend():
     with pytest.raises(graphopt.InputError, match="needs backend='tvm'"):
         graphopt.compile(TwoConvs().eval(), (torch.randn(1, 8, 4, 4),), tune=graphopt.Tune())
+
+
+def test_auto_backend_keeps_the_faster_and_says_why(tmp_path):
+    model, x = TwoConvs().eval(), (torch.randn(1, 8, 16, 16),)
+    plain = graphopt.compile(model, x, backend="auto")
+    assert plain.backend == "ort" and "without building TVM" in plain.report[-1].notes[0]
+    both = graphopt.compile(model, x, backend="auto", tune=graphopt.Tune(trials=4, db=tmp_path / "db", progress=False))
+    decision = both.report[-1].notes[0]
+    assert both.backend in ("ort", "tvm") and "measured ONNX Runtime" in decision and "tuned TVM" in decision
+    assert ("kept tuned TVM" in decision) == (both.backend == "tvm")
+    assert_matches(both, model, x)
+    with pytest.raises(graphopt.InputError, match="backend='auto' chooses .* on target 'cpu'"):
+        graphopt.compile(model, x, backend="auto", target="arm64")

@@ -1,10 +1,11 @@
 """Backends: build an executable for a target from the optimized IR, and run it."""
 from ..errors import InputError
+from .auto import AutoBackend
 from .base import Backend, BuildInputs, Executable
 from .ort import OrtBackend
 from .tvm import TvmBackend
 
-BACKENDS: dict[str, type] = {"ort": OrtBackend, "tvm": TvmBackend}
+BACKENDS: dict[str, type] = {"ort": OrtBackend, "tvm": TvmBackend, "auto": AutoBackend}
 
 
 def get_backend(name: str) -> Backend:
@@ -13,4 +14,4 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]()
 
 
-__all__ = ["BACKENDS", "Backend", "BuildInputs", "Executable", "OrtBackend", "TvmBackend", "get_backend"]
+__all__ = ["AutoBackend", "BACKENDS", "Backend", "BuildInputs", "Executable", "OrtBackend", "TvmBackend", "get_backend"]

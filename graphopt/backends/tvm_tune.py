@@ -2,7 +2,8 @@
 
 Tasks already in the database for this target are not tuned again, so a second compile of the
 same model does zero trials. Tasks are tuned costliest first (FLOPs × calls) and the time budget
-is checked between tasks; a task that gets no trials keeps TVM's default schedule. Builder workers skip importing TVM's tensor intrinsics
+is checked between tasks (a task starts only if the average task so far still fits); a task that
+gets no trials keeps TVM's default schedule. Builder workers skip importing TVM's tensor intrinsics
 (tens of seconds per worker on this machine) because fp32 schedules do not tensorize."""
 from __future__ import annotations
 
@@ -74,10 +75,14 @@ def tune_and_compile(mod, target, tune: Tune):
     todo.sort(key=lambda t: -t.weight * estimate_tir_flops(t.dispatched[0]))
     deadline = start + tune.time_budget
     builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics)
+    durations: list[float] = []
     for i, task in enumerate(todo):
-        if time.perf_counter() >= deadline:
+        # a task starts only when a task as long as the average so far still fits in the budget
+        expected = sum(durations) / len(durations) if durations else 0.0
+        if time.perf_counter() + expected >= deadline:
             report.untuned.extend(t.task_name for t in todo[i:])
             break
+        task_start = time.perf_counter()
         strategy = ms.search_strategy.EvolutionarySearch(population_size=max(32, 4 * tune.trials),
                                                          init_min_unmeasured=min(50, 2 * tune.trials))
         with quiet(stdout=True):   # MetaSchedule logs every trial to the console; its logs stay in db/logs
@@ -87,6 +92,7 @@ def tune_and_compile(mod, target, tune: Tune):
                                max_trials_global=tune.trials, max_trials_per_task=tune.trials,
                                num_trials_per_iter=min(64, tune.trials), builder=builder, database=database)
         report.trials += tune.trials
+        durations.append(time.perf_counter() - task_start)
         best = best_us(task)
         if best is None:   # every candidate failed to build or run: the default schedule stays
             report.untuned.append(f"{task.task_name} (no valid schedule found)")
