@@ -164,3 +164,11 @@ def test_quantized_graphs_lower_to_tvm(name, mode):
     cm = graphopt.compile(model, args, backend="tvm", quantize=mode, calibration=calibration_for(args))
     ir, out = flat_tensors(cm.graph.run(*args)), flat_tensors(cm(*args))
     assert torch.allclose(ir[0], out[0], atol=1e-4 * ir[0].abs().max().item())
+
+
+def test_verify_checks_the_passes_after_quantization_against_the_quantized_graph(resnet, tmp_path):
+    model, args = resnet
+    cm = graphopt.compile(model, args, quantize="int8", calibration=calibration_for(args), verify=True,
+                          dump_dir=tmp_path)        # quantization's own drift is by design: no error
+    (step,) = [r for r in cm.report if r.name == "quantize"]
+    assert step.drift.rel > 1e-3 and any("lossy by design" in n for n in step.notes)

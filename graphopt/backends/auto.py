@@ -48,18 +48,18 @@ class AutoBackend:
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> ChosenExecutable:
         ort_exe = OrtBackend().build(graph, target, inputs)
         if inputs.tune is None:
-            return ChosenExecutable(ort_exe, "ort", [
+            return ChosenExecutable(ort_exe, "ort", [(
                 "backend auto: kept ONNX Runtime without building TVM (no tune=: TVM's default CPU schedules are "
-                "far slower; give tune=graphopt.Tune(...) to compare against tuned TVM)"])
+                "far slower; give tune=graphopt.Tune(...) to compare against tuned TVM)")])
         TvmBackend().check(target)
         tvm_exe = TvmBackend().build(graph, target, inputs)
         flat = graph.flat_inputs(inputs.args, inputs.kwargs)
         ms = _median_ms({"ort": ort_exe, "tvm": tvm_exe}, flat)
         best = min(ms, key=ms.get)
         names = {"ort": "ONNX Runtime", "tvm": "tuned TVM"}
-        return ChosenExecutable({"ort": ort_exe, "tvm": tvm_exe}[best], best, [
+        return ChosenExecutable({"ort": ort_exe, "tvm": tvm_exe}[best], best, [(
             f"backend auto: kept {names[best]} — measured ONNX Runtime {ms['ort']:.3g} ms, tuned TVM "
-            f"{ms['tvm']:.3g} ms per call on the example inputs"])
+            f"{ms['tvm']:.3g} ms per call on the example inputs")])
 
 
 def _median_ms(executables: dict[str, Executable], flat: list, rounds: int = 7) -> dict[str, float]:

@@ -42,6 +42,7 @@ class PassResult:
 class Pass(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str]   # one line for `graphopt passes`
+    lossy: ClassVar[bool] = False   # changes the numbers by design (quantization): verify checks later steps only
 
     @abc.abstractmethod
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

@@ -62,6 +62,7 @@ def with_quantization(pipeline: list[Pass], quantize: str | None, budget: float 
 class QuantizeAuto(Pass):
     name = "quantize_auto"
     summary = "mixed precision: per-layer float/int8/int4 plan, fastest within an output-error budget"
+    lossy = True
     needs_calibration = True
 
     def __init__(self, budget: float = DEFAULT_BUDGET, options: QuantOptions | None = None):

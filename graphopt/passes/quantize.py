@@ -88,6 +88,7 @@ def uniform_plan(graph: Graph, mode: str, keep_float=()) -> dict[str, str]:
 class Quantize(Pass):
     name = "quantize"
     summary = "lower convs/linears to int8 (static QDQ or dynamic) or int4 weight-only, per a plan"
+    lossy = True
 
     def __init__(self, mode: str = "int8-dynamic", options: QuantOptions | None = None,
                  plan: dict[str, str] | None = None):
