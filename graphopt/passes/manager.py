@@ -31,12 +31,16 @@ class StepRecord:
     op_delta: dict[str, int]            # op → change in count
     notes: list[str] = field(default_factory=list)
     drift: Drift | None = None
+    checked: Drift | None = None        # what verify checks: drift against eager, or after quantization
+                                        # against the quantized graph (None: not checked)
+    over_tolerance: bool = False
     folder: str | None = None
     files: list[str] = field(default_factory=list)   # in `folder`, the first one is the graph text
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["drift"] = self.drift.as_dict() if self.drift else None
+        d["checked"] = self.checked.as_dict() if self.checked else None
         return d
 
 
@@ -84,7 +88,8 @@ class PassManager:
                 rec.notes.append(f"not verified: after quantization the backend's integer kernels differ from the "
                                  f"IR's float simulation by rounding (drift against it "
                                  f"{drift(outputs, self.baseline).rel:.3g})")
-        self._finish(rec, None, check)
+        rec.checked, rec.over_tolerance = check, check is not None and check.rel > self.tolerance
+        self._finish(rec, None)
         return rec
 
     # --- internals ---------------------------------------------------------------------------
@@ -104,6 +109,7 @@ class PassManager:
                                  "are verified against this step's outputs")
             else:
                 check = rec.drift if self.baseline is self.reference else drift(outputs, self.baseline)
+            rec.checked, rec.over_tolerance = check, check is not None and check.rel > self.tolerance
         folder = None
         if self.dump_dir is not None:
             folder = self.dump_dir / f"{index:02d}-{name}"
@@ -119,9 +125,9 @@ class PassManager:
             rec.folder = folder.name
             rec.files.append("stats.json")
             (folder / "stats.json").write_text(json.dumps({**rec.as_dict(), "op_counts": counts}, indent=1))
-        self._finish(rec, folder, check)
+        self._finish(rec, folder)
 
-    def _finish(self, rec: StepRecord, folder: Path | None, check: Drift | None) -> None:
+    def _finish(self, rec: StepRecord, folder: Path | None) -> None:
         self.records.append(rec)
         if self.dump_dir is not None:
             if folder is None and rec.drift is not None:
@@ -130,12 +136,12 @@ class PassManager:
                 rec.folder, rec.files = folder.name, ["stats.json"]
                 (folder / "stats.json").write_text(json.dumps(rec.as_dict(), indent=1))
             write_report(self.dump_dir, self.records, self.tolerance)
-        if self.verify and check is not None and check.rel > self.tolerance:
+        if self.verify and rec.over_tolerance:
             where = f"; see {self.dump_dir / rec.folder}" if self.dump_dir is not None and rec.folder else ""
             against = "eager" if self.baseline is self.reference else "the quantized graph"
             raise VerificationError(
                 f"step {rec.index} '{rec.name}' moved the outputs away from {against}: relative error "
-                f"{check.rel:.3g} (max abs {check.max_abs:.3g}, output {check.output}) exceeds "
+                f"{rec.checked.rel:.3g} (max abs {rec.checked.max_abs:.3g}, output {rec.checked.output}) exceeds "
                 f"tolerance {self.tolerance:g}{where}")
 
 

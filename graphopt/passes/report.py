@@ -14,7 +14,7 @@ def _delta(op_delta: dict[str, int], limit: int = 6) -> str:
 def _drift(rec, tolerance: float) -> tuple[str, bool]:
     if rec.drift is None:
         return "not measured", False
-    return f"{rec.drift.rel:.2e} (abs {rec.drift.max_abs:.2e})", rec.drift.rel > tolerance
+    return f"{rec.drift.rel:.2e} (abs {rec.drift.max_abs:.2e})", rec.over_tolerance
 
 
 def write_report(folder: Path, records: list, tolerance: float) -> None:
@@ -46,7 +46,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}
 summary{{color:#555;font-size:90%;cursor:pointer}} li{{font-family:monospace;font-size:85%}}</style>
 <h1>graphopt compile report</h1>
 <p>One row per step: the captured graph, each pass, then the backend. Drift is max |out − eager| / max |eager|
-over the outputs on the example inputs (tolerance {tolerance:g}; rows over it are red).</p>
+over the outputs on the example inputs (tolerance {tolerance:g}; rows over it are red; after a quantization step, each step is checked against the quantized graph instead).</p>
 <table><tr><th>#</th><th>step</th><th>rewrites</th><th>ops before → after</th><th>op changes</th><th>drift</th>
 <th>time</th><th>files</th></tr>
 {''.join(rows)}
