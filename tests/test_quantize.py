@@ -172,3 +172,13 @@ def test_verify_checks_the_passes_after_quantization_against_the_quantized_graph
                           dump_dir=tmp_path)        # quantization's own drift is by design: no error
     (step,) = [r for r in cm.report if r.name == "quantize"]
     assert step.drift.rel > 1e-3 and any("lossy by design" in n for n in step.notes)
+
+
+@pytest.mark.parametrize("name,mode", [("mobilenet_v2", "int8"), ("bert", "int8-dynamic")])
+def test_quantized_models_keep_a_dynamic_batch(name, mode):
+    model, args = zoo.build(name, size="tiny", batch=2, seq=16)
+    cm = graphopt.compile(model, args, quantize=mode, calibration=calibration_for(args), dynamic_shapes="batch")
+    x = tuple(torch.cat([t, t[:1]]) for t in calibration_for(args, n=1)[0])      # batch 3
+    out, ir = flat_tensors(cm(*x))[0], flat_tensors(cm.graph.run(*x))[0]
+    assert out.shape[0] == 3
+    assert F.cosine_similarity(out.reshape(-1), ir.reshape(-1), dim=0) > 0.99

@@ -8,6 +8,7 @@ at any point, which is what makes per-pass drift checks possible.
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import Any, Iterator
 
 import networkx as nx
@@ -72,10 +73,18 @@ class Graph:
         node.meta["val"] = tensor
         return node
 
-    def call(self, target, args: tuple, *, before: fx.Node) -> fx.Node:
-        """Insert `target(*args)` before `before`, its meta["val"] computed on the graph's FakeTensors."""
+    def call(self, target, args: tuple, *, before: fx.Node, dtype: torch.dtype | None = None) -> fx.Node:
+        """Insert `target(*args)` before `before`, its meta["val"] computed on the graph's FakeTensors.
+        With `dtype`, the result is `before`'s value in that dtype (where tracing the op would guard
+        on a dynamic dim)."""
         with self.fx.inserting_before(before):
             node = self.fx.call_function(target, args)
+        if dtype is not None:
+            val = before.meta["val"]
+            fake_mode = detect_fake_mode([val])
+            with fake_mode if fake_mode is not None else contextlib.nullcontext():
+                node.meta["val"] = val.to(dtype)
+            return node
         vals = fx.map_arg(args, lambda n: n.meta["val"])
         fake_mode = detect_fake_mode(pytree.tree_leaves(vals))
         if fake_mode is None:

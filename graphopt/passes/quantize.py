@@ -193,7 +193,8 @@ class Quantize(Pass):
                 u.replace_input_with(t, dq[t])
         for pad in int_pads:
             src = pad.args[0]
-            int_pad = graph.call(PAD, (dq[src].args[0], pad.args[1], int(qparams[src][1])), before=pad)
+            zp = qparams[src][1]   # (fake-tracing an integer pad would pin a dynamic batch dim)
+            int_pad = graph.call(PAD, (dq[src].args[0], pad.args[1], int(zp)), before=pad, dtype=zp.dtype)
             pad.replace_all_uses_with(int_pad)
             graph.fx.erase_node(pad)
             result.did(f"%{pad.name} (constant_pad_nd): pads the int8 values with the zero point")
