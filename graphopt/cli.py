@@ -43,8 +43,10 @@ def _compile(ns: argparse.Namespace) -> int:
         raise InputError(f"{ns.model} must return (model, example_inputs), got {type(built).__name__}")
     model, example = built
     passes = ns.passes.split(",") if ns.passes else "default"
+    calibration = load_factory(ns.calibration)() if ns.calibration else None
     cm = compile(model, example, target=ns.target, backend=ns.backend, passes=passes, dump_dir=ns.dump_dir,
-                 verify=ns.verify, tolerance=ns.tolerance, dynamic_shapes="batch" if ns.dynamic_batch else None)
+                 verify=ns.verify, tolerance=ns.tolerance, dynamic_shapes="batch" if ns.dynamic_batch else None,
+                 quantize=ns.quantize, calibration=calibration, accuracy_budget=ns.accuracy_budget)
     for rec in cm.report:
         drift = f"drift {rec.drift.rel:.2e}" if rec.drift else ""
         print(f"{rec.index:>2} {rec.name:<16} {rec.rewrites:>4} rewrites  {rec.nodes_before:>5} → {rec.nodes_after:<5} ops"
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--verify", action="store_true", help="fail at the first pass whose drift exceeds --tolerance")
     c.add_argument("--tolerance", type=float, default=1e-4)
     c.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (dim 0 of every input)")
+    c.add_argument("--quantize", help="int8 | int8-dynamic | int4-weight | auto")
+    c.add_argument("--calibration", help="file.py:function (or package.module:function) returning a list of batches")
+    c.add_argument("--accuracy-budget", type=float, help="with --quantize auto: allowed mean (1 - cosine) output error")
     c.set_defaults(func=_compile)
     p = sub.add_parser("passes", help="list the passes and the default pipelines")
     p.set_defaults(func=_passes)

@@ -79,3 +79,14 @@ def test_cli_reports_errors(capsys):
     assert "unknown target 'tpu'" in capsys.readouterr().err
     assert cli.main(["compile", "examples/missing.py"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_quantizes_with_calibration_from_a_factory(tmp_path, capsys):
+    example = str(Path(__file__).parents[1] / "examples" / "quantize.py")
+    assert cli.main(["compile", example + ":tiny", "--quantize", "int8", "--calibration",
+                     example + ":calibration_tiny", "--onnx", str(tmp_path / "q.onnx")]) == 0
+    assert " quantize " in capsys.readouterr().out
+    ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert cli.main(["compile", example + ":tiny", "--quantize", "int8"]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
