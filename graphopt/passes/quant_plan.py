@@ -28,9 +28,9 @@ from .quantize import (
     Quantize,
     QuantOptions,
     _activation_qparams,
-    _quantize_weight,
     layer_name,
     layers,
+    quantize_weight,
     uniform_plan,
 )
 
@@ -159,16 +159,15 @@ def _quantized_layer(graph: Graph, n: fx.Node, option: str, rng, qopts: QuantOpt
     """A function computing layer `n` as `option` would (weights and input rounded the same way)."""
     w = graph.constant(n.args[1]).float()
     if option == "int8":
-        wq = quant.dequantize(*_quantize_weight(w), 0)
+        wq = quant.dequantize(*quantize_weight(w), 0)
         s, z = _activation_qparams(rng, qopts.symmetric_activations)
         if n.target is CONV:
             return lambda x, _w, b=None, *rest: F.conv2d(quant.dequantize(quant.quantize(x, s, z), s, z, 0), wq, b,
                                                          *[rest[i] for i in (0, 1, 2)], rest[5])
         return lambda x, _w, b=None: F.linear(quant.dequantize(quant.quantize(x, s, z), s, z, 0), wq, b)
     if option == "int8-dynamic":
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        w_t = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8).t()
-        return lambda x, _w, b=None: quant.dynamic_linear(x, w_t, scale, b)
+        w_q, scale, _ = quantize_weight(w)
+        return lambda x, _w, b=None: quant.dynamic_linear(x, w_q.t(), scale, b)
     packed = quant.pack_int4(w)
     return lambda x, _w, b=None: quant.int4_linear(x, *packed, b, w.shape[1], quant.INT4_BLOCK)
 

@@ -130,8 +130,7 @@ class Quantize(Pass):
         w = graph.constant(w_node).float()
         name = w_node.target
         if mode == "int8-dynamic":
-            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-            w_q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+            w_q, scale, _ = quantize_weight(w)
             args = (x, graph.add_constant(w_q.t().contiguous(), f"{name}_int8", before=node),
                     graph.add_constant(scale, f"{name}_scale", before=node), b_node)
             op = gop.dynamic_linear.default
@@ -160,8 +159,27 @@ class Quantize(Pass):
         ends = _unquantized_ends(quantized, tensors)
         tensors += ends
 
-        weights = {n: _quantize_weight(graph.constant(n.args[1]).float()) for n in layer_nodes}
-        shift = {}   # layer → mean output change caused by weight rounding (bias correction)
+        weights = {n: quantize_weight(graph.constant(n.args[1]).float()) for n in layer_nodes}
+        qparams, shift = self._calibrate(graph, batches, tensors, weights)
+        x_scale = {n: qparams[n.args[0]][0] for n in layer_nodes}
+        _rewire(graph, quantized, tensors, ends, qparams, result)
+        for n in layer_nodes:
+            if n.target is CONV and self.options.kernel_choice and ctx.target is not None \
+                    and ctx.target.name == "cpu" and _prefers_gemm_path(n):
+                q, s, _ = weights[n]
+                weights[n] = ((q.to(torch.int16) + SHIFT).to(torch.int8), s, torch.full_like(q[:, 0, 0, 0], SHIFT))
+                result.notes.append(f"%{n.name}: weights given zero point {SHIFT}: ORT's int8 GEMM path measured "
+                                    "faster than its symmetric conv kernel for this shape")
+            self._quantize_layer(graph, n, weights[n], x_scale[n], shift.get(n))
+            kind = "conv" if n.target is CONV else "linear"
+            result.did(f"%{n.name} ({layer_name(n)}) → int8 {kind}, per-channel weights"
+                       + (", bias corrected" if n in shift else ""))
+        result.stats.update(quantized_layers=len(layer_nodes), quantized_tensors=len(tensors))
+
+    def _calibrate(self, graph: Graph, batches, tensors: list[fx.Node], weights: dict) -> tuple[dict, dict]:
+        """Activation (scale, zero point) per quantized tensor, and per layer the mean output shift its
+        weight rounding causes (bias correction), both measured on the calibration batches."""
+        shift = {}
 
         def on_node(n, args):
             if n in weights and self.options.bias_correction:
@@ -170,54 +188,14 @@ class Quantize(Pass):
                 dims = [0] + list(range(2, d.dim())) if n.target is CONV else list(range(d.dim() - 1))
                 shift.setdefault(n, []).append(d.mean(dims))
         observers = observe(graph, batches, tensors, on_node)
-
         qparams: dict[fx.Node, tuple] = {}
+        sym, wanted = self.options.symmetric_activations, set(tensors)
         for t in graph.fx.nodes:   # topological: a pass-through's input is settled before it
-            if t not in tensors:
-                continue
-            src = _range_source(t, tensors)
-            qparams[t] = qparams[src] if src is not t else _activation_qparams(
-                observers[t.name].range(self.options.observer, not self.options.symmetric_activations),
-                self.options.symmetric_activations)
-        x_scale = {n: qparams[n.args[0]][0] for n in layer_nodes}
-        int_pads = {n for n in quantized if n.target is PAD}   # ORT leaves DQ → Pad → Q in float: pad the integers
-        dq = {t: self._insert_qdq(graph, t, *qparams[t], quantized_already=t in int_pads) for t in tensors}
-        for n in quantized - int_pads:
-            n.args = tuple(dq.get(a, a) if i < (2 if n.target is ADD else 1) else a for i, a in enumerate(n.args))
-            if n.target is ADD:
-                result.did(f"%{n.name}: residual add in int8 (QLinearAdd)")
-            elif n.target in PASS_THROUGH:
-                result.did(f"%{n.name} ({n.target.name()}): runs on the int8 values")
-        for t in ends:   # every reader of a block's last output reads it dequantized
-            for u in [u for u in t.users if u is not dq[t].args[0]]:
-                u.replace_input_with(t, dq[t])
-        for pad in int_pads:
-            src = pad.args[0]
-            zp = qparams[src][1]   # (fake-tracing an integer pad would pin a dynamic batch dim)
-            int_pad = graph.call(PAD, (dq[src].args[0], pad.args[1], int(zp)), before=pad, dtype=zp.dtype)
-            pad.replace_all_uses_with(int_pad)
-            graph.fx.erase_node(pad)
-            result.did(f"%{pad.name} (constant_pad_nd): pads the int8 values with the zero point")
-        for n in layer_nodes:
-            if n.target is CONV and self.options.kernel_choice and ctx.target is not None \
-                    and ctx.target.name == "cpu" and _prefers_gemm_path(n):
-                q, s, _ = weights[n]
-                weights[n] = ((q.to(torch.int16) + SHIFT).to(torch.int8), s, torch.full_like(q[:, 0, 0, 0], SHIFT))
-                result.notes.append(f"%{n.name}: weights given zero point {SHIFT}: ORT's int8 GEMM path measured "
-                                    "faster than its symmetric conv kernel for this shape")
-            self._quantize_layer(graph, n, weights[n], x_scale[n],
-                                 torch.stack(shift[n]).mean(0) if n in shift else None)
-            kind = "conv" if n.target is CONV else "linear"
-            result.did(f"%{n.name} ({layer_name(n)}) → int8 {kind}, per-channel weights"
-                       + (", bias corrected" if n in shift else ""))
-        result.stats.update(quantized_layers=len(layer_nodes), quantized_tensors=len(tensors))
-
-    def _insert_qdq(self, graph: Graph, t: fx.Node, scale: torch.Tensor, zp: torch.Tensor,
-                    quantized_already: bool = False) -> fx.Node:
-        after = t.next
-        s, z = (graph.add_constant(v, f"{t.name}_{k}", before=after) for v, k in ((scale, "scale"), (zp, "zero_point")))
-        q = t if quantized_already else graph.call(gop.quantize.default, (t, s, z), before=after)
-        return graph.call(gop.dequantize.default, (q, s, z, 0), before=after)
+            if t in wanted:
+                src = _range_source(t, wanted)
+                qparams[t] = qparams[src] if src is not t else _activation_qparams(
+                    observers[t.name].range(self.options.observer, not sym), sym)
+        return qparams, {n: torch.stack(v).mean(0) for n, v in shift.items()}
 
     def _quantize_layer(self, graph: Graph, n: fx.Node, weight, x_scale, shift) -> None:
         w_q, w_scale, w_zp = weight
@@ -245,7 +223,38 @@ class Quantize(Pass):
         graph.fx.erase_node(n)
 
 
-def _quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rewire(graph: Graph, quantized: set[fx.Node], tensors: list[fx.Node], ends: list[fx.Node], qparams: dict,
+            result: PassResult) -> None:
+    """Insert Q → DQ after every quantized tensor and make the quantized ops read the DQ; pads run
+    on the integers (ORT leaves DQ → Pad → Q in float)."""
+    int_pads = {n for n in quantized if n.target is PAD}
+    dq = {t: _insert_qdq(graph, t, *qparams[t], quantized_already=t in int_pads) for t in tensors}
+    for n in quantized - int_pads:
+        n.args = tuple(dq.get(a, a) if i < (2 if n.target is ADD else 1) else a for i, a in enumerate(n.args))
+        if n.target is ADD:
+            result.did(f"%{n.name}: residual add in int8 (QLinearAdd)")
+        elif n.target in PASS_THROUGH:
+            result.did(f"%{n.name} ({n.target.name()}): runs on the int8 values")
+    for t in ends:   # every reader of a block's last output reads it dequantized
+        for u in [u for u in t.users if u is not dq[t].args[0]]:
+            u.replace_input_with(t, dq[t])
+    for pad in int_pads:
+        src = pad.args[0]
+        zp = qparams[src][1]   # (fake-tracing an integer pad would pin a dynamic batch dim)
+        int_pad = graph.call(PAD, (dq[src].args[0], pad.args[1], int(zp)), before=pad, dtype=zp.dtype)
+        pad.replace_all_uses_with(int_pad)
+        graph.fx.erase_node(pad)
+        result.did(f"%{pad.name} (constant_pad_nd): pads the int8 values with the zero point")
+
+
+def _insert_qdq(graph: Graph, t: fx.Node, scale: torch.Tensor, zp: torch.Tensor, quantized_already: bool) -> fx.Node:
+    after = t.next
+    s, z = (graph.add_constant(v, f"{t.name}_{k}", before=after) for v, k in ((scale, "scale"), (zp, "zero_point")))
+    q = t if quantized_already else graph.call(gop.quantize.default, (t, s, z), before=after)
+    return graph.call(gop.dequantize.default, (q, s, z, 0), before=after)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel (axis 0): (int8 weight, scales, zero points)."""
     scale = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp(min=1e-12) / 127
     q = torch.clamp(torch.round(w / scale.reshape(-1, *[1] * (w.dim() - 1))), -127, 127).to(torch.int8)
