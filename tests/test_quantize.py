@@ -182,3 +182,13 @@ def test_quantized_models_keep_a_dynamic_batch(name, mode):
     out, ir = flat_tensors(cm(*x))[0], flat_tensors(cm.graph.run(*x))[0]
     assert out.shape[0] == 3
     assert F.cosine_similarity(out.reshape(-1), ir.reshape(-1), dim=0) > 0.99
+
+
+def test_auto_with_the_cheap_proxy_still_fits_its_budget(resnet):
+    from graphopt.passes.quant_plan import QuantizeAuto
+    model, args = resnet
+    planner = QuantizeAuto(0.01, sensitivity="proxy")
+    graphopt.compile(model, args, passes=["fold_batchnorm", planner, "dce"], calibration=calibration_for(args))
+    assert planner.measured <= 0.01
+    with pytest.raises(InputError, match="sensitivity='hessian'"):
+        QuantizeAuto(0.01, sensitivity="hessian")

@@ -5,7 +5,7 @@ it derives a clipping range three ways — "minmax" (the exact range), "percenti
 on each side) or "mse" (the clip that minimises the int8 quantization error on the sample)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -58,9 +58,9 @@ def quantization_mse(values: torch.Tensor, lo: float, hi: float) -> float:
 
 
 def observe(graph: Graph, batches: Iterable, nodes: Iterable[fx.Node],
-            on_node: Callable[[fx.Node, tuple], None] | None = None) -> dict[str, Observer]:
-    """Run every batch through the graph; observe the outputs of `nodes` (by name). `on_node(node, args)`
-    sees each node's evaluated arguments too (bias correction measures with it)."""
+            on_node: Callable[[fx.Node, tuple, object], None] | None = None) -> dict[str, Observer]:
+    """Run every batch through the graph; observe the outputs of `nodes` (by name). `on_node(node, args,
+    out)` sees each node's evaluated arguments and result too (bias correction measures with it)."""
     watched = {n.name for n in nodes}
     observers = {name: Observer() for name in watched}
 
@@ -70,7 +70,7 @@ def observe(graph: Graph, batches: Iterable, nodes: Iterable[fx.Node],
             if n.name in watched:
                 observers[n.name].update(out)
             if on_node is not None and n.op == "call_function":
-                on_node(n, self.map_nodes_to_values(n.args, n))
+                on_node(n, self.map_nodes_to_values(n.args, n), out)
             return out
 
     recorder = Recorder(graph.module)

@@ -65,8 +65,12 @@ class QuantizeAuto(Pass):
     lossy = True
     needs_calibration = True
 
-    def __init__(self, budget: float = DEFAULT_BUDGET, options: QuantOptions | None = None):
-        self.budget, self.options = budget, options or QuantOptions()
+    def __init__(self, budget: float = DEFAULT_BUDGET, options: QuantOptions | None = None,
+                 sensitivity: str = "measured"):
+        if sensitivity not in ("measured", "proxy"):
+            raise InputError(f"sensitivity={sensitivity!r}: 'measured' (one IR run per layer and option) or "
+                             "'proxy' (each layer's own output noise, scaled by the uniform plan's measured error)")
+        self.budget, self.options, self.sensitivity = budget, options or QuantOptions(), sensitivity
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         batches = ctx.options.get("calibration")
@@ -74,9 +78,16 @@ class QuantizeAuto(Pass):
             raise InputError("quantize='auto' needs calibration data: pass calibration=[batch, ...]")
         result = PassResult()
         options = {n.name: (["int8"] if n.target is CONV else ["int8", "int8-dynamic", "int4"]) for n in layers(graph)}
-        errors = _sensitivities(graph, batches, options, self.options)
         uniform = {m: uniform_plan(graph, m) for m in ("int8", "int8-dynamic", "int4")}
-        ms = {"float": _latency_ms(graph, ctx, {})} | {m: _latency_ms(graph, ctx, p) for m, p in uniform.items()}
+        uniform_err = {m: _plan_error(graph, batches, p, self.options) for m, p in uniform.items()}
+        local = _local_noise(graph, batches, options, self.options)
+        # the cheap proxy: a layer's own output noise, scaled so the uniform int8 plan's sum matches its measurement
+        k = uniform_err["int8"] / max(sum(v for (_, o), v in local.items() if o == "int8"), 1e-30)
+        proxy = {key: k * v for key, v in local.items()}
+        errors = proxy if self.sensitivity == "proxy" else _sensitivities(graph, batches, options, self.options)
+        ms = {"float": _latency_ms(graph, ctx, {})}
+        ms |= {m: _latency_ms(graph, ctx, p) if any(v != "float" for v in p.values()) else ms["float"]
+               for m, p in uniform.items()}
         flops = {n.name: _flops(n) for n in layers(graph)}
         saving = {}
         for name, opts in options.items():
@@ -101,7 +112,9 @@ class QuantizeAuto(Pass):
             o = plan[name]
             errs = ", ".join(f"{m} error {errors[name, m]:.1e} saves {saving[name, m]:.2f} ms" for m in options[name])
             result.notes.append(f"plan %{name} ({layer_name(n)}): {o}   [{errs}]")
-        uniform_err = {m: _plan_error(graph, batches, p, self.options) for m, p in uniform.items()}
+        if self.sensitivity == "measured" and len(errors) > 2:
+            result.notes.append(f"sensitivity measured per layer; the cheap proxy (layer-local noise) ranks the "
+                                f"layers with Spearman ρ = {_spearman([errors[k] for k in errors], [proxy[k] for k in errors]):.2f}")
         for m in uniform:
             result.notes.append(f"uniform {m}: {ms[m]:.2f} ms, error {uniform_err[m]:.1e}"
                                 + ("" if uniform_err[m] <= self.budget else " (over budget)"))
@@ -153,6 +166,30 @@ def _sensitivities(graph: Graph, batches, options: dict[str, list[str]], qopts: 
             swap = _quantized_layer(graph, n, o, observers[n.args[0].name].range(qopts.observer, True), qopts)
             errors[name, o] = _error(_run_all(graph, batches, (n, swap)), refs)
     return errors
+
+
+def _local_noise(graph: Graph, batches, options: dict[str, list[str]], qopts: QuantOptions) -> dict:
+    """(layer, option) → noise-to-signal ratio of the layer's own output when quantized, all in one
+    pass over the calibration batches (the inputs each layer sees are the float model's)."""
+    nodes = {n.name: n for n in layers(graph)}
+    observers = observe(graph, batches[:2], {n.args[0] for n in nodes.values()})
+    swaps = {(name, o): _quantized_layer(graph, nodes[name], o, observers[nodes[name].args[0].name].range(
+        qopts.observer, True), qopts) for name, opts in options.items() for o in opts}
+    noise = dict.fromkeys(swaps, 0.0)
+    signal = dict.fromkeys(nodes, 0.0)
+
+    def on_node(n, args, y):
+        if n.name in nodes:
+            signal[n.name] += y.square().sum().item()
+            for o in options[n.name]:
+                noise[n.name, o] += (swaps[n.name, o](*args) - y).square().sum().item()
+    observe(graph, batches[:2], [], on_node)
+    return {key: noise[key] / max(signal[key[0]], 1e-30) for key in swaps}
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = (torch.tensor(v).argsort().argsort().double() for v in (a, b))
+    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
 
 
 def _quantized_layer(graph: Graph, n: fx.Node, option: str, rng, qopts: QuantOptions):

@@ -181,7 +181,7 @@ class Quantize(Pass):
         weight rounding causes (bias correction), both measured on the calibration batches."""
         shift = {}
 
-        def on_node(n, args):
+        def on_node(n, args, _out):
             if n in weights and self.options.bias_correction:
                 dw = quant.dequantize(*weights[n], 0) - graph.constant(n.args[1]).float()
                 d = _layer(n, args[0], dw)
