@@ -12,7 +12,8 @@ turns into integer kernels:
 Residual adds between quantized convs, and the max-pools and zero pads between them, are quantized
 too, so whole blocks stay integer (ORT: QLinearConv → QLinearAdd → uint8 MaxPool, all NHWC).
 Softmax, norms, attention and everything else stay float. The float bias absorbs the mean shift
-the weight rounding causes (bias correction, measured on the calibration data)."""
+the weight rounding causes (bias correction, measured on the calibration data), and a linear's
+outlier input channels move into its weights first (SmoothQuant)."""
 from __future__ import annotations
 
 import operator
@@ -41,10 +42,11 @@ MODES = {"int8": "int8", "int8-dynamic": "int8-dynamic", "int4-weight": "int4"}
 
 @dataclass
 class QuantOptions:
-    observer: str = "percentile"          # activation range: minmax | percentile | mse
+    observer: str = "mse"                 # activation range: minmax | percentile | mse
     symmetric_activations: bool = False   # int8 around 0 instead of uint8 over [min, max]
     bias_correction: bool = True
     kernel_choice: bool = True            # per conv shape, encode weights for the faster ORT int8 kernel
+    smooth: float | None = 0.7            # SmoothQuant α for static int8 linears (None: off)
     keep_float: tuple[str, ...] = ()      # layer names (node names or module paths) to leave in float
 
     def __post_init__(self):
@@ -152,6 +154,10 @@ class Quantize(Pass):
                              "(a few representative inputs), or use quantize='int8-dynamic'")
         for pad in _fold_zero_pads(graph, layer_nodes):
             result.did(f"%{pad}: zero pad folded into the conv's own padding")
+        linears = [n for n in layer_nodes if n.target is LINEAR]
+        if linears and self.options.smooth is not None:
+            for note in _smooth(graph, batches, linears, self.options.smooth):
+                result.did(note)
         quantized = set(layer_nodes)
         quantized |= _residual_adds(graph, quantized)
         quantized |= _pass_throughs(graph, quantized)
@@ -312,6 +318,37 @@ def _pass_throughs(graph: Graph, quantized: set[fx.Node]) -> set[fx.Node]:
             if users and all(u in quantized or u in out or is_call(u, operator.getitem) for u in users):
                 out.add(n)
     return out
+
+
+def _smooth(graph: Graph, batches, linears: list[fx.Node], alpha: float) -> list[str]:
+    """SmoothQuant: a few input channels of a transformer's linears carry outliers that a per-tensor
+    activation scale cannot hold. Divide each input channel by s_j = max|x_j|^α / max|W_j|^(1−α) and
+    multiply the weights' columns by it — the product is unchanged, the activation is flat enough to
+    quantize. Linears reading the same tensor (q, k, v) share s."""
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for n in linears:
+        groups.setdefault(n.args[0], []).append(n)
+    x_max: dict[fx.Node, torch.Tensor] = {}
+
+    def on_node(n, _args, out):
+        if n in groups:
+            m = out.detach().abs().reshape(-1, out.shape[-1]).amax(0)
+            x_max[n] = torch.maximum(x_max[n], m) if n in x_max else m
+    observe(graph, batches, [], on_node)
+    notes = []
+    for x, group in groups.items():
+        if x not in x_max:
+            continue
+        w_max = torch.stack([graph.constant(n.args[1]).float().abs().amax(0) for n in group]).amax(0)
+        s = (x_max[x].clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+        inv = graph.add_constant(1.0 / s, f"{x.name}_smooth", before=group[0])
+        scaled = graph.call(aten.mul.Tensor, (x, inv), before=group[0])
+        for n in group:
+            w = graph.constant(n.args[1]).float() * s
+            n.args = (scaled, graph.add_constant(w, f"{n.args[1].target}_smoothed", before=n), *n.args[2:])
+        notes.append(f"%{x.name}: smoothed for {', '.join('%' + n.name for n in group)} "
+                     f"(outlier ratio max/median {(x_max[x].max() / x_max[x].median()).item():.1f})")
+    return notes
 
 
 def _fold_zero_pads(graph: Graph, convs: list[fx.Node]) -> list[str]:
