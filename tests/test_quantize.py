@@ -65,13 +65,14 @@ def test_dynamic_int8_and_int4_linears():
         assert cos >= min_cos, (mode, cos)
 
 
-def test_minilm_real_weights_keep_embeddings_and_ranking():
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8"])
+def test_minilm_real_weights_keep_embeddings_and_ranking(mode):
     model, tok = zoo.minilm()
     texts = zoo.sentences(320)
     batches = [tok(texts[i:i + 32], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
                for i in range(0, len(texts), 32)]
     batches = [(b["input_ids"], b["attention_mask"]) for b in batches]
-    cm = graphopt.compile(model, batches[0], quantize="int8-dynamic")
+    cm = graphopt.compile(model, batches[0], quantize=mode, calibration=batches[:4])   # static: SmoothQuant + MSE
     with torch.no_grad():
         ref = torch.cat([zoo.mean_pool(model(*b).last_hidden_state, b[1]) for b in batches])
     out = torch.cat([zoo.mean_pool(cm(*b).last_hidden_state, b[1]) for b in batches])
