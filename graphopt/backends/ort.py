@@ -13,7 +13,7 @@ from ..errors import UnsupportedError
 from ..ir import Graph
 from ..targets import Target
 from .base import BuildInputs
-from .ort_fusion_choice import slow_fusions
+from .ort_fusion_choice import slow_fusions, slow_int8_fusions
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -24,7 +24,8 @@ class OrtExecutable:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self.model = model
-        self.slow = slow_fusions() if providers[0] == "CPUExecutionProvider" else ()
+        self.slow = (slow_fusions() + (slow_int8_fusions() if _has_int8_matmul(model) else ())
+                     if providers[0] == "CPUExecutionProvider" else ())
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers,
                                             disabled_optimizers=[name for name, *_ in self.slow])
         # the exporter keeps every user input, in the flattened order graphopt feeds them
@@ -48,6 +49,11 @@ class OrtExecutable:
                 f"ONNX Runtime providers: {', '.join(self.session.get_providers())}"] + [
                 f"ORT's {name} disabled: its kernel measured {fused:.0f} µs vs {unfused:.0f} µs unfused on this machine"
                 for name, fused, unfused in self.slow]
+
+
+def _has_int8_matmul(model: onnx.ModelProto) -> bool:
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return any(n.op_type == "MatMul" and dequantized & set(n.input) for n in model.graph.node)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -56,3 +56,27 @@ def slow_fusions(margin: float = 1.1) -> tuple[tuple[str, float, float], ...]:
         if t_fused > margin * t_unfused:
             slow.append((name, t_fused, t_unfused))
     return tuple(slow)
+
+
+@cache
+def slow_int8_fusions(margin: float = 1.1) -> tuple[tuple[str, float, float], ...]:
+    """The same verdict for fusions that change how ORT runs int8 (QDQ) matmuls: MatMulAddFusion turns
+    DQ → MatMul → Add on 3-D activations into QGemm between two Reshapes; without it ORT runs
+    MatMulIntegerToFloat. Timed on a BERT-sized QDQ linear, with and without the fusion."""
+    rng = np.random.default_rng(2)
+    w = rng.integers(-127, 128, (HIDDEN, HIDDEN)).astype(np.int8)
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "xs": np.array(0.02, np.float32), "xz": np.array(128, np.uint8), "w": w,
+        "ws": np.full(HIDDEN, 0.01, np.float32), "wz": np.zeros(HIDDEN, np.int8),
+        "b": rng.standard_normal(HIDDEN).astype(np.float32)}.items()]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ROWS, HIDDEN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+    feeds = {"x": rng.standard_normal((1, ROWS, HIDDEN)).astype(np.float32)}
+    fused, unfused = (median_run_seconds(model, feeds, calls=50, rounds=5, warmup=5, disabled=d) * 1e6
+                      for d in ((), ("MatMulAddFusion",)))
+    return (("MatMulAddFusion", fused, unfused),) if fused > margin * unfused else ()

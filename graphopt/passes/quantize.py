@@ -213,11 +213,14 @@ class Quantize(Pass):
         bias = graph.constant(b_node).float() if b_node is not None else torch.zeros(w_q.shape[0])
         if shift is not None:
             bias = bias - shift
-        b_scale = (x_scale * w_scale).float()
-        b_q = torch.round(bias / b_scale).clamp(-2**31, 2**31 - 1).to(torch.int32)
-        b_consts = [graph.add_constant(v, f"{name}_bias_{k}", before=n) for v, k in
-                    ((b_q, "int32"), (b_scale, "scale"), (torch.zeros_like(b_q), "zero_point"))]
-        b_dq = graph.call(gop.dequantize.default, (*b_consts, 0), before=n)
+        if n.target is CONV:   # QLinearConv takes its bias in int32 at the scale x_scale · w_scale
+            b_scale = (x_scale * w_scale).float()
+            b_q = torch.round(bias / b_scale).clamp(-2**31, 2**31 - 1).to(torch.int32)
+            b_consts = [graph.add_constant(v, f"{name}_bias_{k}", before=n) for v, k in
+                        ((b_q, "int32"), (b_scale, "scale"), (torch.zeros_like(b_q), "zero_point"))]
+            b_dq = graph.call(gop.dequantize.default, (*b_consts, 0), before=n)
+        else:                  # an int8 matmul's output is float: its bias stays float
+            b_dq = graph.add_constant(bias, f"{name}_bias", before=n)
         if n.target is CONV:
             n.args = (n.args[0], w_dq, b_dq, *n.args[3:])
             return
