@@ -24,8 +24,7 @@ class OrtExecutable:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self.model = model
-        self.slow = (slow_fusions() + (slow_int8_fusions() if _has_int8_matmul(model) else ())
-                     if providers[0] == "CPUExecutionProvider" else ())
+        self.slow = slow_fusions_for(model) if providers[0] == "CPUExecutionProvider" else ()
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers,
                                             disabled_optimizers=[name for name, *_ in self.slow])
         # the exporter keeps every user input, in the flattened order graphopt feeds them
@@ -49,6 +48,11 @@ class OrtExecutable:
                 f"ONNX Runtime providers: {', '.join(self.session.get_providers())}"] + [
                 f"ORT's {name} disabled: its kernel measured {fused:.0f} µs vs {unfused:.0f} µs unfused on this machine"
                 for name, fused, unfused in self.slow]
+
+
+def slow_fusions_for(model: onnx.ModelProto) -> tuple[tuple[str, float, float], ...]:
+    """The ORT fusions to disable for this model on the CPU (measured slower here; see ort_fusion_choice)."""
+    return slow_fusions() + (slow_int8_fusions() if _has_int8_matmul(model) else ())
 
 
 def _has_int8_matmul(model: onnx.ModelProto) -> bool:

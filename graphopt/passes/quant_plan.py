@@ -108,18 +108,27 @@ class QuantizeAuto(Pass):
             plan[worst] = "float"
             measured = _plan_error(graph, batches, plan, self.options)
         est = ms["float"] - sum(saving[k, v] for k, v in plan.items() if v != "float")
+        # the mixed plan is kept only if it measures faster than every uniform plan within the budget
+        plan_ms = _latency_ms(graph, ctx, plan) if any(v != "float" for v in plan.values()) else ms["float"]
+        fitting = [m for m in uniform if uniform_err[m] <= self.budget and any(v != "float" for v in uniform[m].values())]
+        best = min(fitting, key=lambda m: ms[m], default=None)
         for name, n in ((n.name, n) for n in layers(graph)):
-            o = plan[name]
             errs = ", ".join(f"{m} error {errors[name, m]:.1e} saves {saving[name, m]:.2f} ms" for m in options[name])
-            result.notes.append(f"plan %{name} ({layer_name(n)}): {o}   [{errs}]")
+            result.notes.append(f"plan %{name} ({layer_name(n)}): {plan[name]}   [{errs}]")
         if self.sensitivity == "measured" and len(errors) > 2:
             result.notes.append(f"sensitivity measured per layer; the cheap proxy (layer-local noise) ranks the "
                                 f"layers with Spearman ρ = {_spearman([errors[k] for k in errors], [proxy[k] for k in errors]):.2f}")
         for m in uniform:
             result.notes.append(f"uniform {m}: {ms[m]:.2f} ms, error {uniform_err[m]:.1e}"
                                 + ("" if uniform_err[m] <= self.budget else " (over budget)"))
-        result.notes.append(f"float: {ms['float']:.2f} ms; chosen plan: ≈{est:.2f} ms, error {measured:.1e} "
-                            f"(budget {self.budget:g})")
+        result.notes.append(f"float: {ms['float']:.2f} ms; mixed plan: {plan_ms:.2f} ms measured (≈{est:.2f} "
+                            f"estimated), error {measured:.1e} (budget {self.budget:g})")
+        if best is not None and ms[best] < plan_ms:
+            plan, measured = dict(uniform[best]), uniform_err[best]
+            result.notes.append(f"chosen plan: uniform {best}, {ms[best]:.2f} ms, error {measured:.1e} — it measured "
+                                "faster than the mixed plan")
+        else:
+            result.notes.append(f"chosen plan: the mixed plan, {plan_ms:.2f} ms, error {measured:.1e}")
         result.stats.update({f"layers_{m}": sum(v == m for v in plan.values()) for m in ("float", *uniform)})
         if any(v != "float" for v in plan.values()):
             sub = Quantize("int8", self.options, plan).run(graph, ctx)
@@ -220,6 +229,7 @@ def _plan_error(graph: Graph, batches, plan: dict[str, str], qopts: QuantOptions
 
 def _latency_ms(graph: Graph, ctx: PassContext, plan: dict[str, str]) -> float:
     """Milliseconds per call of the graph under `plan`, lowered to ONNX Runtime, on the example inputs."""
+    from ..backends.ort import slow_fusions_for
     from ..backends.ort_timing import median_run_seconds
     from ..codegen.onnx import to_onnx
     trial = _copy(graph)
@@ -228,7 +238,8 @@ def _latency_ms(graph: Graph, ctx: PassContext, plan: dict[str, str]) -> float:
     model = to_onnx(trial, ctx.example_args, ctx.example_kwargs)
     flat = trial.flat_inputs(ctx.example_args, ctx.example_kwargs)
     feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}
-    return median_run_seconds(model.SerializeToString(), feeds) * 1e3
+    disabled = tuple(name for name, *_ in slow_fusions_for(model))   # as the ORT backend will run it
+    return median_run_seconds(model.SerializeToString(), feeds, disabled=disabled) * 1e3
 
 
 def _copy(graph: Graph) -> Graph:
