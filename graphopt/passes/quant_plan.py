@@ -78,13 +78,15 @@ class QuantizeAuto(Pass):
             raise InputError("quantize='auto' needs calibration data: pass calibration=[batch, ...]")
         result = PassResult()
         options = {n.name: (["int8"] if n.target is CONV else ["int8", "int8-dynamic", "int4"]) for n in layers(graph)}
+        refs = _run_all(graph, batches)
         uniform = {m: uniform_plan(graph, m) for m in ("int8", "int8-dynamic", "int4")}
-        uniform_err = {m: _plan_error(graph, batches, p, self.options) for m, p in uniform.items()}
-        local = _local_noise(graph, batches, options, self.options)
+        uniform_err = {m: _plan_error(graph, batches, refs, p, self.options) for m, p in uniform.items()}
+        swaps = _quantized_layers(graph, batches[:2], options, self.options)
+        local = _local_noise(graph, batches[:2], swaps)
         # the cheap proxy: a layer's own output noise, scaled so the uniform int8 plan's sum matches its measurement
         k = uniform_err["int8"] / max(sum(v for (_, o), v in local.items() if o == "int8"), 1e-30)
         proxy = {key: k * v for key, v in local.items()}
-        errors = proxy if self.sensitivity == "proxy" else _sensitivities(graph, batches, options, self.options)
+        errors = proxy if self.sensitivity == "proxy" else _sensitivities(graph, batches[:2], swaps)
         ms = {"float": _latency_ms(graph, ctx, {})}
         ms |= {m: _latency_ms(graph, ctx, p) if any(v != "float" for v in p.values()) else ms["float"]
                for m, p in uniform.items()}
@@ -102,11 +104,11 @@ class QuantizeAuto(Pass):
             extra = errors[name, o] - errors.get((name, plan[name]), 0.0)
             if gain > 0 and spent + extra <= self.budget:
                 plan[name], spent = o, spent + extra
-        measured = _plan_error(graph, batches, plan, self.options)
+        measured = _plan_error(graph, batches, refs, plan, self.options)
         while measured > self.budget:          # errors do not add exactly: back off the worst move
             worst = max((k for k in plan if plan[k] != "float"), key=lambda k: errors[k, plan[k]])
             plan[worst] = "float"
-            measured = _plan_error(graph, batches, plan, self.options)
+            measured = _plan_error(graph, batches, refs, plan, self.options)
         est = ms["float"] - sum(saving[k, v] for k, v in plan.items() if v != "float")
         # the mixed plan is kept only if it measures faster than every uniform plan within the budget
         plan_ms = _latency_ms(graph, ctx, plan) if any(v != "float" for v in plan.values()) else ms["float"]
@@ -162,38 +164,37 @@ def _run_all(graph: Graph, batches, swap: tuple[fx.Node, object] | None = None) 
     return outs
 
 
-def _sensitivities(graph: Graph, batches, options: dict[str, list[str]], qopts: QuantOptions) -> dict:
-    """(layer, option) → output error with only that layer quantized, on (up to) two batches."""
-    batches = batches[:2]
+def _quantized_layers(graph: Graph, batches, options: dict[str, list[str]], qopts: QuantOptions) -> dict:
+    """(layer, option) → a function computing that layer quantized, its input range observed on `batches`."""
     nodes = {n.name: n for n in layers(graph)}
     observers = observe(graph, batches, {n.args[0] for n in nodes.values()})
+    return {(name, o): (nodes[name], _quantized_layer(graph, nodes[name], o, observers[nodes[name].args[0].name]
+                                                      .range(qopts.observer, True), qopts))
+            for name, opts in options.items() for o in opts}
+
+
+def _sensitivities(graph: Graph, batches, swaps: dict) -> dict:
+    """(layer, option) → output error with only that layer quantized."""
     refs = _run_all(graph, batches)
-    errors = {}
-    for name, opts in options.items():
-        n = nodes[name]
-        for o in opts:
-            swap = _quantized_layer(graph, n, o, observers[n.args[0].name].range(qopts.observer, True), qopts)
-            errors[name, o] = _error(_run_all(graph, batches, (n, swap)), refs)
-    return errors
+    return {key: _error(_run_all(graph, batches, swap), refs) for key, swap in swaps.items()}
 
 
-def _local_noise(graph: Graph, batches, options: dict[str, list[str]], qopts: QuantOptions) -> dict:
+def _local_noise(graph: Graph, batches, swaps: dict) -> dict:
     """(layer, option) → noise-to-signal ratio of the layer's own output when quantized, all in one
     pass over the calibration batches (the inputs each layer sees are the float model's)."""
-    nodes = {n.name: n for n in layers(graph)}
-    observers = observe(graph, batches[:2], {n.args[0] for n in nodes.values()})
-    swaps = {(name, o): _quantized_layer(graph, nodes[name], o, observers[nodes[name].args[0].name].range(
-        qopts.observer, True), qopts) for name, opts in options.items() for o in opts}
+    by_node: dict[fx.Node, list] = {}
+    for key, (n, fn) in swaps.items():
+        by_node.setdefault(n, []).append((key, fn))
     noise = dict.fromkeys(swaps, 0.0)
-    signal = dict.fromkeys(nodes, 0.0)
+    signal = dict.fromkeys(by_node, 0.0)
 
     def on_node(n, args, y):
-        if n.name in nodes:
-            signal[n.name] += y.square().sum().item()
-            for o in options[n.name]:
-                noise[n.name, o] += (swaps[n.name, o](*args) - y).square().sum().item()
-    observe(graph, batches[:2], [], on_node)
-    return {key: noise[key] / max(signal[key[0]], 1e-30) for key in swaps}
+        if n in by_node:
+            signal[n] += y.square().sum().item()
+            for key, fn in by_node[n]:
+                noise[key] += (fn(*args) - y).square().sum().item()
+    observe(graph, batches, [], on_node)
+    return {key: noise[key] / max(signal[n], 1e-30) for key, (n, _) in swaps.items()}
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -218,13 +219,14 @@ def _quantized_layer(graph: Graph, n: fx.Node, option: str, rng, qopts: QuantOpt
     return lambda x, _w, b=None: quant.int4_linear(x, *packed, b, w.shape[1], quant.INT4_BLOCK)
 
 
-def _plan_error(graph: Graph, batches, plan: dict[str, str], qopts: QuantOptions) -> float:
+def _plan_error(graph: Graph, batches, refs: list[torch.Tensor], plan: dict[str, str], qopts: QuantOptions) -> float:
+    """The output error of the whole graph under `plan`, against the float outputs `refs` on `batches`."""
     if all(v == "float" for v in plan.values()):
         return 0.0
     trial = _copy(graph)
     ctx = PassContext(None, (), {}, {"calibration": batches})
     Quantize("int8", qopts, plan).run(trial, ctx)
-    return _error(_run_all(trial, batches), _run_all(graph, batches))
+    return _error(_run_all(trial, batches), refs)
 
 
 def _latency_ms(graph: Graph, ctx: PassContext, plan: dict[str, str]) -> float:
