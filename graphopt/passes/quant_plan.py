@@ -24,7 +24,6 @@ from .calibrate import observe
 from .quantize import (
     CONV,
     LINEAR,
-    MODES,
     Quantize,
     QuantOptions,
     _activation_qparams,
@@ -44,15 +43,13 @@ def with_quantization(pipeline: list[Pass], quantize: str | None, budget: float 
         raise InputError("accuracy_budget= applies to quantize='auto'")
     if quantize is None:
         return pipeline
-    if quantize != "auto" and quantize not in MODES:
-        raise InputError(f"quantize={quantize!r}: choose one of {', '.join(MODES)} or 'auto'")
     if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < 1):
         raise InputError(f"accuracy_budget={budget!r}: give the allowed mean (1 - cosine) output error, e.g. 0.01")
+    qpass = QuantizeAuto(budget or DEFAULT_BUDGET) if quantize == "auto" else Quantize(quantize)   # checks the mode
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
         raise UnsupportedError(f"quantize={quantize!r} lowers float32 models; this one has "
                                f"{', '.join(sorted(map(str, dtypes)))} weights: call model.float() first")
-    qpass = QuantizeAuto(budget or DEFAULT_BUDGET) if quantize == "auto" else Quantize(quantize)
     names = [p.name for p in pipeline]
     at = names.index("fuse_epilogues") if "fuse_epilogues" in names else len(names) - (names[-1:] == ["dce"])
     return pipeline[:at] + [qpass] + pipeline[at:]

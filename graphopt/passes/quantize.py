@@ -36,7 +36,6 @@ CONV, LINEAR, ADD, PAD = aten.convolution.default, aten.linear.default, aten.add
 # ops that do not change a tensor's range: their output reuses their input's quantization
 PASS_THROUGH = (aten.max_pool2d_with_indices.default, PAD)
 ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.clamp.default)
-LAYER_MODES = {"float", "int8", "int8-dynamic", "int4"}
 MODES = {"int8": "int8", "int8-dynamic": "int8-dynamic", "int4-weight": "int4"}
 
 
@@ -161,6 +160,7 @@ class Quantize(Pass):
         quantized = set(layer_nodes)
         quantized |= _residual_adds(graph, quantized)
         quantized |= _pass_throughs(graph, quantized)
+        quantized = [n for n in graph.fx.nodes if n in quantized]   # graph order: stable names and notes
         tensors = _quantized_tensors(quantized)
         ends = _unquantized_ends(quantized, tensors)
         tensors += ends
@@ -232,13 +232,13 @@ class Quantize(Pass):
         graph.fx.erase_node(n)
 
 
-def _rewire(graph: Graph, quantized: set[fx.Node], tensors: list[fx.Node], ends: list[fx.Node], qparams: dict,
+def _rewire(graph: Graph, quantized: list[fx.Node], tensors: list[fx.Node], ends: list[fx.Node], qparams: dict,
             result: PassResult) -> None:
     """Insert Q → DQ after every quantized tensor and make the quantized ops read the DQ; pads run
     on the integers (ORT leaves DQ → Pad → Q in float)."""
-    int_pads = {n for n in quantized if n.target is PAD}
+    int_pads = [n for n in quantized if n.target is PAD]
     dq = {t: _insert_qdq(graph, t, *qparams[t], quantized_already=t in int_pads) for t in tensors}
-    for n in quantized - int_pads:
+    for n in (n for n in quantized if n.target is not PAD):
         n.args = tuple(dq.get(a, a) if i < (2 if n.target is ADD else 1) else a for i, a in enumerate(n.args))
         if n.target is ADD:
             result.did(f"%{n.name}: residual add in int8 (QLinearAdd)")
@@ -371,7 +371,7 @@ def _fold_zero_pads(graph: Graph, convs: list[fx.Node]) -> list[str]:
     return folded
 
 
-def _quantized_tensors(quantized: set[fx.Node]) -> list[fx.Node]:
+def _quantized_tensors(quantized: list[fx.Node]) -> list[fx.Node]:
     """Every activation read by a quantized op (both inputs of adds, the data input of the rest)."""
     seen: dict[fx.Node, None] = {}
     for n in quantized:
@@ -380,7 +380,7 @@ def _quantized_tensors(quantized: set[fx.Node]) -> list[fx.Node]:
     return list(seen)
 
 
-def _unquantized_ends(quantized: set[fx.Node], tensors: list[fx.Node]) -> list[fx.Node]:
+def _unquantized_ends(quantized: list[fx.Node], tensors: list[fx.Node]) -> list[fx.Node]:
     """Outputs (after their activation) of quantized convs and adds that no quantized op reads, like
     the last block before a pooling head: quantizing them lets ORT run that conv/add in int8 too."""
     ends = []
