@@ -27,6 +27,7 @@ from onnxruntime.quantization import (
 
 import graphopt
 from graphopt import bench, zoo
+from graphopt.passes.drift import rank_correlation, sqnr_db
 from graphopt.quiet import quiet
 
 CNNS = ("resnet", "mobilenet_v2")
@@ -62,15 +63,6 @@ def first(out) -> torch.Tensor:
     return out[0] if not isinstance(out, torch.Tensor) else out
 
 
-def sqnr_db(ref, out) -> float:
-    return (10 * torch.log10(ref.square().sum() / (ref - out).square().sum().clamp(min=1e-30))).item()
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
-
-
 def inputs_for(name, model, args, n, seed):
     g = torch.Generator().manual_seed(seed)
     if name in CNNS:
@@ -94,7 +86,7 @@ def accuracy_minilm(model, run, batches) -> str:
     out = torch.cat([zoo.mean_pool(first(run(*b)), b[1]) for b in batches]).detach()
     cos = F.cosine_similarity(ref, out).mean().item()
     i, j = torch.triu_indices(len(ref), len(ref), 1)
-    rho = spearman((ref[i] * ref[j]).sum(1), (out[i] * out[j]).sum(1))
+    rho = rank_correlation((ref[i] * ref[j]).sum(1), (out[i] * out[j]).sum(1))
     return f"cosine {cos:.4f}  Spearman {rho:.4f}"
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import bench, zoo
+from graphopt.passes.drift import sqnr_db
 
 
 def build():
@@ -28,10 +29,6 @@ def calibration(shape=(1, 3, 224, 224), n=8):
 
 def calibration_tiny():
     return calibration(tiny()[1][0].shape, n=4)
-
-
-def sqnr_db(ref, out):
-    return (10 * torch.log10(ref.square().sum() / (ref - out).square().sum())).item()
 
 
 def main():

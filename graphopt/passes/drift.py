@@ -1,4 +1,5 @@
-"""Numerical drift: how far a graph's outputs are from eager PyTorch's on the example inputs."""
+"""Numerical drift: how far a graph's outputs are from eager PyTorch's on the example inputs, and the
+two accuracy measures quantization is judged by (SQNR, rank correlation)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,3 +40,15 @@ def drift(outputs, reference: list[torch.Tensor]) -> Drift:
         if rel > worst.rel or (i == 0 and worst.max_abs == 0):
             worst = Drift(err, rel, i)
     return worst
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of `out` against `ref`, in dB."""
+    ref, out = ref.detach().double(), out.detach().double()
+    return (10 * torch.log10(ref.square().sum() / (ref - out).square().sum().clamp(min=1e-30))).item()
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's ρ: how well `b` preserves the order of `a`."""
+    ra, rb = (torch.as_tensor(v).argsort().argsort().double() for v in (a, b))
+    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()

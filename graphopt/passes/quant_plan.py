@@ -21,6 +21,7 @@ from ..ir import Graph
 from ..ops import quant
 from .base import Pass, PassContext, PassResult, register
 from .calibrate import observe
+from .drift import rank_correlation
 from .quantize import (
     CONV,
     LINEAR,
@@ -116,7 +117,7 @@ class QuantizeAuto(Pass):
             result.notes.append(f"plan %{name} ({layer_name(n)}): {plan[name]}   [{errs}]")
         if self.sensitivity == "measured" and len(errors) > 2:
             result.notes.append(f"sensitivity measured per layer; the cheap proxy (layer-local noise) ranks the "
-                                f"layers with Spearman ρ = {_spearman([errors[k] for k in errors], [proxy[k] for k in errors]):.2f}")
+                                f"layers with Spearman ρ = {rank_correlation([errors[k] for k in errors], [proxy[k] for k in errors]):.2f}")
         for m in uniform:
             result.notes.append(f"uniform {m}: {ms[m]:.2f} ms, error {uniform_err[m]:.1e}"
                                 + ("" if uniform_err[m] <= self.budget else " (over budget)"))
@@ -192,11 +193,6 @@ def _local_noise(graph: Graph, batches, swaps: dict) -> dict:
                 noise[key] += (fn(*args) - y).square().sum().item()
     observe(graph, batches, [], on_node)
     return {key: noise[key] / max(signal[n], 1e-30) for key, (n, _) in swaps.items()}
-
-
-def _spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = (torch.tensor(v).argsort().argsort().double() for v in (a, b))
-    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
 
 
 def _quantized_layer(graph: Graph, n: fx.Node, option: str, rng, qopts: QuantOptions):
