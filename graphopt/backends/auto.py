@@ -6,9 +6,7 @@ vs 42 ms measured here), so building it untuned would only cost time. The decisi
 timings go into the report's backend row."""
 from __future__ import annotations
 
-import statistics
-import time
-
+from ..bench import time_side_by_side
 from ..errors import InputError
 from ..ir import Graph
 from ..targets import Target
@@ -54,22 +52,10 @@ class AutoBackend:
         TvmBackend().check(target)
         tvm_exe = TvmBackend().build(graph, target, inputs)
         flat = graph.flat_inputs(inputs.args, inputs.kwargs)
-        ms = _median_ms({"ort": ort_exe, "tvm": tvm_exe}, flat)
+        ms = time_side_by_side({"ort": ort_exe.run, "tvm": tvm_exe.run}, (flat,), rounds=7, min_round_s=0.05)
         best = min(ms, key=ms.get)
         names = {"ort": "ONNX Runtime", "tvm": "tuned TVM"}
         return ChosenExecutable({"ort": ort_exe, "tvm": tvm_exe}[best], best, [(
             f"backend auto: kept {names[best]} — measured ONNX Runtime {ms['ort']:.3g} ms, tuned TVM "
-            f"{ms['tvm']:.3g} ms per call on the example inputs")])
+            f"{ms['tvm']:.3g} ms per call on the example inputs (interleaved rounds, medians)")])
 
-
-def _median_ms(executables: dict[str, Executable], flat: list, rounds: int = 7) -> dict[str, float]:
-    """Median ms per run, the candidates interleaved round by round so machine load hits both alike."""
-    for exe in executables.values():
-        exe.run(flat)
-    samples: dict[str, list[float]] = {k: [] for k in executables}
-    for _ in range(rounds):
-        for name, exe in executables.items():
-            t0 = time.perf_counter()
-            exe.run(flat)
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
