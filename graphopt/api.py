@@ -16,8 +16,7 @@ from .errors import InputError
 from .passes import Pass, PassContext, PassManager, resolve
 from .passes.calibrate import check_batches
 from .passes.drift import flat_tensors
-from .passes.quant_plan import QuantizeAuto, with_quantization
-from .passes.quantize import Quantize
+from .passes.quant_plan import with_quantization
 from .targets import Target, get_target
 
 
@@ -51,7 +50,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         dynamic_shapes = batch_dynamic_shapes(args, kwargs)
     pipeline = with_quantization(pipeline, quantize, accuracy_budget, model)
     calibration = check_batches(calibration, args, kwargs)
-    if any(isinstance(p, (Quantize, QuantizeAuto)) and p.needs_calibration for p in pipeline) and not calibration:
+    if any(p.needs_calibration for p in pipeline) and not calibration:
         raise InputError(f"quantize={quantize!r} needs calibration data: pass calibration=[batch, ...] with a few "
                          "representative inputs shaped like example_inputs, or use quantize='int8-dynamic'")
     if dump_dir is not None:

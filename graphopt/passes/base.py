@@ -43,6 +43,7 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str]   # one line for `graphopt passes`
     lossy: ClassVar[bool] = False   # changes the numbers by design (quantization): verify checks later steps only
+    needs_calibration: ClassVar[bool] = False   # compile() refuses it without calibration data
 
     @abc.abstractmethod
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

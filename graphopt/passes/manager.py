@@ -33,7 +33,6 @@ class StepRecord:
     drift: Drift | None = None
     checked: Drift | None = None        # what verify checks: drift against eager, or after quantization
                                         # against the quantized graph (None: not checked)
-    over_tolerance: bool = False
     folder: str | None = None
     files: list[str] = field(default_factory=list)   # in `folder`, the first one is the graph text
 
@@ -42,6 +41,10 @@ class StepRecord:
         d["drift"] = self.drift.as_dict() if self.drift else None
         d["checked"] = self.checked.as_dict() if self.checked else None
         return d
+
+    def over(self, tolerance: float) -> bool:
+        """The checked drift exceeds `tolerance` (a red row in the report; an error under verify)."""
+        return self.checked is not None and self.checked.rel > tolerance
 
 
 class PassManager:
@@ -88,7 +91,7 @@ class PassManager:
                 rec.notes.append(f"not verified: after quantization the backend's integer kernels differ from the "
                                  f"IR's float simulation by rounding (drift against it "
                                  f"{drift(outputs, self.baseline).rel:.3g})")
-        rec.checked, rec.over_tolerance = check, check is not None and check.rel > self.tolerance
+        rec.checked = check
         self._finish(rec, None)
         return rec
 
@@ -109,7 +112,7 @@ class PassManager:
                                  "are verified against this step's outputs")
             else:
                 check = rec.drift if self.baseline is self.reference else drift(outputs, self.baseline)
-            rec.checked, rec.over_tolerance = check, check is not None and check.rel > self.tolerance
+            rec.checked = check
         folder = None
         if self.dump_dir is not None:
             folder = self.dump_dir / f"{index:02d}-{name}"
@@ -136,7 +139,7 @@ class PassManager:
                 rec.folder, rec.files = folder.name, ["stats.json"]
                 (folder / "stats.json").write_text(json.dumps(rec.as_dict(), indent=1))
             write_report(self.dump_dir, self.records, self.tolerance)
-        if self.verify and rec.over_tolerance:
+        if self.verify and rec.over(self.tolerance):
             where = f"; see {self.dump_dir / rec.folder}" if self.dump_dir is not None and rec.folder else ""
             against = "eager" if self.baseline is self.reference else "the quantized graph"
             raise VerificationError(

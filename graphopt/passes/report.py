@@ -14,7 +14,7 @@ def _delta(op_delta: dict[str, int], limit: int = 6) -> str:
 def _drift(rec, tolerance: float) -> tuple[str, bool]:
     if rec.drift is None:
         return "not measured", False
-    return f"{rec.drift.rel:.2e} (abs {rec.drift.max_abs:.2e})", rec.over_tolerance
+    return f"{rec.drift.rel:.2e} (abs {rec.drift.max_abs:.2e})", rec.over(tolerance)
 
 
 def write_report(folder: Path, records: list, tolerance: float) -> None:
