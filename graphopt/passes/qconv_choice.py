@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..backends.ort_timing import median_run_seconds
 
@@ -32,16 +32,11 @@ def _qdq_conv(shape, c_out, kh, kw, stride, padding, dilation, groups, w_zp: int
     c_in = shape[1]
     rng = np.random.default_rng(1)
     w = rng.integers(-127, 128, (c_out, c_in // groups, kh, kw)).astype(np.int16) + w_zp
-    inits = [helper.make_tensor("xs", TensorProto.FLOAT, [], [0.02]),
-             helper.make_tensor("xz", TensorProto.UINT8, [], [128]),
-             helper.make_tensor("w", TensorProto.INT8, w.shape, w.astype(np.int8).reshape(-1).tolist()),
-             helper.make_tensor("ws", TensorProto.FLOAT, [c_out], [0.01] * c_out),
-             helper.make_tensor("wz", TensorProto.INT8, [c_out], [w_zp] * c_out),
-             helper.make_tensor("b", TensorProto.INT32, [c_out], [0] * c_out),
-             helper.make_tensor("bs", TensorProto.FLOAT, [c_out], [0.0002] * c_out),
-             helper.make_tensor("bz", TensorProto.INT32, [c_out], [0] * c_out),
-             helper.make_tensor("ys", TensorProto.FLOAT, [], [0.05]),
-             helper.make_tensor("yz", TensorProto.UINT8, [], [0])]
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "xs": np.array(0.02, np.float32), "xz": np.array(128, np.uint8), "w": w.astype(np.int8),
+        "ws": np.full(c_out, 0.01, np.float32), "wz": np.full(c_out, w_zp, np.int8), "b": np.zeros(c_out, np.int32),
+        "bs": np.full(c_out, 0.0002, np.float32), "bz": np.zeros(c_out, np.int32),
+        "ys": np.array(0.05, np.float32), "yz": np.array(0, np.uint8)}.items()]
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
