@@ -43,12 +43,7 @@ def ort_optimizer(model: torch.nn.Module, args: tuple, model_type: str):
         opt = optimize_model(path, model_type=model_type, num_heads=model.config.num_attention_heads,
                              hidden_size=model.config.hidden_size, opt_level=2)
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-    session = ort.InferenceSession(opt.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-
-    def run(*inputs):
-        return session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
-    return run, fused
+    return bench.ort_runner(opt.model.SerializeToString()), fused
 
 
 def first_output(out) -> torch.Tensor:

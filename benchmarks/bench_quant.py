@@ -35,25 +35,23 @@ CNNS = ("resnet", "mobilenet_v2")
 
 def ort_tool(model, args, calibration, static: bool):
     """ONNX Runtime's quantization tool on torch.onnx's export of the model."""
-    tmp = Path(tempfile.mkdtemp())
     with quiet(stdout=True):
-        torch.onnx.export(model, args, dynamo=True, verbose=False).save(tmp / "fp32.onnx")
-    names = [i.name for i in ort.InferenceSession(tmp / "fp32.onnx").get_inputs()]
-    if static:
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.batches = iter([{n: t.numpy() for n, t in zip(names, b)} for b in calibration])
+        program = torch.onnx.export(model, args, dynamo=True, verbose=False)
+    names = [i.name for i in program.model_proto.graph.input]
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        program.save(fp32)
+        if static:
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    self.batches = iter([{n: t.numpy() for n, t in zip(names, b)} for b in calibration])
 
-            def get_next(self):
-                return next(self.batches, None)
-        quantize_static(tmp / "fp32.onnx", tmp / "int8.onnx", Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    else:
-        quantize_dynamic(tmp / "fp32.onnx", tmp / "int8.onnx")
-    session = ort.InferenceSession(tmp / "int8.onnx", providers=["CPUExecutionProvider"])
-
-    def run(*inputs):
-        return [torch.from_numpy(o) for o in session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})]
-    return run
+                def get_next(self):
+                    return next(self.batches, None)
+            quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+        else:
+            quantize_dynamic(fp32, int8)
+        return bench.ort_runner(str(int8))
 
 
 def first(out) -> torch.Tensor:

@@ -32,7 +32,13 @@ def plain_ort(model: torch.nn.Module, args: tuple) -> Callable:
     """The baseline: torch.onnx's own export of the model, run by ONNX Runtime with default options."""
     with quiet(stdout=True):
         program = torch.onnx.export(model, args, dynamo=True, verbose=False)
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort_runner(program.model_proto.SerializeToString())
+
+
+def ort_runner(model: bytes | str) -> Callable:
+    """An ONNX model (bytes or a path) in an ONNX Runtime session with default options, called like the
+    model: torch tensors in (in the model's input order), numpy arrays out."""
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
     def run(*inputs):
