@@ -1,6 +1,6 @@
 """FFT-convolution rewriting: equal to the direct convolution (fp32: max abs error ≤ 1e-4 of the
-output scale) across lengths, causal or not, depthwise, grouped and dense; the rfft·irfft idiom;
-the cost model keeps short kernels direct."""
+output scale) across lengths, causal or not, depthwise, grouped and dense, 1-D and 2-D; the
+rfft·irfft idiom; the cost model keeps short kernels direct."""
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import graphopt
 from graphopt.ops.fft_conv import TorchOps, fft_size, monarch_conv, spectrum
 from graphopt.passes.fft_conv import FFTConv
-from graphopt.passes.fft_cost import ConvShape, decide
+from graphopt.ops.fft_conv2d import dft2_conv, spectrum2d
+from graphopt.passes.fft_cost import Conv2dShape, ConvShape, decide
 from conftest import assert_matches
 
 
@@ -89,3 +90,48 @@ def test_short_conv_left_direct_with_reason():
     cm = graphopt.compile(model, x)
     step = next(r for r in cm.report if r.name == "fft_conv")
     assert "aten.convolution" in cm.graph.op_counts() and "estimated direct" in step.notes[0]
+
+
+class LargeKernel2d(nn.Module):
+    def __init__(self, c, k, padding, pad_first=None):
+        super().__init__()
+        self.conv, self.pad_first = nn.Conv2d(c, c, k, groups=c, padding=padding), pad_first
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.pad_first) if self.pad_first else x)
+
+
+CASES_2D = [  # (channels, input H×W, kernel, conv padding, explicit pad before the conv)
+    (4, (56, 56), 31, 15, None),                 # RepLKNet-style "same"
+    (3, (33, 20), (13, 9), 0, None),             # odd/even sizes, rectangular kernel, valid
+    (5, (24, 31), (11, 16), "same", None),       # even kernel "same" (PyTorch pads asymmetrically)
+    (2, (40, 40), 21, 0, (20, 0, 20, 0)),        # causal in both axes, the pad folded into the window
+]
+
+
+@pytest.mark.parametrize("c,size,k,padding,pad_first", CASES_2D)
+def test_2d_rewrite_equals_direct_conv(c, size, k, padding, pad_first):
+    model, x = LargeKernel2d(c, k, padding, pad_first).eval(), (torch.randn(2, c, *size),)
+    cm = graphopt.compile(model, x, passes=["fold_constants", FFTConv(force="fft"), "dce"])
+    assert cm.graph.op_counts().get("graphopt.fft_conv2d") == 1
+    assert "aten.convolution" not in cm.graph.op_counts() and "aten.constant_pad_nd" not in cm.graph.op_counts()
+    assert_matches(cm, model, x)
+
+
+def test_2d_lowering_algebra_matches_reference_op():
+    x, h = torch.randn(2, 3, 17, 22), torch.randn(3, 6, 5)
+    spec = spectrum2d(h, 22, 26)
+    ref = torch.ops.graphopt.fft_conv2d(x, spec, 22, 26, 4, 15, 2, 20)
+    torch.testing.assert_close(dft2_conv(TorchOps, x, spec, 22, 26, 4, 15, 2, 20), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_2d_cost_model_and_reasons():
+    for k in (3, 7):
+        d = decide(Conv2dShape(1, 128, (56, 56), (k, k), (k // 2, k // 2), (56, 56)))
+        assert d.form == "direct", (k, d)
+    assert decide(Conv2dShape(1, 64, (64, 64), (51, 51), (25, 25), (64, 64))).form == "fft"
+    dense = nn.Conv2d(4, 4, 31, padding=15).eval()
+    cm = graphopt.compile(dense, (torch.randn(1, 4, 40, 40),))
+    step = next(r for r in cm.report if r.name == "fft_conv")
+    assert "aten.convolution" in cm.graph.op_counts()
+    assert any("non-depthwise" in note for note in step.notes), step.notes

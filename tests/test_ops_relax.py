@@ -9,6 +9,7 @@ import torch.nn as nn
 import graphopt.ops  # noqa: F401  (registers the ops)
 from graphopt.ops import relax_convert_map
 from graphopt.ops.fft_conv import fft_size, spectrum
+from graphopt.ops.fft_conv2d import spectrum2d
 
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
@@ -26,6 +27,7 @@ class UsesOps(nn.Module):
         n, self.n1, self.n2 = fft_size(64 + 20 - 1)
         self.register_buffer("spec", spectrum(torch.randn(4, 1, 1, 20), self.n1, self.n2))
         self.register_buffer("dense_spec", spectrum(torch.randn(1, 3, 4, 20), self.n1, self.n2))
+        self.register_buffer("spec2d", spectrum2d(torch.randn(4, 5, 7), 10, 13))
 
     def forward(self, img, seq, bias, sig):
         g = torch.ops.graphopt
@@ -34,7 +36,8 @@ class UsesOps(nn.Module):
         a = g.attention(h, seq, seq, bias, 4, 0.3, False)
         f = g.fft_conv1d(sig, self.spec, self.n1, self.n2, 4, 19, 45, True)
         d = g.fft_conv1d(sig, self.dense_spec, self.n1, self.n2, 1, 0, 64, False)
-        return c, a, g.attention(h, h, seq, None, 4, 0.25, True), f, d
+        f2 = g.fft_conv2d(img, self.spec2d, 10, 13, 2, 6, 3, 6)
+        return c, a, g.attention(h, h, seq, None, 4, 0.25, True), f, d, f2
 
 
 def test_relax_converters_match_reference():

@@ -67,7 +67,7 @@ def monarch_conv(ops, x, spec, n1: int, n2: int, groups: int, start: int, out_le
     """The lowering, written once over a small op vocabulary (`ops`: torch, onnxscript or Relax)."""
     c = {k: ops.const(v) for k, v in _dft_constants(n1, n2).items()}
     n = n1 * n2
-    x = ops.reshape(ops.pad_last(x, n), (0, 0, n1, n2))                      # [B, Cin, N1, N2]
+    x = ops.reshape(ops.pad_tail(x, (n,), 3), (0, 0, n1, n2))                # [B, Cin, N1, N2]
     a = ops.matmul(c["f1_stack"], x)                                          # [B, Cin, 2N1, N2]
     ar, ai = ops.slice(a, -2, 0, n1), ops.slice(a, -2, n1, 2 * n1)
     br = ops.sub(ops.mul(ar, c["tw_re"]), ops.mul(ai, c["tw_im"]))
@@ -100,9 +100,15 @@ class TorchOps:
     matmul, mul, add, sub = torch.matmul, torch.mul, torch.add, torch.sub
     cat = staticmethod(lambda ts, axis: torch.cat(ts, axis))
     slice = staticmethod(lambda t, axis, a, b: t.narrow(axis, a, b - a))
-    pad_last = staticmethod(lambda t, n: torch.nn.functional.pad(t, (0, n - t.shape[-1])))
     squeeze_dim3 = staticmethod(lambda t: t.squeeze(3))
     sum_dim3 = staticmethod(lambda t: t.sum(3))
+    reduce_sum = staticmethod(lambda t, axes: t.sum(axes))
+    cast = staticmethod(lambda t, dtype: t.to(dtype))
+
+    @staticmethod
+    def pad_tail(t, sizes, rank):
+        pads = [p for i, n in enumerate(reversed(sizes)) for p in (0, n - t.shape[-1 - i])]
+        return torch.nn.functional.pad(t, pads)
 
     @staticmethod
     def reshape(t, shape):
@@ -119,6 +125,8 @@ def _onnx_ops():
         cat = staticmethod(lambda ts, axis: op.Concat(*ts, axis=axis))
         squeeze_dim3 = staticmethod(lambda t: op.Squeeze(t, op.Constant(value_ints=[3])))
         sum_dim3 = staticmethod(lambda t: op.ReduceSum(t, op.Constant(value_ints=[3]), keepdims=0))
+        reduce_sum = staticmethod(lambda t, axes: op.ReduceSum(t, op.Constant(value_ints=list(axes)), keepdims=0))
+        cast = staticmethod(lambda t, dtype: op.Cast(t, to=_ONNX_DTYPE[dtype]))
 
         @staticmethod
         def slice(t, axis, a, b):
@@ -130,11 +138,14 @@ def _onnx_ops():
             return op.Reshape(t, op.Constant(value_ints=list(shape)))
 
         @staticmethod
-        def pad_last(t, n):
-            length = op.Shape(t, start=-1)
-            zeros = op.Constant(value_ints=[0, 0, 0, 0, 0])
-            return op.Pad(t, op.Concat(zeros, op.Sub(op.Constant(value_ints=[n]), length), axis=0))
+        def pad_tail(t, sizes, rank):
+            """Zero-pad the last len(sizes) dims at their ends up to `sizes`."""
+            grow = op.Sub(op.Constant(value_ints=list(sizes)), op.Shape(t, start=-len(sizes)))
+            return op.Pad(t, op.Concat(op.Constant(value_ints=[0] * (2 * rank - len(sizes))), grow, axis=0))
     return OnnxOps
+
+
+_ONNX_DTYPE = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
 
 
 def _relax_ops(bb, shape_of):
@@ -151,6 +162,8 @@ def _relax_ops(bb, shape_of):
         cat = staticmethod(lambda ts, axis: emit(R.concat(ts, axis)))
         squeeze_dim3 = staticmethod(lambda t: emit(R.squeeze(t, [3])))
         sum_dim3 = staticmethod(lambda t: emit(R.sum(t, axis=[3])))
+        reduce_sum = staticmethod(lambda t, axes: emit(R.sum(t, axis=list(axes))))
+        cast = staticmethod(lambda t, dtype: emit(R.astype(t, str(dtype).removeprefix("torch."))))
 
         @staticmethod
         def slice(t, axis, a, b):
@@ -162,9 +175,10 @@ def _relax_ops(bb, shape_of):
             return emit(R.reshape(t, [dims[i] if d == 0 else d for i, d in enumerate(shape)]))
 
         @staticmethod
-        def pad_last(t, n):
-            rank = len(shape_of(t))
-            return emit(R.nn.pad(t, [0, 0] * (rank - 1) + [0, n - int(shape_of(t)[-1])]))
+        def pad_tail(t, sizes, rank):
+            dims = [int(d) for d in shape_of(t)]
+            grow = [0] * (rank - len(sizes)) + [n - d for n, d in zip(sizes, dims[-len(sizes):])]
+            return emit(R.nn.pad(t, [p for g in grow for p in (0, g)]))
     return RelaxOps
 
 

@@ -18,8 +18,9 @@ import torch.fx as fx
 
 from ..ir import Graph, is_call, tensor_meta
 from ..ops.fft_conv import fft_size, spectrum
+from ..ops.fft_conv2d import spectrum2d
 from .base import Pass, PassContext, PassResult, register
-from .fft_cost import ConvShape, decide, measured_rates
+from .fft_cost import Conv2dShape, ConvShape, decide, measured_rates
 
 aten = torch.ops.aten
 
@@ -55,54 +56,69 @@ class FFTConv(Pass):
 
     def _choose(self, shape: ConvShape):
         d = decide(shape)
-        return d if self.force is None else type(d)(self.force, d.direct_ms, d.fft_ms, d.n)
+        return d if self.force is None else type(d)(self.force, d.direct_ms, d.fft_ms, d.size)
 
-    # --- 1. direct 1-D convolutions --------------------------------------------------------------
+    # --- 1. direct convolutions -----------------------------------------------------------------
     def _conv(self, graph: Graph, node: fx.Node, result: PassResult) -> None:
         x, w, b, stride, padding, dilation, transposed, _, groups = node.args
         wv = tensor_meta(w)
-        if wv is None or wv.dim() != 3:
-            return                                    # not a 1-D convolution
-        why = ("transposed" if transposed else "strided" if list(stride) != [1] else
-               "dilated" if list(dilation) != [1] else "weights are not constant" if not graph.is_constant(w)
-               or (b is not None and not graph.is_constant(b)) else None)
+        if wv is None or wv.dim() not in (3, 4):
+            return                                    # not a 1-D or 2-D convolution
+        dims, c_out = wv.dim() - 2, wv.shape[0]
+        kind = f"{dims}-D convolution"
+        why = ("transposed" if transposed else "strided" if set(stride) != {1} else
+               "dilated" if set(dilation) != {1} else "weights are not constant" if not graph.is_constant(w)
+               or (b is not None and not graph.is_constant(b)) else
+               "non-depthwise (only depthwise 2-D convs are rewritten)" if dims == 2 and not
+               (groups == c_out == tensor_meta(x).shape[1]) else None)
         if why:
-            result.skipped(f"%{node.name}: {why} 1-D convolution")
+            result.skipped(f"%{node.name}: {why} {kind}")
             return
-        pad_left = pad_right = padding[0]
+        pads = [[p, p] for p in padding]               # per spatial dim: [before, after]
         source = x
-        if is_call(x, aten.constant_pad_nd.default) and len(x.users) == 1 and len(x.args[1]) == 2 \
+        if is_call(x, aten.constant_pad_nd.default) and len(x.users) == 1 and len(x.args[1]) == 2 * dims \
                 and min(x.args[1]) >= 0 and (x.args[2] if len(x.args) > 2 else 0) == 0:
-            source = x.args[0]
-            pad_left, pad_right = pad_left + x.args[1][0], pad_right + x.args[1][1]
-        xv, k = tensor_meta(source), wv.shape[-1]
-        length, c_out, c_in = xv.shape[-1], wv.shape[0], xv.shape[1]
-        if not isinstance(length, int):
-            result.skipped(f"%{node.name}: dynamic sequence length")
+            source = x.args[0]                         # the causal / "same" pad idiom: fold it into the window
+            for d in range(dims):                      # constant_pad_nd lists the last dim first
+                pads[d][0] += x.args[1][2 * (dims - 1 - d)]
+                pads[d][1] += x.args[1][2 * (dims - 1 - d) + 1]
+        xv, kernel = tensor_meta(source), tuple(wv.shape[2:])
+        size = tuple(xv.shape[2:])
+        if not all(isinstance(n, int) for n in size):
+            result.skipped(f"%{node.name}: dynamic spatial size")
             return
-        start, out_len = k - 1 - pad_left, length + pad_left + pad_right - k + 1
-        if start < 0:
+        start = tuple(k - 1 - p[0] for k, p in zip(kernel, pads))
+        out = tuple(n + p[0] + p[1] - k + 1 for n, p, k in zip(size, pads, kernel))
+        if min(start) < 0:
             result.skipped(f"%{node.name}: padding wider than the kernel")
             return
-        shape = ConvShape(_static_batch(xv), c_in, c_out, groups, length, k, out_len)
+        c_in = xv.shape[1]
+        what = f"%{node.name} ({kind}, kernel {'×'.join(map(str, kernel))}, input {'×'.join(map(str, size))}, " \
+               f"{c_in}→{c_out}, groups {groups})"
+        if dims == 1:
+            shape = ConvShape(_static_batch(xv), c_in, c_out, groups, size[0], kernel[0], out[0])
+        else:
+            shape = Conv2dShape(_static_batch(xv), c_in, size, kernel, start, out)
         decision = self._choose(shape)
         if decision.form == "direct":
-            result.skipped(f"%{node.name} (K={k}, L={length}, {c_in}→{c_out}, groups {groups}): {decision}")
+            result.skipped(f"{what}: {decision}")
             return
-        n, n1, n2 = fft_size(max(length + k - 1, start + out_len))
-        h = graph.constant(w).flip(-1).reshape(groups, c_out // groups, c_in // groups, k)
-        spec = graph.add_constant(spectrum(h, n1, n2), f"{w.target}_spectrum", before=node)
-        with graph.fx.inserting_before(node):
-            y = graph.fx.call_function(torch.ops.graphopt.fft_conv1d.default,
-                                       (source, spec, n1, n2, groups, start, out_len, shape.depthwise))
-            y.meta["val"] = tensor_meta(node).new_empty(tensor_meta(node).shape)
-            if b is not None:
-                bias = graph.fx.call_function(aten.reshape.default, (b, [1, c_out, 1]))
-                bias.meta["val"] = tensor_meta(b).reshape(1, c_out, 1)
-                y = graph.fx.call_function(aten.add.Tensor, (y, bias))
-                y.meta["val"] = node.meta["val"]
+        h = graph.constant(w).flip(-1)
+        if dims == 1:
+            n, n1, n2 = shape.fft_size()
+            spec = spectrum(h.reshape(groups, c_out // groups, c_in // groups, kernel[0]), n1, n2)
+            op, args = torch.ops.graphopt.fft_conv1d.default, (n1, n2, groups, start[0], out[0], shape.depthwise)
+        else:
+            (nh, nw) = shape.fft_size()
+            spec = spectrum2d(h.flip(-2)[:, 0], nh, nw)
+            op, args = torch.ops.graphopt.fft_conv2d.default, (nh, nw, start[0], out[0], start[1], out[1])
+        spec = graph.add_constant(spec, f"{w.target}_spectrum", before=node)
+        y = graph.call(op, (source, spec, *args), before=node)
+        if b is not None:
+            bias = graph.call(aten.reshape.default, (b, [1, c_out] + [1] * dims), before=node)
+            y = graph.call(aten.add.Tensor, (y, bias), before=node)
         node.replace_all_uses_with(y)
-        result.did(f"%{node.name} (K={k}, L={length}, {c_in}→{c_out}, groups {groups}) → graphopt.fft_conv1d: {decision}")
+        result.did(f"{what} → {op.name().removesuffix('.default').replace('::', '.')}: {decision}")
 
     # --- 2. the rfft · irfft idiom ---------------------------------------------------------------
     def _fft_idiom(self, graph: Graph, node: fx.Node, result: PassResult) -> None:

@@ -1,9 +1,9 @@
-"""Cost model for long convolutions: direct conv vs the matmul (Monarch) FFT convolution.
+"""Cost model for long convolutions: direct conv vs the matmul-FFT convolution graphopt lowers them to.
 
-Each form's cost is its multiply-adds divided by a rate measured on this machine with ONNX
-Runtime (one probe per form, the first time the model is asked, then cached for the process):
-depthwise direct convs, dense direct convs and the Monarch FFT conv run at very different rates,
-so no threshold is guessed."""
+Each form's cost is its multiply-adds divided by a rate measured on this machine with ONNX Runtime
+(one small probe per form, the first time the model is asked, then cached for the process):
+depthwise and dense direct convs, 1-D and 2-D, and the matmul FFT convs run at very different
+rates, so no threshold is guessed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ from ..ops.fft_conv import fft_size
 
 @dataclass(frozen=True)
 class ConvShape:
+    """A 1-D convolution; its FFT form is fft_conv1d's Monarch (four-step) matmul FFT."""
     batch: int
     c_in: int
     c_out: int
@@ -24,14 +25,21 @@ class ConvShape:
     kernel: int
     out_len: int
 
+    direct_rate = property(lambda self: "depthwise" if self.depthwise else "dense")
+    fft_rate = "fft"
+
     @property
     def depthwise(self) -> bool:
         return self.groups == self.c_in == self.c_out
 
+    def fft_size(self) -> tuple[int, int, int]:
+        return fft_size(max(self.length + self.kernel - 1, self.out_len))
+
     def direct_macs(self) -> float:
         return self.batch * self.c_out * self.out_len * (self.c_in // self.groups) * self.kernel
 
-    def fft_macs(self, n: int, n1: int, n2: int) -> float:
+    def fft_macs(self) -> float:
+        n, n1, n2 = self.fft_size()
         forward = 2 * n1 * n1 * n2 + 4 * n1 * n2 * n2                 # [2N1,N1]@X, then [N1,2N2]@[2N2,2N2]
         inverse = 4 * n1 * n2 * n2 + 2 * n1 * n1 * n2
         mixing = 4 * n * (self.c_in // self.groups)                    # complex product per frequency
@@ -39,50 +47,92 @@ class ConvShape:
 
 
 @dataclass(frozen=True)
+class Conv2dShape:
+    """A depthwise 2-D convolution; its FFT form is fft_conv2d's per-axis matmul DFT."""
+    batch: int
+    channels: int
+    size: tuple[int, int]        # input H, W (after any padding folded into the conv)
+    kernel: tuple[int, int]
+    start: tuple[int, int]       # first kept output row/column of the full linear convolution
+    out: tuple[int, int]
+
+    direct_rate, fft_rate, depthwise = "depthwise2d", "fft2d", True
+
+    def fft_size(self) -> tuple[int, int]:
+        """The smallest period (Nh, Nw) at which the kept window equals the linear convolution."""
+        return tuple(max(n + k - 1 - s, s + o) for n, k, s, o in zip(self.size, self.kernel, self.start, self.out))
+
+    def direct_macs(self) -> float:
+        return self.batch * self.channels * self.out[0] * self.out[1] * self.kernel[0] * self.kernel[1]
+
+    def fft_macs(self) -> float:
+        (nh, nw), (oh, ow) = self.fft_size(), self.out
+        mw = nw // 2 + 1
+        per_channel = nh * nw * 2 * mw + 2 * nh * nh * 2 * mw + 8 * nh * mw + 2 * oh * 2 * nh * mw + 2 * oh * mw * ow
+        return self.batch * self.channels * per_channel
+
+
+@dataclass(frozen=True)
 class Decision:
     form: str             # "direct" | "fft"
     direct_ms: float
     fft_ms: float
-    n: int
+    size: object          # the FFT period: N (1-D) or (Nh, Nw)
 
     def __str__(self) -> str:
-        return f"{self.form} (estimated direct {self.direct_ms:.3g} ms, matmul-FFT {self.fft_ms:.3g} ms, N={self.n})"
+        return f"{self.form} (estimated direct {self.direct_ms:.3g} ms, matmul-FFT {self.fft_ms:.3g} ms, N={self.size})"
 
 
-def decide(shape: ConvShape, rates: dict[str, float] | None = None) -> Decision:
+def decide(shape: ConvShape | Conv2dShape, rates: dict[str, float] | None = None) -> Decision:
     rates = rates or measured_rates()
-    n, n1, n2 = fft_size(max(shape.length + shape.kernel - 1, shape.out_len))
-    direct = shape.direct_macs() / rates["depthwise" if shape.depthwise else "dense"]
-    fft = shape.fft_macs(n, n1, n2) / rates["fft"]
-    return Decision("fft" if fft < direct else "direct", direct * 1e3, fft * 1e3, n)
+    direct = shape.direct_macs() / rates[shape.direct_rate]
+    fft = shape.fft_macs() / rates[shape.fft_rate]
+    size = shape.fft_size()
+    return Decision("fft" if fft < direct else "direct", direct * 1e3, fft * 1e3, size[0] if len(size) == 3 else size)
 
 
 @cache
 def measured_rates() -> dict[str, float]:
     """Multiply-adds per second of each form, timed once on this machine in ONNX Runtime."""
     from ..ops.fft_conv import spectrum
-    probes = {"depthwise": ConvShape(1, 32, 32, 32, 1024, 256, 1024),
-              "dense": ConvShape(1, 32, 32, 1, 1024, 64, 1024)}
+    from ..ops.fft_conv2d import spectrum2d
     rates = {}
+    probes = {"depthwise": ConvShape(1, 32, 32, 32, 1024, 256, 1024), "dense": ConvShape(1, 32, 32, 1, 1024, 64, 1024)}
     for kind, s in probes.items():
-        conv = torch.nn.Conv1d(s.c_in, s.c_out, s.kernel, groups=s.groups, padding="same", bias=False).eval()
-        rates[kind] = s.direct_macs() / _ort_seconds(conv, (torch.randn(1, s.c_in, s.length),))
+        conv = torch.nn.Conv1d(s.c_in, s.c_out, s.kernel, groups=s.groups, padding="same", bias=False)
+        rates[kind] = s.direct_macs() / _ort_seconds(conv, torch.randn(1, s.c_in, s.length))
     s = probes["depthwise"]
-    n, n1, n2 = fft_size(s.length + s.kernel - 1)
+    n, n1, n2 = s.fft_size()
     spec = spectrum(torch.randn(s.c_in, 1, 1, s.kernel), n1, n2)
+    fft = _Probe(torch.ops.graphopt.fft_conv1d, spec, n1, n2, s.groups, 0, s.out_len, True)
+    rates["fft"] = s.fft_macs() / _ort_seconds(fft, torch.randn(1, s.c_in, s.length))
 
-    class Probe(torch.nn.Module):
-        def forward(self, x):
-            return torch.ops.graphopt.fft_conv1d(x, spec, n1, n2, s.groups, 0, s.out_len, True)
-    rates["fft"] = s.fft_macs(n, n1, n2) / _ort_seconds(Probe(), (torch.randn(1, s.c_in, s.length),))
+    s2 = Conv2dShape(1, 32, (56, 56), (31, 31), (15, 15), (56, 56))        # a RepLKNet stage-1 block
+    conv2 = torch.nn.Conv2d(s2.channels, s2.channels, s2.kernel, groups=s2.channels, padding="same", bias=False)
+    x2 = torch.randn(1, s2.channels, *s2.size)
+    rates["depthwise2d"] = s2.direct_macs() / _ort_seconds(conv2, x2)
+    (nh, nw), spec2 = s2.fft_size(), spectrum2d(torch.randn(s2.channels, *s2.kernel), *s2.fft_size())
+    fft2 = _Probe(torch.ops.graphopt.fft_conv2d, spec2, nh, nw, s2.start[0], s2.out[0], s2.start[1], s2.out[1])
+    rates["fft2d"] = s2.fft_macs() / _ort_seconds(fft2, x2)
     return rates
 
 
-def _ort_seconds(module: torch.nn.Module, args: tuple) -> float:
+class _Probe(torch.nn.Module):
+    """One graphopt op with constant arguments, to time it."""
+
+    def __init__(self, op, *args):
+        super().__init__()
+        self.op, self.args = op, args
+
+    def forward(self, x):
+        return self.op(x, *self.args)
+
+
+def _ort_seconds(module: torch.nn.Module, x: torch.Tensor) -> float:
     from ..backends.ort_timing import median_run_seconds
     from ..ops import onnx_translation_table
     from ..quiet import quiet
     with quiet(stdout=True):
-        program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=onnx_translation_table())
+        program = torch.onnx.export(module.eval(), (x,), dynamo=True, custom_translation_table=onnx_translation_table())
     model = program.model_proto
-    return median_run_seconds(model.SerializeToString(), {model.graph.input[0].name: args[0].numpy()})
+    return median_run_seconds(model.SerializeToString(), {model.graph.input[0].name: x.numpy()})
