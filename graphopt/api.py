@@ -12,7 +12,7 @@ from .backends import BuildInputs, get_backend
 from .backends.tvm_tune import Tune
 from .capture import batch_dynamic_shapes, capture
 from .compiled import CompiledModule
-from .errors import InputError
+from .errors import InputError, UnsupportedError
 from .passes import Pass, PassContext, PassManager, resolve
 from .passes.calibrate import check_batches
 from .passes.drift import flat_tensors
@@ -44,6 +44,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     if tune is not None and (be.name not in ("tvm", "auto") or not isinstance(tune, Tune)):
         raise InputError("tune= takes a graphopt.Tune and needs backend='tvm' or 'auto'")
     args, kwargs = _example(model, example_inputs)
+    if be.name in ("ort", "auto") and torch.bfloat16 in _dtypes(model, args, kwargs):
+        raise UnsupportedError("the model or its inputs are bfloat16, and ONNX Runtime's CPU provider has no bfloat16 "
+                               "kernels for most ops (Add, Conv, MatMul): use backend='tvm', or model.float()")
     if isinstance(dynamic_shapes, str):
         if dynamic_shapes != "batch":
             raise InputError(f"dynamic_shapes={dynamic_shapes!r}: give 'batch' or a torch.export dynamic_shapes spec")
@@ -75,6 +78,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     outputs = compiled(*args, **kwargs) if manager.measuring else None
     manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe())
     return compiled
+
+
+def _dtypes(model: torch.nn.Module, args: tuple, kwargs: dict) -> set[torch.dtype]:
+    tensors = [*model.parameters(), *model.buffers(), *pytree.tree_leaves((args, kwargs))]
+    return {t.dtype for t in tensors if isinstance(t, torch.Tensor)}
 
 
 def _example(model, example_inputs) -> tuple[tuple, dict]:

@@ -135,3 +135,24 @@ def test_2d_cost_model_and_reasons():
     step = next(r for r in cm.report if r.name == "fft_conv")
     assert "aten.convolution" in cm.graph.op_counts()
     assert any("non-depthwise" in note for note in step.notes), step.notes
+
+
+@pytest.mark.parametrize("model,shape", [(LongConv(8, 8, 300, 8, True), (1, 8, 700)),
+                                         (LargeKernel2d(4, 21, 10), (1, 4, 36, 36))])
+def test_bf16_on_tvm(model, shape):
+    """bf16 models: the FFT convs compute in fp32 inside (their DFT constants would not survive bf16)."""
+    pytest.importorskip("tvm")
+    model, x = model.eval().bfloat16(), (torch.randn(shape).bfloat16(),)
+    cm = graphopt.compile(model, x, backend="tvm", passes=["fold_constants", FFTConv(force="fft"), "dce"])
+    assert any(op.startswith("graphopt.fft_conv") for op in cm.graph.op_counts())
+    y = cm(*x)
+    with torch.no_grad():
+        ref = model.float()(x[0].float())
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_bf16_on_ort_is_refused_before_work():
+    model = LongConv(4, 4, 100, 4, True).eval().bfloat16()
+    with pytest.raises(graphopt.UnsupportedError, match="bfloat16"):
+        graphopt.compile(model, (torch.randn(1, 4, 300).bfloat16(),))

@@ -53,9 +53,10 @@ class TvmExecutable:
             raise UnsupportedError(f"this module was built for {self.target}, which this machine cannot run; "
                                    "use export_library(path) and load it there")
         import tvm
-        out = self.vm["main"](*[tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), self.device) for t in inputs])
+        # DLPack both ways: no copies, and dtypes numpy lacks (bfloat16) pass through
+        out = self.vm["main"](*[tvm.runtime.from_dlpack(t.detach().to(self.target.device).contiguous()) for t in inputs])
         outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
-        return [torch.from_numpy(o.numpy()).to(self.target.device) for o in outs]
+        return [torch.from_dlpack(o) for o in outs]
 
     def artifact(self):
         return self.executable

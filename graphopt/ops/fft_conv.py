@@ -63,10 +63,14 @@ def _dft_constants(n1: int, n2: int) -> dict[str, np.ndarray]:
     }
 
 
-def monarch_conv(ops, x, spec, n1: int, n2: int, groups: int, start: int, out_len: int, depthwise: bool):
-    """The lowering, written once over a small op vocabulary (`ops`: torch, onnxscript or Relax)."""
+def monarch_conv(ops, x, spec, n1: int, n2: int, groups: int, start: int, out_len: int, depthwise: bool,
+                 dtype=torch.float32):
+    """The lowering, written once over a small op vocabulary (`ops`: torch, onnxscript or Relax); in
+    fp32 whatever `dtype` x has (bf16 inputs are cast in and the result cast back)."""
     c = {k: ops.const(v) for k, v in _dft_constants(n1, n2).items()}
     n = n1 * n2
+    if dtype != torch.float32:
+        x = ops.cast(x, torch.float32)
     x = ops.reshape(ops.pad_tail(x, (n,), 3), (0, 0, n1, n2))                # [B, Cin, N1, N2]
     a = ops.matmul(c["f1_stack"], x)                                          # [B, Cin, 2N1, N2]
     ar, ai = ops.slice(a, -2, 0, n1), ops.slice(a, -2, n1, 2 * n1)
@@ -90,7 +94,8 @@ def monarch_conv(ops, x, spec, n1: int, n2: int, groups: int, start: int, out_le
     er = ops.add(ops.mul(dr, c["tw_re"]), ops.mul(di, c["tw_im"]))
     ei = ops.sub(ops.mul(di, c["tw_re"]), ops.mul(dr, c["tw_im"]))
     y = ops.matmul(c["f1c_row"], ops.cat([er, ei], -2))                      # [B, Cout, N1, N2]
-    return ops.slice(ops.reshape(y, (0, 0, n)), -1, start, start + out_len)
+    y = ops.slice(ops.reshape(y, (0, 0, n)), -1, start, start + out_len)
+    return y if dtype == torch.float32 else ops.cast(y, dtype)
 
 
 # --- the three op vocabularies --------------------------------------------------------------------
@@ -191,13 +196,19 @@ def _fake(x, spec, n1, n2, groups, start, out_len, depthwise):
     return x.new_empty(_out_shape(x, spec, out_len))
 
 
+def onnx_dtype(x) -> torch.dtype:
+    """The torch dtype of a value being traced into ONNX (the lowerings compute in fp32)."""
+    return {v: k for k, v in _ONNX_DTYPE.items()}.get(int(x.dtype), torch.float32)
+
+
 def _onnx(x, spec, n1: int, n2: int, groups: int, start: int, out_len: int, depthwise: bool):
-    return monarch_conv(_onnx_ops(), x, spec, n1, n2, groups, start, out_len, depthwise)
+    return monarch_conv(_onnx_ops(), x, spec, n1, n2, groups, start, out_len, depthwise, onnx_dtype(x))
 
 
 def _relax(node, importer):
     x, spec = importer.env[node.args[0]], importer.env[node.args[1]]
-    return monarch_conv(_relax_ops(importer.block_builder, importer.shape_of), x, spec, *node.args[2:])
+    return monarch_conv(_relax_ops(importer.block_builder, importer.shape_of), x, spec, *node.args[2:],
+                        dtype=node.args[0].meta["val"].dtype)
 
 
 @graphopt_op("fft_conv1d", fake=_fake, onnx=_onnx, relax=_relax)

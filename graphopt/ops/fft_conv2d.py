@@ -25,7 +25,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from .fft_conv import _onnx_ops, _relax_ops
+from .fft_conv import _onnx_ops, _relax_ops, onnx_dtype
 from .registry import graphopt_op
 
 
@@ -77,7 +77,7 @@ def _fake(x, spec, nh, nw, hs, out_h, ws, out_w):
 
 
 def _onnx(x, spec, nh: int, nw: int, hs: int, out_h: int, ws: int, out_w: int):
-    return dft2_conv(_onnx_ops(), x, spec, nh, nw, hs, out_h, ws, out_w)
+    return dft2_conv(_onnx_ops(), x, spec, nh, nw, hs, out_h, ws, out_w, onnx_dtype(x))
 
 
 def _relax(node, importer):

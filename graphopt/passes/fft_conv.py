@@ -105,7 +105,7 @@ class FFTConv(Pass):
             return
         h = graph.constant(w).flip(-1)
         if dims == 1:
-            n, n1, n2 = shape.fft_size()
+            _, n1, n2 = shape.fft_size()
             spec = spectrum(h.reshape(groups, c_out // groups, c_in // groups, kernel[0]), n1, n2)
             op, args = torch.ops.graphopt.fft_conv1d.default, (n1, n2, groups, start[0], out[0], shape.depthwise)
         else:

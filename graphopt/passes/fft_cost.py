@@ -102,7 +102,7 @@ def measured_rates() -> dict[str, float]:
         conv = torch.nn.Conv1d(s.c_in, s.c_out, s.kernel, groups=s.groups, padding="same", bias=False)
         rates[kind] = s.direct_macs() / _ort_seconds(conv, torch.randn(1, s.c_in, s.length))
     s = probes["depthwise"]
-    n, n1, n2 = s.fft_size()
+    _, n1, n2 = s.fft_size()
     spec = spectrum(torch.randn(s.c_in, 1, 1, s.kernel), n1, n2)
     fft = _Probe(torch.ops.graphopt.fft_conv1d, spec, n1, n2, s.groups, 0, s.out_len, True)
     rates["fft"] = s.fft_macs() / _ort_seconds(fft, torch.randn(1, s.c_in, s.length))
