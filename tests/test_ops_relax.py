@@ -34,8 +34,8 @@ class UsesOps(nn.Module):
         c = g.conv_act(img, self.w, self.b, None, [1, 1], [0, 1, 1, 0], [1, 1], 1, "relu6")
         h = g.linear_act(seq, self.lw, self.lb, "gelu")
         a = g.attention(h, seq, seq, bias, 4, 0.3, False)
-        f = g.fft_conv1d(sig, self.spec, self.n1, self.n2, 4, 19, 45, True)
-        d = g.fft_conv1d(sig, self.dense_spec, self.n1, self.n2, 1, 0, 64, False)
+        f = g.fft_conv1d(sig, self.spec, self.n1, self.n2, 4, 19, 45)
+        d = g.fft_conv1d(sig, self.dense_spec, self.n1, self.n2, 1, 0, 64)
         f2 = g.fft_conv2d(img, self.spec2d, 10, 13, 2, 6, 3, 6)
         return c, a, g.attention(h, h, seq, None, 4, 0.25, True), f, d, f2
 

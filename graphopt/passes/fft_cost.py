@@ -40,9 +40,10 @@ class ConvShape:
 
     def fft_macs(self) -> float:
         n, n1, n2 = self.fft_size()
-        forward = 2 * n1 * n1 * n2 + 4 * n1 * n2 * n2                 # [2N1,N1]@X, then [N1,2N2]@[2N2,2N2]
-        inverse = 4 * n1 * n2 * n2 + 2 * n1 * n1 * n2
-        mixing = 4 * n * (self.c_in // self.groups)                    # complex product per frequency
+        m = n2 // 2 + 1                                                # half spectrum: k2 ≤ N2/2
+        forward = 2 * n1 * n + 4 * m * n                               # [2N1,N1]@X, then [N1,2N2]@[2N2,2M]
+        inverse = 4 * m * n + 2 * n1 * n
+        mixing = 8 * n1 * m * (self.c_in // self.groups)               # complex product per frequency
         return self.batch * (self.c_in * forward + self.c_out * (inverse + mixing))
 
 
@@ -104,7 +105,7 @@ def measured_rates() -> dict[str, float]:
     s = probes["depthwise"]
     _, n1, n2 = s.fft_size()
     spec = spectrum(torch.randn(s.c_in, 1, 1, s.kernel), n1, n2)
-    fft = _Probe(torch.ops.graphopt.fft_conv1d, spec, n1, n2, s.groups, 0, s.out_len, True)
+    fft = _Probe(torch.ops.graphopt.fft_conv1d, spec, n1, n2, s.groups, 0, s.out_len)
     rates["fft"] = s.fft_macs() / _ort_seconds(fft, torch.randn(1, s.c_in, s.length))
 
     s2 = Conv2dShape(1, 32, (56, 56), (31, 31), (15, 15), (56, 56))        # a RepLKNet stage-1 block
