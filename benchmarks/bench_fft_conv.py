@@ -1,14 +1,16 @@
 """FFT-convolution benchmark: a depthwise causal long convolution (kernel as long as the sequence, as
-in H3/Hyena) at lengths 1K–64K and 64–768 channels, computed by direct conv in PyTorch and in ONNX
-Runtime, by an eager torch.fft FFT conv (what such models do in eager), and by graphopt (the direct
-conv module compiled: fft_conv pass → matmul FFT → ONNX Runtime); then the Hyena-style example end to
-end. All side by side in one process on the same inputs.
+in H3/Hyena) at lengths 1K–64K and 64–768 channels, and large-kernel depthwise 2-D convs (RepLKNet,
+SLaK), computed by direct conv in PyTorch and in ONNX Runtime, by an eager torch.fft FFT conv (what
+such models do in eager), and by graphopt (the direct conv module compiled: fft_conv pass → matmul
+FFT → ONNX Runtime, and → TVM with a short MetaSchedule tuning for the --tvm configs); then the
+Hyena-style example end to end. All side by side in one process on the same inputs.
 
-    python benchmarks/bench_fft_conv.py [--configs 64x1024,64x4096,...] [--no-hyena]
+    python benchmarks/bench_fft_conv.py [--configs 64x1024,...] [--configs-2d 32x56x31,...] [--no-hyena]
 """
 import argparse
 import importlib.util
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +46,26 @@ def torch_fft_conv(w):
     return run
 
 
+class LargeKernel2d(nn.Module):
+    def __init__(self, c, k):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=False)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def torch_fft_conv2d(w):
+    h, k = w[:, 0].flip(-1, -2), w.shape[-1]
+
+    def run(x):
+        with torch.inference_mode():
+            s = (x.shape[-2] + k - 1, x.shape[-1] + k - 1)
+            y = torch.fft.irfft2(torch.fft.rfft2(x, s=s) * torch.fft.rfft2(h, s=s), s=s)
+            return y[..., k // 2: k // 2 + x.shape[-2], k // 2: k // 2 + x.shape[-1]]
+    return run
+
+
 def compare(title, systems, args, reference, rounds):
     """Time fast systems interleaved, slow ones by single calls; print ms and graphopt's speedups."""
     once = {}
@@ -66,13 +88,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="64x1024,64x4096,256x4096,768x4096,64x16384,64x65536",
                     help="CHANNELSxLENGTH, kernel length = sequence length")
+    ap.add_argument("--configs-2d", default="32x56x31,128x56x31,64x64x51,128x28x13",
+                    help="CHANNELSxSIZExKERNEL: depthwise 2-D, 'same' padding")
+    ap.add_argument("--tvm", default="64x1024,32x56x31", help="configs also compiled for TVM, tuned")
+    ap.add_argument("--tvm-budget", type=float, default=150, help="MetaSchedule seconds per --tvm config")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-hyena", action="store_true")
     ns = ap.parse_args()
     rates = measured_rates()
-    print(f"torch {torch.__version__}; depthwise causal conv, kernel = length; median ms per call. TVM: the TVM "
-          "backend is not built yet (a later issue), so no TVM column.")
+    print(f"torch {torch.__version__}; median ms per call. graphopt TVM: tuned {ns.tvm_budget:.0f} s per model "
+          f"(64 trials per task at most), on {ns.tvm} only")
+    print("1-D: depthwise causal conv, kernel = length")
     summary = []
+    tvm_db = tempfile.TemporaryDirectory(prefix="graphopt-bench-tvm-")
+
+    def graphopt_systems(cfg, model, x):
+        systems = {"graphopt": graphopt.compile(model, x)}
+        if cfg in ns.tvm.split(","):
+            tune = graphopt.Tune(trials=64, time_budget=ns.tvm_budget, db=tvm_db.name, progress=False)
+            systems["graphopt TVM"] = graphopt.compile(model, x, backend="tvm", tune=tune)
+        return systems
     for cfg in ns.configs.split(","):
         c, length = map(int, cfg.split("x"))
         torch.manual_seed(0)
@@ -83,11 +118,24 @@ def main():
             systems["eager direct"] = bench.eager(model)
             systems["ORT direct"] = bench.plain_ort(model, x)
         systems["eager torch.fft"] = torch_fft_conv(model.conv.weight.detach())
-        systems["graphopt"] = graphopt.compile(model, x)
+        systems.update(graphopt_systems(cfg, model, x))
         with torch.no_grad():
             ref = model(*x) if est_direct_s < SKIP_S else systems["eager torch.fft"](*x)
         skipped = "" if est_direct_s < SKIP_S else f" (direct convs skipped: ~{est_direct_s:.0f} s per call)"
         ms = compare(f"C={c}, L=K={length}{skipped}:", systems, x, ref, ns.rounds)
+        summary.append((cfg, {k: v / ms["graphopt"] for k, v in ms.items() if k != "graphopt"}))
+    print("\n2-D: depthwise large-kernel conv, 'same' padding")
+    for cfg in filter(None, ns.configs_2d.split(",")):
+        c, size, k = map(int, cfg.split("x"))
+        torch.manual_seed(0)
+        model, x = LargeKernel2d(c, k).eval(), (torch.randn(1, c, size, size),)
+        systems = {"eager direct": bench.eager(model), "ORT direct": bench.plain_ort(model, x),
+                   "eager torch.fft": torch_fft_conv2d(model.conv.weight.detach()), **graphopt_systems(cfg, model, x)}
+        with torch.no_grad():
+            ref = model(*x)
+        notes = next(r for r in systems["graphopt"].report if r.name == "fft_conv").notes
+        ms = compare(f"C={c}, {size}×{size}, kernel {k}×{k} (graphopt's choice: {notes[0].split(': ', 1)[1]}):",
+                     systems, x, ref, ns.rounds)
         summary.append((cfg, {k: v / ms["graphopt"] for k, v in ms.items() if k != "graphopt"}))
     if not ns.no_hyena:
         spec = importlib.util.spec_from_file_location("hyena", Path(__file__).parents[1] / "examples" / "hyena.py")

@@ -1,10 +1,12 @@
 """FFT-convolution rewriting: long 1-D convolutions become graphopt::fft_conv1d, a matmul (Monarch)
-FFT convolution, where the cost model (passes/fft_cost.py, rates measured on this machine) says
-it is faster. Two sources:
+FFT convolution, and large-kernel depthwise 2-D convolutions graphopt::fft_conv2d, a per-axis matmul
+DFT convolution, where the cost model (passes/fft_cost.py, rates measured on this machine) says it
+is faster. Three sources:
 
   1. aten.convolution with a 1-D kernel (dense, grouped or depthwise; stride and dilation 1), a
      zero pad in front of it folded in (the causal-conv idiom pad(x, [K−1, 0]) → conv);
-  2. a convolution the model already computes by FFT, as Hyena does:
+  2. the same for a depthwise 2-D kernel (RepLKNet's 31×31), pads folded per axis;
+  3. a convolution the model already computes by FFT, as Hyena does:
         irfft(rfft(pad(u), n) · K̂, n)[..., :L]  with K̂ constant (its filter generator folded),
      always rewritten (it is an FFT either way; the matmul form is what runs fast here, and TVM has
      no FFT op at all).
@@ -23,7 +25,6 @@ from .base import Pass, PassContext, PassResult, register
 from .fft_cost import Conv2dShape, ConvShape, decide, measured_rates
 
 aten = torch.ops.aten
-
 
 
 def _static_batch(val: torch.Tensor) -> int:
