@@ -44,14 +44,14 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     if tune is not None and (be.name not in ("tvm", "auto") or not isinstance(tune, Tune)):
         raise InputError("tune= takes a graphopt.Tune and needs backend='tvm' or 'auto'")
     args, kwargs = _example(model, example_inputs)
-    if be.name in ("ort", "auto") and torch.bfloat16 in _dtypes(model, args, kwargs):
-        raise UnsupportedError("the model or its inputs are bfloat16, and ONNX Runtime's CPU provider has no bfloat16 "
-                               "kernels for most ops (Add, Conv, MatMul): use backend='tvm', or model.float()")
     if isinstance(dynamic_shapes, str):
         if dynamic_shapes != "batch":
             raise InputError(f"dynamic_shapes={dynamic_shapes!r}: give 'batch' or a torch.export dynamic_shapes spec")
         dynamic_shapes = batch_dynamic_shapes(args, kwargs)
     pipeline = with_quantization(pipeline, quantize, accuracy_budget, model)
+    if be.name in ("ort", "auto") and torch.bfloat16 in _dtypes(model, args, kwargs):
+        raise UnsupportedError("the model or its inputs are bfloat16, and ONNX Runtime's CPU provider has no bfloat16 "
+                               "kernels for most ops (Add, Conv, MatMul): use backend='tvm', or model.float()")
     calibration = check_batches(calibration, args, kwargs)
     if any(p.needs_calibration for p in pipeline) and not calibration:
         raise InputError(f"quantize={quantize!r} needs calibration data: pass calibration=[batch, ...] with a few "
