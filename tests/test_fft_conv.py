@@ -44,17 +44,18 @@ def test_rewrite_equals_direct_conv(c_in, c_out, k, groups, length, causal):
 
 def test_monarch_algebra_matches_reference_op():
     x, h = torch.randn(2, 4, 300), torch.randn(2, 2, 2, 50)
-    n, n1, n2 = fft_size(349)
-    spec = spectrum(h, n1, n2)
-    ref = torch.ops.graphopt.fft_conv1d(x, spec, n1, n2, 2, 10, 300)
-    torch.testing.assert_close(monarch_conv(TorchOps, x, spec, n1, n2, 2, 10, 300), ref, atol=1e-4, rtol=1e-4)
+    for max_bits in (7, 4, 2):                  # two, three and five levels
+        _, ns = fft_size(349, max_bits)
+        spec = spectrum(h, ns)
+        ref = torch.ops.graphopt.fft_conv1d(x, spec, list(ns), 2, 10, 300)
+        torch.testing.assert_close(monarch_conv(TorchOps, x, spec, ns, 2, 10, 300), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_reference():
     x, w = torch.randn(1, 4, 200), torch.randn(4, 1, 90)
-    n, n1, n2 = fft_size(289)
-    spec = spectrum(w.flip(-1).reshape(4, 1, 1, 90), n1, n2)
-    y = torch.ops.graphopt.fft_conv1d(x.bfloat16(), spec, n1, n2, 4, 89, 111)
+    _, ns = fft_size(289)
+    spec = spectrum(w.flip(-1).reshape(4, 1, 1, 90), ns)
+    y = torch.ops.graphopt.fft_conv1d(x.bfloat16(), spec, list(ns), 4, 89, 111)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), F.conv1d(x.bfloat16().float(), w, groups=4), atol=0.05, rtol=0.02)
 

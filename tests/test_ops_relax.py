@@ -24,9 +24,9 @@ class UsesOps(nn.Module):
         self.lw = nn.Parameter(torch.randn(32, 32) * 0.1)
         self.lb = nn.Parameter(torch.randn(32) * 0.1)
 
-        n, self.n1, self.n2 = fft_size(64 + 20 - 1)
-        self.register_buffer("spec", spectrum(torch.randn(4, 1, 1, 20), self.n1, self.n2))
-        self.register_buffer("dense_spec", spectrum(torch.randn(1, 3, 4, 20), self.n1, self.n2))
+        _, self.ns = fft_size(64 + 20 - 1, max_bits=3)          # three levels: every stage kind
+        self.register_buffer("spec", spectrum(torch.randn(4, 1, 1, 20), self.ns))
+        self.register_buffer("dense_spec", spectrum(torch.randn(1, 3, 4, 20), self.ns))
         self.register_buffer("spec2d", spectrum2d(torch.randn(4, 5, 7), 10, 13))
 
     def forward(self, img, seq, bias, sig):
@@ -34,8 +34,8 @@ class UsesOps(nn.Module):
         c = g.conv_act(img, self.w, self.b, None, [1, 1], [0, 1, 1, 0], [1, 1], 1, "relu6")
         h = g.linear_act(seq, self.lw, self.lb, "gelu")
         a = g.attention(h, seq, seq, bias, 4, 0.3, False)
-        f = g.fft_conv1d(sig, self.spec, self.n1, self.n2, 4, 19, 45)
-        d = g.fft_conv1d(sig, self.dense_spec, self.n1, self.n2, 1, 0, 64)
+        f = g.fft_conv1d(sig, self.spec, list(self.ns), 4, 19, 45)
+        d = g.fft_conv1d(sig, self.dense_spec, list(self.ns), 1, 0, 64)
         f2 = g.fft_conv2d(img, self.spec2d, 10, 13, 2, 6, 3, 6)
         return c, a, g.attention(h, h, seq, None, 4, 0.25, True), f, d, f2
 

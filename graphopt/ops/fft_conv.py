@@ -2,23 +2,28 @@
 
     y = (x ⊛ h)[start : start + out_len]       x: [B, C_in, L] real, h: [G, C_out/G, C_in/G, K]
 
-where ⊛ is circular convolution of period N = N1·N2 (x zero-padded to N): the linear convolution
-whenever N ≥ L + K − 1, which the conv rewrite guarantees; the rfft·irfft rewrite keeps the
-model's own period.
+where ⊛ is circular convolution of period N (x zero-padded to N): the linear convolution whenever
+N ≥ L + K − 1, which the conv rewrite guarantees; the rfft·irfft rewrite keeps the model's period.
 
-Lowering (ONNX and Relax): the Monarch / four-step FFT of FlashFFTConv, which turns the FFT into
-matrix multiplies so the GEMM kernels do the work. With N = N1·N2, n = N2·n1 + n2, k = k1 + N1·k2:
-    X̂[k1, k2] = Σ_n2 F2[n2, k2] · T[k1, n2] · Σ_n1 F1[k1, n1] · x[n1, n2]      (T = ω_N^(k1·n2))
-so the forward transform is  F1 @ X  →  ⊙ T  →  @ F2  on the [N1, N2] view of x, and the inverse
-runs the same steps conjugated and backwards, landing directly in natural order (no transposes, no
-bit reversal). Complex values travel as [re, im] pairs on an axis of their own; each complex
-product is one broadcast multiply with a constant holding the ± real and imaginary parts, summed
-over the pair axis, and each complex matmul one real matmul with a block matrix.
+Lowering (ONNX and Relax): the Monarch FFT of FlashFFTConv, which turns the FFT into matrix
+multiplies so the GEMM kernels do the work. With N = N1·S (S = N/N1), n = S·n1 + m, k = k1 + N1·k':
+    X̂[k1 + N1·k'] = DFT_S over m of ( ω_N^(k1·m) · Σ_n1 ω_N1^(k1·n1) · x[n1, m] )
+that is: a DFT of size N1 as a matmul along the first digit, a twiddle, then a DFT of size S on
+the rest, split the same way again. With N = N1·N2·…·Nk the k stages are matmuls along digit
+j of the [N1, …, Nk] view (left-multiplied, so no transposes), with twiddles between them; the
+spectrum comes out digit-reversed (k = k1 + N1·k2 + N1·N2·k3 …), which is the layout the kernel's
+spectrum is stored in, and the inverse runs the stages conjugated and backwards, landing in natural
+order. More levels cut the multiply-adds per point from ~4·(N1 + N2) to ~4·ΣNj, at one more
+twiddle pass each, which on this CPU pays only past N = 65536 (see MAX_FACTOR_BITS).
 
-x and y are real, so only the spectrum's first half is computed (k2 ≤ N2/2, which covers every
+Complex values travel as [re, im] pairs on an axis of their own, in front of the data; each
+complex product or matmul is one broadcast op with a constant holding the ± real and imaginary
+parts, summed over the input pair axis (ORT adds two contiguous halves).
+
+x and y are real, so only the spectrum's first half is computed (k_last ≤ N_last/2 covers every
 k ≤ N/2): y = Re IDFT(w·Ŷ) with w = 2 on 0 < k < N/2, 1 at k = 0 and N/2, 0 above. The kernel's
 half spectrum, times w, is computed at compile time (the kernel does not depend on the input):
-`spec` is [G, C_out/G, C_in/G, 2 (Ŷ re/im), 2 (X̂ re/im), N1, N2/2 + 1]."""
+`spec` is [G, C_out/G, C_in/G, 2 (Ŷ re/im), 2 (X̂ re/im), H] with H = N/N_last · (N_last/2 + 1)."""
 from __future__ import annotations
 
 import math
@@ -29,80 +34,120 @@ import torch
 
 from .registry import graphopt_op
 
+# Each DFT matrix is at most 256×256; longer transforms take a third level. Measured in ORT here
+# (depthwise, 64 channels): every extra level costs more in memory passes than its saved multiply-adds
+# until the matrices pass 256 — N = 8192: (128, 64) 5.8 ms, (32, 16, 16) 8.1, (16, 8, 8, 8) 17.0;
+# N = 32768: (256, 128) 39 ms, (32, 32, 32) 42–48; N = 131072: (512, 256) 274 ms, (64, 32, 64) 213–231.
+MAX_FACTOR_BITS = 8
+
 
 # --- the spectrum layout ---------------------------------------------------------------------------
-def fft_size(length: int) -> tuple[int, int, int]:
-    """(N, N1, N2): the power of two N ≥ length, split N = N1·N2 with N1 ≥ N2 as balanced as possible."""
-    n = 1 << max(2, math.ceil(math.log2(length)))
-    n2 = 1 << (int(math.log2(n)) // 2)
-    return n, n // n2, n2
+def fft_size(length: int, max_bits: int = MAX_FACTOR_BITS) -> tuple[int, tuple[int, ...]]:
+    """(N, factors): the power of two N ≥ length, split into the fewest factors of at most 2^max_bits,
+    as equal as possible, the larger ones first and last (the real first stage and the half last
+    stage cost half as much per point as a middle one)."""
+    bits = max(2, math.ceil(math.log2(length)))
+    levels = max(2, math.ceil(bits / max_bits))
+    parts = [bits // levels] * levels
+    for i in [0, levels - 1, *range(1, levels - 1)][: bits % levels]:
+        parts[i] += 1
+    return 1 << bits, tuple(1 << b for b in parts)
 
 
-def _half_index(n1: int, n2: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Natural frequency k = k1 + N1·k2 of each half-spectrum cell [N1, N2/2 + 1], and its weight w."""
-    k = torch.arange(n1)[:, None] + n1 * torch.arange(n2 // 2 + 1)[None]
-    n = n1 * n2
+def _half_index(ns: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Natural frequency k = k1 + N1·k2 + … of each half-spectrum cell (flattened, last digit ≤ N_last/2),
+    and its weight w."""
+    k = torch.zeros(1, dtype=torch.long)
+    stride = 1
+    for j, nj in enumerate(ns):
+        digits = torch.arange(nj if j < len(ns) - 1 else nj // 2 + 1)
+        k = (k[:, None] + stride * digits[None]).flatten()
+        stride *= nj
+    n = stride
     w = torch.where(k < n // 2, 2.0, 0.0).double()
     w[k == 0], w[k == n // 2] = 1.0, 1.0
     return k, w
 
 
-def spectrum(h: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+def spectrum(h: torch.Tensor, ns) -> torch.Tensor:
     """Kernels h [G, Co/G, Ci/G, K] → the weighted half spectrum, in the layout the lowering multiplies by."""
-    k, w = _half_index(n1, n2)
-    f = torch.fft.fft(h.double(), n=n1 * n2)[..., k] * w                # [..., N1, M]
+    k, w = _half_index(tuple(ns))
+    f = torch.fft.fft(h.double(), n=math.prod(ns))[..., k] * w          # [..., H]
     kr, ki = f.real, f.imag
     # Ŷr = X̂r·kr − X̂i·ki ;  Ŷi = X̂r·ki + X̂i·kr
-    return torch.stack([torch.stack([kr, -ki], -3), torch.stack([ki, kr], -3)], -4).float()
+    return torch.stack([torch.stack([kr, -ki], -2), torch.stack([ki, kr], -2)], -3).float()
 
 
-def _natural(spec: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+def _natural(spec: torch.Tensor, ns: tuple[int, ...]) -> torch.Tensor:
     """The layout above → the weighted spectrum in natural order [..., N] (zero above N/2)."""
-    k, _ = _half_index(n1, n2)
-    half = torch.complex(spec[..., 0, 0, :, :].double(), spec[..., 1, 0, :, :].double())   # [..., N1, M]
-    full = half.new_zeros(*half.shape[:-2], n1 * n2)
-    full[..., k.flatten()] = half.flatten(-2)
+    k, _ = _half_index(ns)
+    full = torch.zeros(*spec.shape[:-3], math.prod(ns), dtype=torch.complex128)
+    full[..., k] = torch.complex(spec[..., 0, 0, :].double(), spec[..., 1, 0, :].double())
     return full
 
 
 @cache
-def _dft_constants(n1: int, n2: int) -> dict[str, np.ndarray]:
-    """The fixed matrices of the four-step FFT (the 1/N of the inverse folded into its last step).
-    Pair axes (re/im) sit in front of the [N1, ·] block, so each complex sum adds contiguous halves."""
-    n, m = n1 * n2, n2 // 2 + 1
+def _dft_constants(ns: tuple[int, ...]) -> dict[str, list[np.ndarray]]:
+    """The fixed matrices and twiddles of each stage (the 1/N of the inverse folded into its last step)."""
+    n, last, m = math.prod(ns), ns[-1], ns[-1] // 2 + 1
     ang = lambda a, b, size: 2 * np.pi * np.outer(np.arange(a), np.arange(b)) / size   # noqa: E731
-    f1, f2, tw = ang(n1, n1, n1), ang(n2, m, n2), ang(n1, n2, n)
-    tr, ti = np.cos(tw), -np.sin(tw)                                           # T = ω_N^(k1·n2)
-    c2, s2 = np.cos(f2), np.sin(f2)                                            # F2 = c2 − i·s2
     f = lambda a: np.ascontiguousarray(a, dtype=np.float32)   # noqa: E731
-    pairs = lambda rr, ri, ir, ii: np.stack([np.stack([rr, ri]), np.stack([ir, ii])])   # noqa: E731  [out, in, ...]
-    return {
-        "f1": f(np.concatenate([np.cos(f1), -np.sin(f1)])),                     # [2N1, N1]: rows (re/im, k1)
-        "tw": f(pairs(tr, -ti, ti, tr)),                                         # B = A·T      [2, 2, N1, N2]
-        "f2": f(pairs(c2, s2, -s2, c2)),                                         # X̂ = B @ F2   [2, 2, N2, M]
-        "f2_inv": f(pairs(c2.T, -s2.T, s2.T, c2.T)),                             # D = P @ F2ᴴ  [2, 2, M, N2]
-        "tw_inv": f(pairs(tr, ti, -ti, tr)),                                     # E = D·conj T
-        "f1_inv": f(np.concatenate([np.cos(f1), -np.sin(f1)], 1) / n),          # Re(conj(F1) @ E) / N
-    }
+    pairs = lambda rr, ri, ir, ii: f(np.stack([np.stack([rr, ri]), np.stack([ir, ii])]))   # noqa: E731  [out, in, …]
+    c = {"twiddle": [], "twiddle_inv": [], "middle": [], "middle_inv": []}
+    for j in range(len(ns) - 1):                                # T_j = ω_S^(k_j·m), S = N_j·…·N_k
+        rest = math.prod(ns[j + 1:])
+        t = ang(ns[j], rest, ns[j] * rest).reshape(1, -1)
+        c["twiddle"].append(pairs(np.cos(t), np.sin(t), -np.sin(t), np.cos(t)))
+        c["twiddle_inv"].append(pairs(np.cos(t), -np.sin(t), np.sin(t), np.cos(t)))
+    for nj in ns[1:-1]:                                         # complex DFTs of the middle digits (left matmul)
+        a = ang(nj, nj, nj)[None]
+        c["middle"].append(pairs(np.cos(a), np.sin(a), -np.sin(a), np.cos(a)))
+        c["middle_inv"].append(pairs(np.cos(a), -np.sin(a), np.sin(a), np.cos(a)))
+    a1, al = ang(ns[0], ns[0], ns[0]), ang(last, m, last)
+    c["first"] = f(np.concatenate([np.cos(a1), -np.sin(a1)]))                     # [2N1, N1]: rows (re/im, k1)
+    c["last"] = pairs(np.cos(al), np.sin(al), -np.sin(al), np.cos(al))             # [2, 2, N_k, M] (right matmul)
+    c["last_inv"] = pairs(np.cos(al.T), -np.sin(al.T), np.sin(al.T), np.cos(al.T))  # [2, 2, M, N_k]
+    c["first_inv"] = f(np.concatenate([np.cos(a1), -np.sin(a1)], 1) / n)          # Re(conj(F1) @ E) / N
+    return c
 
 
-def monarch_conv(ops, x, spec, n1: int, n2: int, groups: int, start: int, out_len: int, dtype=torch.float32):
+def monarch_conv(ops, x, spec, ns, groups: int, start: int, out_len: int, dtype=torch.float32):
     """The lowering, written once over a small op vocabulary (`ops`: torch, onnxscript or Relax); in
-    fp32 whatever `dtype` x has (bf16 inputs are cast in and the result cast back)."""
-    c = {k: ops.const(v) for k, v in _dft_constants(n1, n2).items()}
-    n = n1 * n2
+    fp32 whatever `dtype` x has (bf16 inputs are cast in and the result cast back).
+    Tensors are [B, G, Co/G or 1, Ci/G or 1, re/im, data…]; `pair` sums the input pair axis (5)."""
+    ns = tuple(ns)
+    const = _dft_constants(ns)
+    c = {k: [ops.const(a) for a in v] if isinstance(v, list) else ops.const(v) for k, v in const.items()}
+    n, k, m = math.prod(ns), len(ns), ns[-1] // 2 + 1
+    half = n // ns[-1] * m
+    lead = (0, 0, 0, 0)
+
+    def pair(t, *view):                   # [.., 1, re/im, *view]: a complex value, ready to meet a constant
+        return ops.reshape(t, (*lead, 1, 2, *view))
+
+    def twiddle(t, tw, j):                # ⊙ T_j on the view [.., P_j, N_j·S_j+1]
+        return ops.reduce_sum(ops.mul(pair(t, math.prod(ns[:j]), -1), tw), (5,))
+
+    def middle(t, f, j):                  # DFT along digit j: left matmul on the view [.., P_j, N_j, S_j+1]
+        return ops.reduce_sum(ops.matmul(f, pair(t, math.prod(ns[:j]), ns[j], -1)), (5,))
+
     if dtype != torch.float32:
         x = ops.cast(x, torch.float32)
-    x = ops.reshape(ops.pad_tail(x, (n,), 3), (0, groups, 1, -1, n1, n2))       # [B, G, 1, Ci/G, N1, N2]
-    a = ops.reshape(ops.matmul(c["f1"], x), (0, 0, 0, 0, 1, 2, n1, n2))       # F1 @ X  [.., 1, re/im, N1, N2]
-    b = ops.unsqueeze(ops.reduce_sum(ops.mul(a, c["tw"]), (5,)), 4)           # ⊙ T     [.., 1, re/im, N1, N2]
-    xf = ops.reduce_sum(ops.matmul(b, c["f2"]), (5,))                         # @ F2    [B, G, 1, Ci/G, re/im, N1, M]
-    xf = ops.unsqueeze(xf, 4)
-    p = ops.reduce_sum(ops.mul(xf, spec), (3, 5))                             # Σ_ci X̂·ĥ  [B, G, Co/G, re/im, N1, M]
-    d = ops.reduce_sum(ops.matmul(ops.unsqueeze(p, 3), c["f2_inv"]), (4,))    # @ F2ᴴ   [B, G, Co/G, re/im, N1, N2]
-    e = ops.reduce_sum(ops.mul(ops.unsqueeze(d, 3), c["tw_inv"]), (4,))       # ⊙ T̄     [B, G, Co/G, re/im, N1, N2]
-    y = ops.matmul(c["f1_inv"], ops.reshape(e, (0, -1, 2 * n1, n2)))          # [B, Co, N1, N2]
-    y = ops.slice(ops.reshape(y, (0, 0, n)), -1, start, start + out_len)
+    t = ops.reshape(ops.pad_tail(x, (n,), 3), (0, groups, 1, -1, ns[0], n // ns[0]))   # [B, G, 1, Ci/G, N1, S1]
+    t = ops.matmul(c["first"], t)                                                    # real → complex, digit 1
+    for j in range(1, k):
+        t = twiddle(t, c["twiddle"][j - 1], j - 1)
+        t = middle(t, c["middle"][j - 1], j) if j < k - 1 else \
+            ops.reduce_sum(ops.matmul(pair(t, n // ns[-1], ns[-1]), c["last"]), (5,))   # half spectrum
+    p = ops.reduce_sum(ops.mul(pair(t, half), spec), (3, 5))                         # Σ_ci X̂·ĥ: [B, G, Co/G, 2, H]
+    t = ops.reshape(p, (0, 0, 0, 1, 2, half))
+    t = ops.reduce_sum(ops.matmul(pair(t, n // ns[-1], m), c["last_inv"]), (5,))
+    for j in range(k - 2, -1, -1):
+        if j < k - 2:
+            t = middle(t, c["middle_inv"][j], j + 1)
+        t = twiddle(t, c["twiddle_inv"][j], j)
+    y = ops.matmul(c["first_inv"], ops.reshape(t, (*lead, 2 * ns[0], n // ns[0])))   # [B, G, Co/G, 1, N1, S1]
+    y = ops.slice(ops.reshape(y, (0, -1, n)), -1, start, start + out_len)
     return y if dtype == torch.float32 else ops.cast(y, dtype)
 
 
@@ -203,7 +248,7 @@ def _out_shape(x, spec, out_len):
     return (x.shape[0], spec.shape[0] * spec.shape[1], out_len)
 
 
-def _fake(x, spec, n1, n2, groups, start, out_len):
+def _fake(x, spec, ns, groups, start, out_len):
     return x.new_empty(_out_shape(x, spec, out_len))
 
 
@@ -212,8 +257,8 @@ def onnx_dtype(x) -> torch.dtype:
     return {v: k for k, v in _ONNX_DTYPE.items()}.get(int(x.dtype), torch.float32)
 
 
-def _onnx(x, spec, n1: int, n2: int, groups: int, start: int, out_len: int):
-    return monarch_conv(_onnx_ops(), x, spec, n1, n2, groups, start, out_len, onnx_dtype(x))
+def _onnx(x, spec, ns: list[int], groups: int, start: int, out_len: int):
+    return monarch_conv(_onnx_ops(), x, spec, ns, groups, start, out_len, onnx_dtype(x))
 
 
 def _relax(node, importer):
@@ -223,10 +268,10 @@ def _relax(node, importer):
 
 
 @graphopt_op("fft_conv1d", fake=_fake, onnx=_onnx, relax=_relax)
-def fft_conv1d(x: torch.Tensor, spec: torch.Tensor, n1: int, n2: int, groups: int, start: int,
+def fft_conv1d(x: torch.Tensor, spec: torch.Tensor, ns: list[int], groups: int, start: int,
                out_len: int) -> torch.Tensor:
-    n = n1 * n2
-    h = _natural(spec, n1, n2)                                          # [G, Co/G, Ci/G, N], weighted half
+    n = math.prod(ns)
+    h = _natural(spec, tuple(ns))                                          # [G, Co/G, Ci/G, N], weighted half
     xf = torch.fft.fft(x.double(), n=n)                                 # [B, Ci, N]
     xf = xf.reshape(x.shape[0], groups, 1, -1, n)                       # [B, G, 1, Ci/G, N]
     y = torch.fft.ifft((xf * h).sum(3), n=n).real                       # [B, G, Co/G, N]: Re IDFT(w·Ŷ)

@@ -106,9 +106,9 @@ class FFTConv(Pass):
             return
         h = graph.constant(w).flip(-1)
         if dims == 1:
-            _, n1, n2 = shape.fft_size()
-            spec = spectrum(h.reshape(groups, c_out // groups, c_in // groups, kernel[0]), n1, n2)
-            op, args = torch.ops.graphopt.fft_conv1d.default, (n1, n2, groups, start[0], out[0])
+            _, ns = shape.fft_size()
+            spec = spectrum(h.reshape(groups, c_out // groups, c_in // groups, kernel[0]), ns)
+            op, args = torch.ops.graphopt.fft_conv1d.default, (list(ns), groups, start[0], out[0])
         else:
             (nh, nw) = shape.fft_size()
             spec = spectrum2d(h.flip(-2)[:, 0], nh, nw)
@@ -156,11 +156,11 @@ class FFTConv(Pass):
             result.skipped(f"%{node.name}: rfft·irfft convolution kept (forced)")
             return
         h = torch.fft.irfft(kspec.reshape(-1, kspec.shape[-1]).to(torch.complex128), n=n).expand(c, n)
-        _, n1, n2 = fft_size(n)
-        spec = graph.add_constant(spectrum(h.reshape(c, 1, 1, n), n1, n2), f"{kern.target}_monarch", before=node)
+        _, ns = fft_size(n)
+        spec = graph.add_constant(spectrum(h.reshape(c, 1, 1, n), ns), f"{kern.target}_monarch", before=node)
         with graph.fx.inserting_before(out_node):
             y = graph.fx.call_function(torch.ops.graphopt.fft_conv1d.default,
-                                       (u, spec, n1, n2, c, start, end - start))
+                                       (u, spec, list(ns), c, start, end - start))
         y.meta["val"] = tensor_meta(out_node).new_empty(tensor_meta(out_node).shape)
         out_node.replace_all_uses_with(y)
         result.did(f"%{out_node.name}: rfft·irfft convolution (n={n}, {c} channels) → graphopt.fft_conv1d "

@@ -32,19 +32,19 @@ class ConvShape:
     def depthwise(self) -> bool:
         return self.groups == self.c_in == self.c_out
 
-    def fft_size(self) -> tuple[int, int, int]:
+    def fft_size(self) -> tuple[int, tuple[int, ...]]:
         return fft_size(max(self.length + self.kernel - 1, self.out_len))
 
     def direct_macs(self) -> float:
         return self.batch * self.c_out * self.out_len * (self.c_in // self.groups) * self.kernel
 
     def fft_macs(self) -> float:
-        n, n1, n2 = self.fft_size()
-        m = n2 // 2 + 1                                                # half spectrum: k2 ≤ N2/2
-        forward = 2 * n1 * n + 4 * m * n                               # [2N1,N1]@X, then [N1,2N2]@[2N2,2M]
-        inverse = 4 * m * n + 2 * n1 * n
-        mixing = 8 * n1 * m * (self.c_in // self.groups)               # complex product per frequency
-        return self.batch * (self.c_in * forward + self.c_out * (inverse + mixing))
+        n, ns = self.fft_size()
+        half = n // ns[-1] * (ns[-1] // 2 + 1)                         # the last digit stops at N_k/2
+        per_point = 2 * ns[0] + 4 * sum(ns[1:-1])                      # real first stage, complex middle ones
+        transform = per_point * n + 4 * ns[-1] * half                  # + the half last stage
+        mixing = 8 * half * (self.c_in // self.groups)                 # complex product per frequency
+        return self.batch * (self.c_in * transform + self.c_out * (transform + mixing))
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def decide(shape: ConvShape | Conv2dShape, rates: dict[str, float] | None = None
     direct = shape.direct_macs() / rates[shape.direct_rate]
     fft = shape.fft_macs() / rates[shape.fft_rate]
     size = shape.fft_size()
-    return Decision("fft" if fft < direct else "direct", direct * 1e3, fft * 1e3, size[0] if len(size) == 3 else size)
+    return Decision("fft" if fft < direct else "direct", direct * 1e3, fft * 1e3, size)
 
 
 @cache
@@ -103,9 +103,9 @@ def measured_rates() -> dict[str, float]:
         conv = torch.nn.Conv1d(s.c_in, s.c_out, s.kernel, groups=s.groups, padding="same", bias=False)
         rates[kind] = s.direct_macs() / _ort_seconds(conv, torch.randn(1, s.c_in, s.length))
     s = probes["depthwise"]
-    _, n1, n2 = s.fft_size()
-    spec = spectrum(torch.randn(s.c_in, 1, 1, s.kernel), n1, n2)
-    fft = _Probe(torch.ops.graphopt.fft_conv1d, spec, n1, n2, s.groups, 0, s.out_len)
+    _, ns = s.fft_size()
+    fft = _Probe(torch.ops.graphopt.fft_conv1d, spectrum(torch.randn(s.c_in, 1, 1, s.kernel), ns), list(ns), s.groups,
+                 0, s.out_len)
     rates["fft"] = s.fft_macs() / _ort_seconds(fft, torch.randn(1, s.c_in, s.length))
 
     s2 = Conv2dShape(1, 32, (56, 56), (31, 31), (15, 15), (56, 56))        # a RepLKNet stage-1 block
