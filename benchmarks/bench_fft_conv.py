@@ -3,9 +3,9 @@ in H3/Hyena) at lengths 1K–64K and 64–768 channels, and large-kernel depthwi
 SLaK), computed by direct conv in PyTorch and in ONNX Runtime, by an eager torch.fft FFT conv (what
 such models do in eager), and by graphopt (the direct conv module compiled: fft_conv pass → matmul
 FFT → ONNX Runtime, and → TVM with a short MetaSchedule tuning for the --tvm configs); then the
-Hyena-style example end to end. All side by side in one process on the same inputs.
+Hyena-style and RepLKNet-style examples end to end. All side by side in one process on the same inputs.
 
-    python benchmarks/bench_fft_conv.py [--configs 64x1024,...] [--configs-2d 32x56x31,...] [--no-hyena]
+    python benchmarks/bench_fft_conv.py [--configs 64x1024,...] [--configs-2d 32x56x31,...] [--no-examples]
 """
 import argparse
 import importlib.util
@@ -93,7 +93,7 @@ def main():
     ap.add_argument("--tvm", default="64x1024,32x56x31", help="configs also compiled for TVM, tuned")
     ap.add_argument("--tvm-budget", type=float, default=150, help="MetaSchedule seconds per --tvm config")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--no-hyena", action="store_true")
+    ap.add_argument("--no-examples", action="store_true", help="skip the end-to-end Hyena and RepLKNet examples")
     ns = ap.parse_args()
     rates = measured_rates()
     print(f"torch {torch.__version__}; median ms per call. graphopt TVM: tuned {ns.tvm_budget:.0f} s per model "
@@ -137,17 +137,19 @@ def main():
         ms = compare(f"C={c}, {size}×{size}, kernel {k}×{k} (graphopt's choice: {notes[0].split(': ', 1)[1]}):",
                      systems, x, ref, ns.rounds)
         summary.append((cfg, {k: v / ms["graphopt"] for k, v in ms.items() if k != "graphopt"}))
-    if not ns.no_hyena:
-        spec = importlib.util.spec_from_file_location("hyena", Path(__file__).parents[1] / "examples" / "hyena.py")
-        hyena = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(hyena)
-        model, x = hyena.build()
+    examples = {"hyena": "Hyena-style model (d_model 128, L 4096, 2 layers)",
+                "replknet": "RepLKNet-style stage (128 channels, 56×56, 31×31 kernels, 2 blocks)"}
+    for name, title in examples.items() if not ns.no_examples else ():
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "examples" / f"{name}.py")
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        model, x = example.build()
         systems = {"eager": bench.eager(model), "plain ORT": bench.plain_ort(model, x),
                    "graphopt": graphopt.compile(model, x)}
         with torch.no_grad():
             ref = model(*x)
-        ms = compare("Hyena-style model (d_model 128, L 4096, 2 layers), end to end:", systems, x, ref, ns.rounds)
-        summary.append(("hyena e2e", {k: v / ms["graphopt"] for k, v in ms.items() if k != "graphopt"}))
+        ms = compare(f"{title}, end to end:", systems, x, ref, ns.rounds)
+        summary.append((f"{name} e2e", {k: v / ms["graphopt"] for k, v in ms.items() if k != "graphopt"}))
     print("\nsummary (graphopt speedup over each system; > 1 is faster):")
     for cfg, ratios in summary:
         print(f"  {cfg:<12}" + "".join(f"  vs {k}: ×{v:.2f}" for k, v in ratios.items()))

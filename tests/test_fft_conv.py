@@ -157,3 +157,31 @@ def test_bf16_on_ort_is_refused_before_work():
     model = LongConv(4, 4, 100, 4, True).eval().bfloat16()
     with pytest.raises(graphopt.UnsupportedError, match="bfloat16"):
         graphopt.compile(model, (torch.randn(1, 4, 300).bfloat16(),))
+
+
+def _example(name):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny()
+
+
+def test_hyena_example_end_to_end():
+    """Both FFT convolutions rewritten, and their filter generators (sin MLP × decay) folded away."""
+    model, x = _example("hyena")
+    cm = graphopt.compile(model, x)
+    counts = cm.graph.op_counts()
+    assert counts.get("graphopt.fft_conv1d") == 2 and "aten.sin" not in counts and "aten._fft_r2c" not in counts
+    assert_matches(cm, model, x)
+
+
+def test_replknet_example_end_to_end():
+    """The large depthwise kernels go to the frequency domain, the 5×5 branches and 1×1 convs stay."""
+    model, x = _example("replknet")
+    cm = graphopt.compile(model, x, passes=["fold_constants", "fold_batchnorm", FFTConv(force="fft"), "dce"])
+    step = next(r for r in cm.report if r.name == "fft_conv")
+    assert cm.graph.op_counts().get("graphopt.fft_conv2d") == 2      # the 13×13 and the forced 5×5
+    assert not any("1×1" in note for note in step.notes)             # pointwise convs are not candidates
+    assert_matches(cm, model, x)

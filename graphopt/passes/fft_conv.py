@@ -66,6 +66,8 @@ class FFTConv(Pass):
         if wv is None or wv.dim() not in (3, 4):
             return                                    # not a 1-D or 2-D convolution
         dims, c_out = wv.dim() - 2, wv.shape[0]
+        if max(wv.shape[2:]) == 1:
+            return                                    # pointwise: nothing to transform
         kind = f"{dims}-D convolution"
         why = ("transposed" if transposed else "strided" if set(stride) != {1} else
                "dilated" if set(dilation) != {1} else "weights are not constant" if not graph.is_constant(w)
