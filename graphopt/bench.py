@@ -70,8 +70,10 @@ def time_side_by_side(systems: dict[str, Callable], args: tuple, rounds: int = 1
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def time_single_calls(fn: Callable, args: tuple, calls: int = 2) -> float:
-    """Median ms of a few whole calls: for systems too slow for interleaved rounds."""
+def time_single_calls(fn: Callable, args: tuple, calls: int = 3) -> float:
+    """Median ms of a few whole calls, after one warm-up: for systems too slow for interleaved rounds
+    (ONNX Runtime is still planning its memory on a session's second run: 1.4 s against 0.22 s after)."""
+    fn(*args)
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()

@@ -57,7 +57,7 @@ class FFTConv(Pass):
 
     def _choose(self, shape: ConvShape):
         d = decide(shape)
-        return d if self.force is None else type(d)(self.force, d.direct_ms, d.fft_ms, d.size)
+        return d if self.force is None else type(d)(self.force, d.direct_ms, d.fft_ms, d.period)
 
     # --- 1. direct convolutions -----------------------------------------------------------------
     def _conv(self, graph: Graph, node: fx.Node, result: PassResult) -> None:
@@ -112,7 +112,7 @@ class FFTConv(Pass):
             spec = spectrum(h.reshape(groups, c_out // groups, c_in // groups, kernel[0]), ns)
             op, args = torch.ops.graphopt.fft_conv1d.default, (list(ns), groups, start[0], out[0])
         else:
-            (nh, nw) = shape.fft_size()
+            nh, nw = shape.fft_size()
             spec = spectrum2d(h.flip(-2)[:, 0], nh, nw)
             op, args = torch.ops.graphopt.fft_conv2d.default, (nh, nw, start[0], out[0], start[1], out[1])
         spec = graph.add_constant(spec, f"{w.target}_spectrum", before=node)

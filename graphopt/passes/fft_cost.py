@@ -35,6 +35,10 @@ class ConvShape:
     def fft_size(self) -> tuple[int, tuple[int, ...]]:
         return fft_size(max(self.length + self.kernel - 1, self.out_len))
 
+    def period(self) -> str:
+        n, ns = self.fft_size()
+        return f"{n} = {'·'.join(map(str, ns))}"
+
     def direct_macs(self) -> float:
         return self.batch * self.c_out * self.out_len * (self.c_in // self.groups) * self.kernel
 
@@ -63,6 +67,9 @@ class Conv2dShape:
         """The smallest period (Nh, Nw) at which the kept window equals the linear convolution."""
         return tuple(max(n + k - 1 - s, s + o) for n, k, s, o in zip(self.size, self.kernel, self.start, self.out))
 
+    def period(self) -> str:
+        return "×".join(map(str, self.fft_size()))
+
     def direct_macs(self) -> float:
         return self.batch * self.channels * self.out[0] * self.out[1] * self.kernel[0] * self.kernel[1]
 
@@ -78,18 +85,17 @@ class Decision:
     form: str             # "direct" | "fft"
     direct_ms: float
     fft_ms: float
-    size: object          # the FFT period: N (1-D) or (Nh, Nw)
+    period: str           # the FFT period: "N = N1·N2" (1-D) or "Nh×Nw"
 
     def __str__(self) -> str:
-        return f"{self.form} (estimated direct {self.direct_ms:.3g} ms, matmul-FFT {self.fft_ms:.3g} ms, N={self.size})"
+        return f"{self.form} (estimated direct {self.direct_ms:.3g} ms, matmul-FFT {self.fft_ms:.3g} ms, period {self.period})"
 
 
 def decide(shape: ConvShape | Conv2dShape, rates: dict[str, float] | None = None) -> Decision:
     rates = rates or measured_rates()
     direct = shape.direct_macs() / rates[shape.direct_rate]
     fft = shape.fft_macs() / rates[shape.fft_rate]
-    size = shape.fft_size()
-    return Decision("fft" if fft < direct else "direct", direct * 1e3, fft * 1e3, size)
+    return Decision("fft" if fft < direct else "direct", direct * 1e3, fft * 1e3, shape.period())
 
 
 @cache
