@@ -108,7 +108,7 @@ def main():
             tune = graphopt.Tune(trials=64, time_budget=ns.tvm_budget, db=tvm_db.name, progress=False)
             systems["graphopt TVM"] = graphopt.compile(model, x, backend="tvm", tune=tune)
         return systems
-    for cfg in ns.configs.split(","):
+    for cfg in filter(None, ns.configs.split(",")):
         c, length = map(int, cfg.split("x"))
         torch.manual_seed(0)
         model, x = CausalConv(c, length).eval(), (torch.randn(1, c, length),)

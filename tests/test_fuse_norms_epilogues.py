@@ -145,7 +145,7 @@ def test_gelu_tanh_lowers_to_fastgelu():
     assert_matches(cm, model, x)
 
 
-@pytest.mark.parametrize("name,n", [("resnet", 7), ("mobilenet_v2", 35), ("bert", 2)])
+@pytest.mark.parametrize("name,n", [("resnet", 7), ("mobilenet_v2", 18), ("bert", 2)])   # depthwise convs left to ORT
 def test_real_models_fuse_epilogues(name, n):
     model, inputs = zoo.build(name, size="tiny", batch=2)
     cm = graphopt.compile(model, inputs)
