@@ -8,7 +8,6 @@ Hyena-style and RepLKNet-style examples end to end. All side by side in one proc
     python benchmarks/bench_fft_conv.py [--configs 64x1024,...] [--configs-2d 32x56x31,...] [--no-examples]
 """
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import bench
+from graphopt.cli import load_factory
 from graphopt.passes.drift import drift, flat_tensors
 from graphopt.passes.fft_cost import ConvShape, measured_rates
 
@@ -140,10 +140,7 @@ def main():
     examples = {"hyena": "Hyena-style model (d_model 128, L 4096, 2 layers)",
                 "replknet": "RepLKNet-style stage (128 channels, 56×56, 31×31 kernels, 2 blocks)"}
     for name, title in examples.items() if not ns.no_examples else ():
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "examples" / f"{name}.py")
-        example = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(example)
-        model, x = example.build()
+        model, x = load_factory(str(Path(__file__).parents[1] / "examples" / f"{name}.py"))()
         systems = {"eager": bench.eager(model), "plain ORT": bench.plain_ort(model, x),
                    "graphopt": graphopt.compile(model, x)}
         with torch.no_grad():

@@ -1,12 +1,15 @@
 """FFT-convolution rewriting: equal to the direct convolution (fp32: max abs error ≤ 1e-4 of the
 output scale) across lengths, causal or not, depthwise, grouped and dense, 1-D and 2-D; the
 rfft·irfft idiom; the cost model keeps short kernels direct."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
+from graphopt.cli import load_factory
 from graphopt.ops.fft_conv import TorchOps, fft_size, monarch_conv, spectrum
 from graphopt.passes.fft_conv import FFTConv
 from graphopt.ops.fft_conv2d import dft2_conv, spectrum2d
@@ -160,12 +163,7 @@ def test_bf16_on_ort_is_refused_before_work():
 
 
 def _example(name):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.tiny()
+    return load_factory(str(Path(__file__).parents[1] / "examples" / f"{name}.py") + ":tiny")()
 
 
 def test_hyena_example_end_to_end():
