@@ -114,7 +114,8 @@ def _dft_constants(ns: tuple[int, ...]) -> dict[str, list[np.ndarray]]:
 def monarch_conv(ops, x, spec, ns, groups: int, start: int, out_len: int, dtype=torch.float32):
     """The lowering, written once over a small op vocabulary (`ops`: torch, onnxscript or Relax); in
     fp32 whatever `dtype` x has (bf16 inputs are cast in and the result cast back).
-    Tensors are [B, G, Co/G or 1, Ci/G or 1, re/im, data…]; `pair` sums the input pair axis (5)."""
+    Tensors are [B, G, Co/G or 1, Ci/G or 1, re/im, data…]; `pair` views one as [.., 1, re/im, …] so that
+    a broadcast op against a [out re/im, in re/im, …] constant, summed over axis 5, is a complex op."""
     ns = tuple(ns)
     const = _dft_constants(ns)
     c = {k: [ops.const(a) for a in v] if isinstance(v, list) else ops.const(v) for k, v in const.items()}
@@ -155,13 +156,9 @@ def monarch_conv(ops, x, spec, ns, groups: int, start: int, out_len: int, dtype=
 class TorchOps:
     """For checking the lowering's algebra in PyTorch."""
     const = staticmethod(lambda v: torch.from_numpy(v))
-    matmul, mul, add, sub = torch.matmul, torch.mul, torch.add, torch.sub
-    cat = staticmethod(lambda ts, axis: torch.cat(ts, axis))
+    matmul, mul = torch.matmul, torch.mul
     slice = staticmethod(lambda t, axis, a, b: t.narrow(axis, a, b - a))
-    squeeze_dim3 = staticmethod(lambda t: t.squeeze(3))
-    sum_dim3 = staticmethod(lambda t: t.sum(3))
     reduce_sum = staticmethod(lambda t, axes: t.sum(axes))
-    unsqueeze = staticmethod(lambda t, axis: t.unsqueeze(axis))
     cast = staticmethod(lambda t, dtype: t.to(dtype))
 
     @staticmethod
@@ -180,12 +177,8 @@ def _onnx_ops():
 
     class OnnxOps:
         const = staticmethod(lambda v: op.Constant(value=ir.tensor(v)))
-        matmul, mul, add, sub = op.MatMul, op.Mul, op.Add, op.Sub
-        cat = staticmethod(lambda ts, axis: op.Concat(*ts, axis=axis))
-        squeeze_dim3 = staticmethod(lambda t: op.Squeeze(t, op.Constant(value_ints=[3])))
-        sum_dim3 = staticmethod(lambda t: op.ReduceSum(t, op.Constant(value_ints=[3]), keepdims=0))
+        matmul, mul = op.MatMul, op.Mul
         reduce_sum = staticmethod(lambda t, axes: op.ReduceSum(t, op.Constant(value_ints=list(axes)), keepdims=0))
-        unsqueeze = staticmethod(lambda t, axis: op.Unsqueeze(t, op.Constant(value_ints=[axis])))
         cast = staticmethod(lambda t, dtype: op.Cast(t, to=_ONNX_DTYPE[dtype]))
 
         @staticmethod
@@ -217,13 +210,7 @@ def _relax_ops(bb, shape_of):
         const = staticmethod(lambda v: relax.const(v))
         matmul = staticmethod(lambda a, b: emit(R.matmul(a, b)))
         mul = staticmethod(lambda a, b: emit(R.multiply(a, b)))
-        add = staticmethod(lambda a, b: emit(R.add(a, b)))
-        sub = staticmethod(lambda a, b: emit(R.subtract(a, b)))
-        cat = staticmethod(lambda ts, axis: emit(R.concat(ts, axis)))
-        squeeze_dim3 = staticmethod(lambda t: emit(R.squeeze(t, [3])))
-        sum_dim3 = staticmethod(lambda t: emit(R.sum(t, axis=[3])))
         reduce_sum = staticmethod(lambda t, axes: emit(R.sum(t, axis=list(axes))))
-        unsqueeze = staticmethod(lambda t, axis: emit(R.expand_dims(t, axis)))
         cast = staticmethod(lambda t, dtype: emit(R.astype(t, str(dtype).removeprefix("torch."))))
 
         @staticmethod

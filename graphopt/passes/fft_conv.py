@@ -160,10 +160,8 @@ class FFTConv(Pass):
         h = torch.fft.irfft(kspec.reshape(-1, kspec.shape[-1]).to(torch.complex128), n=n).expand(c, n)
         _, ns = fft_size(n)
         spec = graph.add_constant(spectrum(h.reshape(c, 1, 1, n), ns), f"{kern.target}_monarch", before=node)
-        with graph.fx.inserting_before(out_node):
-            y = graph.fx.call_function(torch.ops.graphopt.fft_conv1d.default,
-                                       (u, spec, list(ns), c, start, end - start))
-        y.meta["val"] = tensor_meta(out_node).new_empty(tensor_meta(out_node).shape)
+        y = graph.call(torch.ops.graphopt.fft_conv1d.default, (u, spec, list(ns), c, start, end - start),
+                       before=out_node)
         out_node.replace_all_uses_with(y)
         result.did(f"%{out_node.name}: rfft·irfft convolution (n={n}, {c} channels) → graphopt.fft_conv1d "
                    f"(circular, period {n}; replaces the model's own FFT: ONNX DFT on ORT, none on TVM)")

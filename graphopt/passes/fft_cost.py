@@ -88,7 +88,8 @@ class Decision:
     period: str           # the FFT period: "N = N1·N2" (1-D) or "Nh×Nw"
 
     def __str__(self) -> str:
-        return f"{self.form} (estimated direct {self.direct_ms:.3g} ms, matmul-FFT {self.fft_ms:.3g} ms, period {self.period})"
+        return (f"{self.form} (estimated direct {self.direct_ms:.3g} ms, matmul-FFT {self.fft_ms:.3g} ms, "
+                f"period {self.period})")
 
 
 def decide(shape: ConvShape | Conv2dShape, rates: dict[str, float] | None = None) -> Decision:
@@ -118,8 +119,9 @@ def measured_rates() -> dict[str, float]:
     conv2 = torch.nn.Conv2d(s2.channels, s2.channels, s2.kernel, groups=s2.channels, padding="same", bias=False)
     x2 = torch.randn(1, s2.channels, *s2.size)
     rates["depthwise2d"] = s2.direct_macs() / _ort_seconds(conv2, x2)
-    (nh, nw), spec2 = s2.fft_size(), spectrum2d(torch.randn(s2.channels, *s2.kernel), *s2.fft_size())
-    fft2 = _Probe(torch.ops.graphopt.fft_conv2d, spec2, nh, nw, s2.start[0], s2.out[0], s2.start[1], s2.out[1])
+    nh, nw = s2.fft_size()
+    fft2 = _Probe(torch.ops.graphopt.fft_conv2d, spectrum2d(torch.randn(s2.channels, *s2.kernel), nh, nw), nh, nw,
+                  s2.start[0], s2.out[0], s2.start[1], s2.out[1])
     rates["fft2d"] = s2.fft_macs() / _ort_seconds(fft2, x2)
     return rates
 
