@@ -22,6 +22,19 @@ def test_model_matches_eager_on_tvm(name):
     assert_matches(cm, model, inputs)
 
 
+def test_tvm_runs_on_every_core():
+    """TVM alone would take half the logical CPUs on x86 (one thread on a 2-vCPU machine)."""
+    import os
+    import sys
+    from graphopt.backends.tvm import host_cores
+    script = ("import torch, graphopt, tvm_ffi; m = torch.nn.Linear(4, 4).eval(); "
+              "graphopt.compile(m, (torch.randn(2, 4),), backend='tvm')(torch.randn(2, 4)); "
+              "print(tvm_ffi.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) == host_cores()
+
+
 def test_exported_library_runs_in_the_tvm_runtime_alone(tmp_path):
     from tvm import relax
     model, (x,) = zoo.build("resnet", size="tiny", batch=2)
