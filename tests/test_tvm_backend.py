@@ -35,6 +35,27 @@ def test_tvm_runs_on_every_core():
     assert int(out.stdout.split()[-1]) == host_cores()
 
 
+class Activations(torch.nn.Module):
+    def forward(self, x):
+        F = torch.nn.functional
+        return (F.gelu(x), F.gelu(x, approximate="tanh"), torch.sigmoid(x), F.silu(x), torch.softmax(x, -1),
+                torch.tanh(x), torch.exp(x.clamp(max=10)))
+
+
+def test_activations_use_vectorizable_fast_math_within_fp32_rounding():
+    """LLVM would scalarize exp/tanh/erf into libm calls; graphopt writes every activation with TOPI's
+    polynomial forms, which must stay within a few ulps of torch over the whole range."""
+    from graphopt.backends.tvm_fast_math import fast_math
+    from graphopt.codegen.relax import to_relax
+    model, x = Activations().eval(), torch.linspace(-30, 30, 64 * 1024).reshape(64, 1024)
+    cm = graphopt.compile(model, (x,), backend="tvm")
+    lowered = fast_math(to_relax(cm.graph, (x,))).script()
+    assert all(f in lowered for f in ("fast_erf", "fast_tanh", "fast_exp"))
+    assert "R.nn.gelu" not in lowered and "R.sigmoid" not in lowered
+    for got, want in zip(cm(x), model(x)):
+        assert ((got - want).abs() <= 2e-6 + 1e-6 * want.abs()).all()
+
+
 def test_exported_library_runs_in_the_tvm_runtime_alone(tmp_path):
     from tvm import relax
     model, (x,) = zoo.build("resnet", size="tiny", batch=2)

@@ -17,6 +17,7 @@ from ..errors import UnsupportedError
 from ..ir import Graph
 from ..targets import Target
 from .base import BuildInputs
+from .tvm_fast_math import fast_math
 from .tvm_tune import tune_and_compile
 
 CROSS_CC = {"arm64": "aarch64-linux-gnu-gcc"}
@@ -110,6 +111,8 @@ class TvmBackend:
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> TvmExecutable:
         import tvm
         mod = to_relax(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes)
+        if target.name != "cuda":   # LLVM CPU targets scalarize exp/tanh/erf; CUDA has fast intrinsics of its own
+            mod = fast_math(mod)
         if inputs.tune is None:
             return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target)
         if target.name != "cpu":
