@@ -1,9 +1,10 @@
 """Kernel tuning for the TVM backend: MetaSchedule, with a persistent database.
 
 Tasks already in the database for this target are not tuned again, so a second compile of the
-same model does zero trials. Tasks are tuned costliest first (FLOPs × calls) and the time budget
-is checked between tasks (a task starts only if the average task so far still fits); a task that
-gets no trials keeps TVM's default schedule. Builder workers skip importing TVM's tensor intrinsics
+same model does zero trials. Tasks are tuned costliest first (FLOPs × calls); the time budget is
+planned between tasks from the seconds per trial so far: when `trials` for every task left no longer
+fits, each gets an even share (at least MIN_TRIALS), and a task that gets no trials keeps TVM's default
+schedule. Builder workers skip importing TVM's tensor intrinsics
 (tens of seconds per worker on this machine) because fp32 schedules do not tensorize."""
 from __future__ import annotations
 
@@ -47,6 +48,20 @@ def build_without_intrinsics(mod, target, _params):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+MIN_TRIALS = 8   # one search round; fewer finds little, and TVM's default CPU schedules are single-threaded
+
+
+def trials_for(wanted: int, seconds_left: float, tasks_left: int, seconds_per_trial: float | None) -> int:
+    """Trials for the next task (costliest first): `wanted` while the rest of the budget covers that for every
+    task left, else an even share of what it covers, but at least MIN_TRIALS; 0 once even that does not fit.
+    An untuned task is far worse than a briefly tuned one, so depth gives way to breadth."""
+    if seconds_per_trial is None:   # nothing measured yet
+        return wanted if seconds_left > 0 else 0
+    share = int(seconds_left / tasks_left / seconds_per_trial)
+    trials = min(wanted, max(MIN_TRIALS, share))
+    return trials if trials * seconds_per_trial <= seconds_left else 0
+
+
 def tune_and_compile(mod, target, tune: Tune):
     """Tune what the database lacks, then compile with the best records applied: (executable, report)."""
     import tvm
@@ -75,24 +90,23 @@ def tune_and_compile(mod, target, tune: Tune):
     todo.sort(key=lambda t: -t.weight * estimate_tir_flops(t.dispatched[0]))
     deadline = start + tune.time_budget
     builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics)
-    durations: list[float] = []
+    spent, done = 0.0, 0          # seconds and trials of the tasks tuned so far: the rate for what is left
     for i, task in enumerate(todo):
-        # a task starts only when a task as long as the average so far still fits in the budget
-        expected = sum(durations) / len(durations) if durations else 0.0
-        if time.perf_counter() + expected >= deadline:
+        trials = trials_for(tune.trials, deadline - time.perf_counter(), len(todo) - i, spent / done if done else None)
+        if trials == 0:
             report.untuned.extend(t.task_name for t in todo[i:])
             break
         task_start = time.perf_counter()
-        strategy = ms.search_strategy.EvolutionarySearch(population_size=max(32, 4 * tune.trials),
-                                                         init_min_unmeasured=min(50, 2 * tune.trials))
+        strategy = ms.search_strategy.EvolutionarySearch(population_size=max(32, 4 * trials),
+                                                         init_min_unmeasured=min(50, 2 * trials))
         with quiet(stdout=True):   # MetaSchedule logs every trial to the console; its logs stay in db/logs
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(work_dir),
                                                                                      strategy=strategy)
             ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
-                               max_trials_global=tune.trials, max_trials_per_task=tune.trials,
-                               num_trials_per_iter=min(64, tune.trials), builder=builder, database=database)
-        report.trials += tune.trials
-        durations.append(time.perf_counter() - task_start)
+                               max_trials_global=trials, max_trials_per_task=trials,
+                               num_trials_per_iter=min(64, trials), builder=builder, database=database)
+        report.trials += trials
+        spent, done = spent + time.perf_counter() - task_start, done + trials
         best = best_us(task)
         if best is None:   # every candidate failed to build or run: the default schedule stays
             report.untuned.append(f"{task.task_name} (no valid schedule found)")
@@ -102,7 +116,7 @@ def tune_and_compile(mod, target, tune: Tune):
             left = max(0.0, deadline - time.perf_counter())
             found = f"best {best:.1f} µs" if best is not None else "no valid schedule"
             print(f"[graphopt tune] {i + 1}/{len(todo)} tasks ({len(report.reused)} reused)  {task.task_name}: "
-                  f"{found}  {left:.0f} s of budget left", file=sys.stderr, flush=True)
+                  f"{found} in {trials} trials  {left:.0f} s of budget left", file=sys.stderr, flush=True)
     with target:
         mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
     executable = tvm.compile(mod, target=target)
