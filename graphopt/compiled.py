@@ -43,15 +43,20 @@ class CompiledModule:
         self.backend = backend
         self.report = report              # one StepRecord per pass and for the backend
         self.inputs = input_specs(graph)
+        # most models take positional tensors: then the call skips flattening (see __call__)
+        self._positional = graph.in_spec == pytree.tree_flatten((tuple(range(len(self.inputs))), {}))[1]
 
     def __call__(self, *args, **kwargs):
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if spec != self.graph.in_spec:
-            raise InputError(f"expected inputs ({', '.join(map(str, self.inputs))}) structured as in the example; "
-                             f"got {len(flat)} value(s) structured as {spec}")
+        if self._positional and not kwargs and len(args) == len(self.inputs):
+            flat = args   # the fast path: each value is still checked to be a tensor of the right type and shape
+        else:
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            if spec != self.graph.in_spec:
+                raise InputError(f"expected inputs ({', '.join(map(str, self.inputs))}) structured as in the "
+                                 f"example; got {len(flat)} value(s) structured as {spec}")
         for value, want in zip(flat, self.inputs):
             self._check(value, want)
-        return pytree.tree_unflatten(self.executable.run(flat), self.graph.out_spec)
+        return pytree.tree_unflatten(self.executable.run(list(flat)), self.graph.out_spec)
 
     @staticmethod
     def _check(value, want: InputSpec) -> None:

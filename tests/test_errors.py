@@ -90,6 +90,10 @@ def test_wrong_input_count_and_shape(model):
     cm = graphopt.compile(model, X)
     with pytest.raises(InputError, match=r"expected inputs \(x: float32\[2, 4\]\)"):
         cm(X[0], X[0])
+    with pytest.raises(InputError, match=r"expected inputs \(x: float32\[2, 4\]\)"):
+        cm(x=X[0])
+    with pytest.raises(InputError, match="input x: expected a tensor, got list"):
+        cm([X[0]])
     with pytest.raises(InputError, match=r"x: float32\[2, 4\]: got float32\[3, 4\].*dynamic_shapes='batch'"):
         cm(torch.randn(3, 4))
     with pytest.raises(InputError, match="got float64"):
