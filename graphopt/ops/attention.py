@@ -2,14 +2,17 @@
 
 q, k, v arrive as [batch, seq, heads·head_dim] (the layout projections produce), so the
 reshape/transpose around SDPA disappears into the op; `bias` is an additive float mask
-broadcastable to [batch, heads, q_seq, kv_seq]. Lowers to ONNX Runtime's MultiHeadAttention."""
+broadcastable to [batch, heads, q_seq, kv_seq]. Lowers to ONNX's Attention (opset 23), which ONNX Runtime
+1.31's CPU provider runs faster than its own MultiHeadAttention in every case measured at BERT-base shapes
+(12 heads × 64): 0.21 against 0.32 ms at seq 128 without a mask, 3.1 against 3.6 ms at 512, 4.6 against
+5.0 with an additive mask, 0.49 against 0.64 ms causal at 128."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .registry import contrib_op, graphopt_op
+from .registry import graphopt_op
 
 
 def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -22,8 +25,10 @@ def _fake(q, k, v, bias, num_heads, scale, causal):
 
 
 def _onnx(q, k, v, bias, num_heads: int, scale: float, causal: bool):
-    return contrib_op("MultiHeadAttention")(q, k, v, None, None, bias, num_heads=num_heads, scale=scale,
-                                   unidirectional=int(causal))
+    from onnxscript import opset23
+    out, _, _, _ = opset23.Attention(q, k, v, bias, q_num_heads=num_heads, kv_num_heads=num_heads, scale=scale,
+                                     is_causal=int(causal))
+    return out
 
 
 def _relax(node, importer):

@@ -1,5 +1,5 @@
 """Attention fusion: scaled-dot-product attention with its multi-head reshape/transpose folded in
-becomes one graphopt::attention (ONNX Runtime's MultiHeadAttention on the ORT backend).
+becomes one graphopt::attention (ONNX's Attention, opset 23, on the ORT backend).
 
 Two rules, run in order:
   1. written-out attention  softmax(q·kᵀ · scale [+ mask]) · v  →  aten.scaled_dot_product_attention
