@@ -1,8 +1,10 @@
 """The TVM backend (untuned default schedules): real models match eager through Relax; libraries
 export for the host (loadable by the TVM runtime alone), cross-compile for arm64, and build for CUDA
 without a GPU."""
+import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,8 +26,6 @@ def test_model_matches_eager_on_tvm(name):
 
 def test_tvm_runs_on_every_core():
     """TVM alone would take half the logical CPUs on x86 (one thread on a 2-vCPU machine)."""
-    import os
-    import sys
     from graphopt.backends.tvm import host_cores
     script = ("import torch, graphopt, tvm_ffi; m = torch.nn.Linear(4, 4).eval(); "
               "graphopt.compile(m, (torch.randn(2, 4),), backend='tvm')(torch.randn(2, 4)); "
