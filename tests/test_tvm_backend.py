@@ -54,6 +54,12 @@ def test_activations_use_vectorizable_fast_math_within_fp32_rounding():
     assert "R.nn.gelu" not in lowered and "R.sigmoid" not in lowered
     for got, want in zip(cm(x), model(x)):
         assert ((got - want).abs() <= 2e-6 + 1e-6 * want.abs()).all()
+    # non-causal attention is written out too, so its softmax takes the fast form
+    bert, inputs = zoo.build("bert", size="tiny", batch=2)
+    cm = graphopt.compile(bert, inputs, backend="tvm")
+    lowered = fast_math(to_relax(cm.graph, inputs)).script()
+    assert "R.nn.attention" not in lowered and "fast_softmax" in lowered
+    assert_matches(cm, bert, inputs)
 
 
 def test_exported_library_runs_in_the_tvm_runtime_alone(tmp_path):
