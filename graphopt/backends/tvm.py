@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -23,9 +24,10 @@ from .tvm_tune import tune_and_compile
 CROSS_CC = {"arm64": "aarch64-linux-gnu-gcc"}
 
 
+@cache
 def host_cores() -> int:
     """Physical cores this process may run on: its affinity mask (so `taskset` and containers are respected),
-    with hyper-thread siblings counted once, as Linux's topology files list them."""
+    with hyper-thread siblings counted once, as Linux's topology files list them. Read once per process."""
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     try:
         return len({Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text() for c in cpus})

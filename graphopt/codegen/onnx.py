@@ -10,14 +10,8 @@ import torch
 
 from ..errors import UnsupportedError
 from ..ir import Graph
-from ..ops import onnx_translation_table
+from ..ops import onnx_opset, onnx_translation_table
 from ..quiet import quiet
-
-def opset_for(graph: Graph) -> int | None:
-    """ONNX opset to export at: 23 where an op lowers to an opset-23 op (graphopt::attention → Attention),
-    else the exporter's default."""
-    uses = {str(n.target) for n in graph.module.graph.nodes if n.op == "call_function"}
-    return 23 if "graphopt.attention.default" in uses else None
 
 
 def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> onnx.ModelProto:
@@ -26,7 +20,7 @@ def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shape
             program = torch.onnx.export(
                 graph.module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
                 custom_translation_table=onnx_translation_table(), optimize=True, verbose=False,
-                opset_version=opset_for(graph))
+                opset_version=onnx_opset({n.target for n in graph.module.graph.nodes}))
     except Exception as e:  # the exporter raises its own hierarchy; all mean "cannot lower"
         ops = sorted(set(re.findall(r"(?:aten|graphopt|prims)[.:]+\w+(?:\.\w+)?", str(e))))
         which = f" (op{'s' if len(ops) > 1 else ''}: {', '.join(ops[:5])})" if ops else ""

@@ -48,7 +48,7 @@ def _relax(node, importer):
     return bb.emit(relax.op.reshape(out, (b, importer.shape_of(q)[1], e)))
 
 
-@graphopt_op("attention", fake=_fake, onnx=_onnx, relax=_relax)
+@graphopt_op("attention", fake=_fake, onnx=_onnx, relax=_relax, onnx_opset=23)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
               scale: float, causal: bool) -> torch.Tensor:
     out = torch.nn.functional.scaled_dot_product_attention(

@@ -23,13 +23,14 @@ class GraphoptOp:
     overload: torch._ops.OpOverload      # torch.ops.graphopt.<name>.default
     onnx: Callable
     relax: Callable
+    onnx_opset: int | None = None        # the opset its ONNX translation needs, where newer than the exporter's default
 
 
 _OPS: dict[str, GraphoptOp] = {}
 
 
 def graphopt_op(name: str, *, fake: Callable, onnx: Callable, relax: Callable,
-                mutates_args: Sequence[str] = ()) -> Callable:
+                mutates_args: Sequence[str] = (), onnx_opset: int | None = None) -> Callable:
     """Decorator over the reference implementation: registers graphopt::<name> with its four parts."""
     if not all(callable(part) for part in (fake, onnx, relax)):
         raise TypeError(f"graphopt op {name!r} needs all four parts: reference, fake, onnx, relax")
@@ -37,7 +38,7 @@ def graphopt_op(name: str, *, fake: Callable, onnx: Callable, relax: Callable,
     def wrap(reference: Callable):
         op = torch.library.custom_op(f"graphopt::{name}", mutates_args=tuple(mutates_args))(reference)
         op.register_fake(fake)
-        _OPS[name] = GraphoptOp(name, getattr(torch.ops.graphopt, name).default, onnx, relax)
+        _OPS[name] = GraphoptOp(name, getattr(torch.ops.graphopt, name).default, onnx, relax, onnx_opset)
         return op
     return wrap
 
@@ -84,6 +85,12 @@ def _to_onnx_schema(s) -> onnx.defs.OpSchema:
 def onnx_translation_table() -> dict:
     """For torch.onnx.export(custom_translation_table=...)."""
     return {op.overload: op.onnx for op in _OPS.values()}
+
+
+def onnx_opset(targets) -> int | None:
+    """The ONNX opset a graph calling `targets` must be exported at: the newest any of its graphopt ops needs,
+    or None (the exporter's default)."""
+    return max((op.onnx_opset for op in _OPS.values() if op.onnx_opset and op.overload in targets), default=None)
 
 
 def relax_convert_map() -> dict:
