@@ -21,7 +21,7 @@ import graphopt
 from graphopt import bench
 from graphopt.cli import load_factory
 from graphopt.passes.drift import drift, flat_tensors
-from graphopt.passes.fft_cost import ConvShape, measured_rates
+from graphopt.cost import ConvShape, CostModel
 
 SLOW_S = 0.5      # systems slower than this per call are timed by single calls, not interleaved rounds
 SKIP_S = 20.0     # direct convs estimated slower than this are not run at all
@@ -95,7 +95,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-examples", action="store_true", help="skip the end-to-end Hyena and RepLKNet examples")
     ns = ap.parse_args()
-    rates = measured_rates()
+    rates = CostModel(graphopt.get_target("cpu")).fft_rates()
     print(f"torch {torch.__version__}; median ms per call. graphopt TVM: tuned {ns.tvm_budget:.0f} s per model "
           f"(64 trials per task at most), on {ns.tvm} only")
     print("1-D: depthwise causal conv, kernel = length")

@@ -8,7 +8,9 @@ from .api import compile
 from .backends.tvm_tune import Tune
 from .compiled import CompiledModule
 from .errors import CaptureError, GraphoptError, InputError, UnsupportedError, VerificationError
+from .passes.skip import EarlyExit, LayerSkip
+from .runtime import load
 from .targets import Target, get_target
 
-__all__ = ["CaptureError", "CompiledModule", "GraphoptError", "InputError", "Target", "Tune", "UnsupportedError",
-           "VerificationError", "compile", "get_target", "passes"]
+__all__ = ["CaptureError", "CompiledModule", "EarlyExit", "GraphoptError", "InputError", "LayerSkip", "Target", "Tune",
+           "UnsupportedError", "VerificationError", "compile", "get_target", "load", "passes"]

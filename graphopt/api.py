@@ -13,10 +13,13 @@ from .backends.tvm_tune import Tune
 from .capture import batch_dynamic_shapes, capture
 from .compiled import CompiledModule
 from .errors import InputError, UnsupportedError
+from .cost import CostModel
 from .passes import Pass, PassContext, PassManager, resolve
-from .passes.calibrate import check_batches
+from .passes.calibration import check_batches
 from .passes.drift import flat_tensors
-from .passes.quant_plan import with_quantization
+from .passes.quant.plan import with_quantization
+from .passes.skip import EarlyExit, LayerSkip, check_skippable, with_skipping
+from .runtime import build_early_exit
 from .targets import Target, get_target
 
 
@@ -24,7 +27,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             passes: str | Sequence[str | Pass] = "default", dump_dir: str | Path | None = None,
             verify: bool = False, tolerance: float = 1e-4, dynamic_shapes: Any = None,
             tune: Tune | None = None, quantize: str | None = None, calibration: Any = None,
-            accuracy_budget: float | None = None) -> CompiledModule:
+            accuracy_budget: float | None = None, layer_skip: LayerSkip | None = None,
+            early_exit: EarlyExit | None = None) -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
@@ -35,7 +39,12 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
 
     quantize: "int8" (static; needs `calibration`, a list of batches shaped like example_inputs),
     "int8-dynamic", "int4-weight" (linears), or "auto": per layer float/int8/int4, the fastest plan whose
-    mean (1 − cosine) output error on the calibration batches stays within `accuracy_budget` (0.01)."""
+    mean (1 − cosine) output error on the calibration batches stays within `accuracy_budget` (0.01).
+
+    layer_skip: graphopt.LayerSkip(budget=...) drops the residual blocks that save most time within the budget.
+    early_exit: graphopt.EarlyExit(budget=...) lets each sample leave after a block when an exit head is
+    confident, the graph compiled as segments run by a host dispatcher (`cm.last_exits`); captured with a
+    dynamic batch dim. Both need `calibration`; their budget is the allowed quality loss on it."""
     # 1. everything the user gave is checked before any work
     tgt = get_target(target)
     be = get_backend(backend)
@@ -53,6 +62,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         raise UnsupportedError("the model or its inputs are bfloat16, and ONNX Runtime's CPU provider has no bfloat16 "
                                "kernels for most ops (Add, Conv, MatMul): use backend='tvm', or model.float()")
     calibration = check_batches(calibration, args, kwargs)
+    pipeline = with_skipping(pipeline, layer_skip, early_exit, calibration)
+    if early_exit is not None and dynamic_shapes is None:   # segments run on the samples still going
+        dynamic_shapes = batch_dynamic_shapes(args, kwargs)
     if any(p.needs_calibration for p in pipeline) and not calibration:
         raise InputError(f"quantize={quantize!r} needs calibration data: pass calibration=[batch, ...] with a few "
                          "representative inputs shaped like example_inputs, or use quantize='int8-dynamic'")
@@ -68,11 +80,15 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
 
     # 2. capture → passes → backend
     graph = capture(model, args, kwargs, dynamic_shapes)
-    ctx = PassContext(tgt, args, kwargs, {"calibration": calibration})
+    check_skippable(graph, layer_skip, early_exit)
+    ctx = PassContext(tgt, args, kwargs, calibration, CostModel(tgt))
     manager = PassManager(pipeline, dump_dir, verify, tolerance, reference)
     manager.run(graph, ctx)
     t0 = time.perf_counter()
-    executable = be.build(graph, tgt, BuildInputs(args, kwargs, dynamic_shapes, tune))
+    if early_exit is not None:
+        executable = build_early_exit(early_exit.plan, be, tgt, pipeline[pipeline.index(early_exit) + 1:], tune)
+    else:
+        executable = be.build(graph, tgt, BuildInputs(args, kwargs, dynamic_shapes, tune))
     build_s = time.perf_counter() - t0
     compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records)
     outputs = compiled(*args, **kwargs) if manager.measuring else None

@@ -59,12 +59,18 @@ def _compile(ns: argparse.Namespace) -> int:
 
 
 def _passes(ns: argparse.Namespace) -> int:
-    from .passes import DEFAULT_PIPELINES, available
-    for name, summary in available().items():
-        print(f"{name:<16} {summary}")
+    from .passes import DEFAULT_PIPELINES, available, default_pipeline, family
+    from .targets import get_target
+    by_family: dict[str, list] = {}
+    for name, cls in available().items():
+        by_family.setdefault(family(cls), []).append(cls)
+    for fam, classes in by_family.items():
+        print(f"{fam}:")
+        for cls in classes:
+            print(f"  {cls.name:<16} {cls.phase:<13} {cls.summary}")
     print()
-    for target, names in DEFAULT_PIPELINES.items():
-        print(f"default pipeline for {target}: {' → '.join(names)}")
+    for target in DEFAULT_PIPELINES:
+        print(f"default pipeline for {target}: {' → '.join(default_pipeline(get_target(target)))}")
     return 0
 
 

@@ -69,6 +69,18 @@ class CompiledModule:
             hint = "" if None in want.shape else " (compile with dynamic_shapes='batch' to accept other batch sizes)"
             raise InputError(f"input {want}: got {got}; dims marked * may vary, the others must match{hint}")
 
+    @property
+    def last_exits(self) -> torch.Tensor | None:
+        """With early_exit=: the exit each sample of the last call took (the number of exits: it ran to the
+        end), for monitoring. None otherwise."""
+        return getattr(self.executable, "last_exits", None)
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the model as ONNX segment(s) and a manifest.json (versions, inputs, exits and thresholds,
+        checksums; no pickle) to `directory`; graphopt.load(directory) runs it without the model."""
+        from .runtime import export_bundle
+        return export_bundle(self, directory)
+
     def export_onnx(self, path: str | Path) -> Path:
         """Write the optimized graph as a standalone ONNX file."""
         model = self.executable.artifact()

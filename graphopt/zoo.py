@@ -159,3 +159,77 @@ def sentences(n: int = 300, seed: int = 0) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]   # noqa: E731
     return [f"{pick(_SUBJECTS)} {pick(_ACTIONS)} {pick(_WHEN)}." for _ in range(n)]
+
+
+# --- a deep residual classifier on real data that ships with scikit-learn (early exit, layer skipping) ------
+class _ResidualBlock(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class DigitsResNet(torch.nn.Module):
+    """8×8 digit images → 10 logits: conv stem, `blocks` residual blocks (conv-BN-ReLU-conv-BN + skip, ReLU) at
+    one width, global average pooling, a linear classifier."""
+
+    def __init__(self, blocks: int = 8, width: int = 32):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(*[_ResidualBlock(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def digits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's bundled 1797 handwritten digits (8×8, no download) as (images N×1×8×8, labels), split
+    at random into train (1000), calibration (400) and test (397)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise InputError("the digits data needs scikit-learn (pip install -e .[dev])") from e
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    parts = {"train": order[:1000], "calibration": order[1000:1400], "test": order[1400:]}
+    return {name: (x[i], y[i]) for name, i in parts.items()}
+
+
+def train_digits(blocks: int = 8, width: int = 32, epochs: int = 12, seed: int = 0) -> DigitsResNet:
+    """A DigitsResNet trained on the digits' train split (AdamW, one-cycle schedule, random one-pixel shifts); in
+    eval mode. Trains on one thread: these small convolutions ran ~10× slower on two threads of a busy 2-core
+    machine (their threads wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_digits(blocks, width, epochs, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_digits(blocks: int, width: int, epochs: int, seed: int) -> DigitsResNet:
+    torch.manual_seed(seed)
+    x, y = digits(seed)["train"]
+    model = DigitsResNet(blocks, width)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    steps = epochs * ((len(y) + 63) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        for i in torch.randperm(len(y)).split(64):
+            dx, dy = torch.randint(-1, 2, (2,)).tolist()
+            xb = torch.roll(x[i], shifts=(dx, dy), dims=(2, 3))
+            loss = torch.nn.functional.cross_entropy(model(xb), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()

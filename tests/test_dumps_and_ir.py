@@ -58,7 +58,7 @@ def test_dump_directory(tmp_path, monkeypatch):
     dump = tmp_path / "dumps"
     model, inputs = zoo.build("bert", size="tiny", batch=2)
     cm = graphopt.compile(model, inputs, dump_dir=dump)
-    names = graphopt.passes.DEFAULT_PIPELINES["cpu"]
+    names = graphopt.passes.default_pipeline(graphopt.get_target("cpu"))
     folders = sorted(p.name for p in dump.iterdir() if p.is_dir())
     assert folders == ["00-captured"] + [f"{i:02d}-{n}" for i, n in enumerate(names, 1)] + [f"{len(names) + 1:02d}-backend-ort"]
     for folder in folders[1:-1]:

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 import graphopt
 from graphopt.cli import load_factory
 from graphopt.ops.fft_conv import TorchOps, fft_size, monarch_conv, spectrum
-from graphopt.passes.fft_conv import FFTConv
+from graphopt.passes.fft.fft_conv import FFTConv
 from graphopt.ops.fft_conv2d import dft2_conv, spectrum2d
-from graphopt.passes.fft_cost import Conv2dShape, ConvShape, decide
+from graphopt.cost import Conv2dShape, ConvShape, CostModel
+
+decide = CostModel(graphopt.get_target("cpu")).fft_decision
 from conftest import assert_matches
 
 

@@ -104,6 +104,7 @@ class TwoConvs(torch.nn.Module):
         return self.b(self.a(x).relu())
 
 
+@pytest.mark.slow   # MetaSchedule tuning: 95 s alone, several minutes on a loaded 2-core machine
 def test_tuning_database_is_reused_and_budget_respected(tmp_path, capsys):
     model, x = TwoConvs().eval(), (torch.randn(1, 8, 16, 16),)
     db = tmp_path / "tuning-db"
@@ -127,6 +128,7 @@ def test_tune_needs_the_tvm_backend():
         graphopt.compile(TwoConvs().eval(), (torch.randn(1, 8, 4, 4),), tune=graphopt.Tune())
 
 
+@pytest.mark.slow   # tunes TVM to have something to compare
 def test_auto_backend_keeps_the_faster_and_says_why(tmp_path):
     model, x = TwoConvs().eval(), (torch.randn(1, 8, 16, 16),)
     plain = graphopt.compile(model, x, backend="auto")

@@ -15,7 +15,7 @@ def test_model_matches_eager(name):
     model, inputs = zoo.build(name, size="tiny", batch=2)
     compiled = graphopt.compile(model, inputs, target="cpu")
     assert_matches(compiled, model, inputs)
-    assert len(compiled.report) == 1 + len(graphopt.passes.DEFAULT_PIPELINES["cpu"]) + 1
+    assert len(compiled.report) == 1 + len(graphopt.passes.default_pipeline(graphopt.get_target("cpu"))) + 1
 
 
 def test_batchnorm_folded_in_resnet_and_weights_untouched():

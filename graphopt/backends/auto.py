@@ -6,7 +6,7 @@ vs 42 ms measured here), so building it untuned would only cost time. The decisi
 timings go into the report's backend row."""
 from __future__ import annotations
 
-from ..bench import time_side_by_side
+from ..cost import CostModel
 from ..errors import InputError
 from ..ir import Graph
 from ..targets import Target
@@ -52,10 +52,7 @@ class AutoBackend:
         TvmBackend().check(target)
         tvm_exe = TvmBackend().build(graph, target, inputs)
         flat = graph.flat_inputs(inputs.args, inputs.kwargs)
-        # rounds of at least 0.2 s: with 0.05 s rounds tuned TVM measured 0.66-0.75 ms per call on bench_tvm's
-        # chain workload against 0.33-0.35 ms with 0.2 s rounds (its thread pool waking after each pause, probably),
-        # and auto kept ORT (0.5 ms) where TVM is faster
-        ms = time_side_by_side({"ort": ort_exe.run, "tvm": tvm_exe.run}, (flat,), rounds=7, min_round_s=0.2)
+        ms = CostModel(target).compare({"ort": ort_exe.run, "tvm": tvm_exe.run}, (flat,))
         best = min(ms, key=ms.get)
         names = {"ort": "ONNX Runtime", "tvm": "tuned TVM"}
         return ChosenExecutable({"ort": ort_exe, "tvm": tvm_exe}[best], best, [(

@@ -73,27 +73,29 @@ class Graph:
         node.meta["val"] = tensor
         return node
 
-    def call(self, target, args: tuple, *, before: fx.Node, dtype: torch.dtype | None = None) -> fx.Node:
-        """Insert `target(*args)` before `before`, its meta["val"] computed on the graph's FakeTensors.
-        With `dtype`, the result is `before`'s value in that dtype (where tracing the op would guard
-        on a dynamic dim)."""
+    def call(self, target, args: tuple, kwargs: dict | None = None, *, before: fx.Node,
+             dtype: torch.dtype | None = None) -> fx.Node:
+        """Insert `target(*args, **kwargs)` before `before`, its meta["val"] computed on the graph's
+        FakeTensors: the one way a pass creates a node. With `dtype`, the result is `before`'s value in
+        that dtype (where tracing the op would guard on a dynamic dim)."""
+        kwargs = kwargs or {}
         with self.fx.inserting_before(before):
-            node = self.fx.call_function(target, args)
+            node = self.fx.call_function(target, args, kwargs)
         if dtype is not None:
             val = before.meta["val"]
             fake_mode = detect_fake_mode([val])
             with fake_mode if fake_mode is not None else contextlib.nullcontext():
                 node.meta["val"] = val.to(dtype)
             return node
-        vals = fx.map_arg(args, lambda n: n.meta["val"])
-        fake_mode = detect_fake_mode(pytree.tree_leaves(vals))
+        vals, kw = fx.map_arg((args, kwargs), lambda n: n.meta["val"])
+        fake_mode = detect_fake_mode(pytree.tree_leaves((vals, kw)))
         if fake_mode is None:
-            node.meta["val"] = target(*vals)
+            node.meta["val"] = target(*vals, **kw)
         else:
-            vals = pytree.tree_map_only(torch.Tensor, lambda t: t if isinstance(t, FakeTensor)
-                                        else fake_mode.from_tensor(t, static_shapes=True), vals)
+            vals, kw = pytree.tree_map_only(torch.Tensor, lambda t: t if isinstance(t, FakeTensor)
+                                            else fake_mode.from_tensor(t, static_shapes=True), (vals, kw))
             with fake_mode:
-                node.meta["val"] = target(*vals)
+                node.meta["val"] = target(*vals, **kw)
         return node
 
     def eliminate_dead_code(self) -> bool:

@@ -1,9 +1,9 @@
-"""Passes over the IR. Importing this package registers every built-in pass by name."""
-from . import (dce, fft_conv, fold_batchnorm, fold_constants, fuse_attention, fuse_epilogues, fuse_norms,  # noqa: F401
-               quant_plan, quantize, remove_noops)
-from .base import DEFAULT_PIPELINES, Pass, PassContext, PassResult, available, register, resolve
+"""Passes over the IR, one subpackage per family. Importing this package registers every built-in pass."""
+from . import cleanup, fft, fusion, quant, skip  # noqa: F401  (registers the families' passes)
+from .base import PHASES, Pass, PassContext, PassResult, available, family, register
 from .drift import Drift, drift
 from .manager import PassManager, StepRecord
+from .pipelines import DEFAULT_PIPELINES, default_pipeline, place, resolve
 
-__all__ = ["DEFAULT_PIPELINES", "Drift", "Pass", "PassContext", "PassManager", "PassResult", "StepRecord",
-           "available", "drift", "register", "resolve"]
+__all__ = ["DEFAULT_PIPELINES", "Drift", "PHASES", "Pass", "PassContext", "PassManager", "PassResult", "StepRecord",
+           "available", "default_pipeline", "drift", "family", "place", "register", "resolve"]

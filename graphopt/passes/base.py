@@ -6,19 +6,29 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar
 
+from ..cost import CostModel
 from ..errors import InputError
 from ..ir import Graph
 from ..targets import Target
 
+Batch = tuple[tuple, dict]   # one calibration batch: (args, kwargs) shaped like the example inputs
+PHASES = ("canonicalize", "rewrite", "lossy", "epilogue", "cleanup")   # the order a pipeline runs them in
+
 
 @dataclass
 class PassContext:
+    """What a pass may read besides the graph. `cost` makes every measured decision, on the target."""
     target: Target
     example_args: tuple
     example_kwargs: dict = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)   # later passes: calibration data, budgets...
+    calibration: list[Batch] = field(default_factory=list)
+    cost: CostModel | None = None
+
+    def __post_init__(self):
+        if self.cost is None:
+            self.cost = CostModel(self.target)
 
 
 @dataclass
@@ -40,8 +50,10 @@ class PassResult:
 
 
 class Pass(abc.ABC):
+    """Rewrites the graph in place; the manager removes what became dead and tidies after it."""
     name: ClassVar[str]
     summary: ClassVar[str]   # one line for `graphopt passes`
+    phase: ClassVar[str]     # one of PHASES: where the pass goes when added to a pipeline
     lossy: ClassVar[bool] = False   # changes the numbers by design (quantization): verify checks later steps only
     needs_calibration: ClassVar[bool] = False   # compile() refuses it without calibration data
 
@@ -55,40 +67,29 @@ class Pass(abc.ABC):
 
 _REGISTRY: dict[str, type[Pass]] = {}
 
-DEFAULT_PIPELINES: dict[str, tuple[str, ...]] = {
-    "cpu": ("remove_noops", "fold_constants", "fold_batchnorm", "fft_conv", "fuse_norms", "fuse_attention",
-            "fuse_epilogues", "fold_constants", "dce"),
-    "cuda": ("remove_noops", "fold_constants", "fold_batchnorm", "dce"),
-    "arm64": ("remove_noops", "fold_constants", "fold_batchnorm", "dce"),
-}
-
 
 def register(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a pass available by its name."""
+    """Class decorator: make a pass available by its name; its family is its subpackage."""
     if cls.name in _REGISTRY:
         raise ValueError(f"pass name {cls.name!r} registered twice")
+    if getattr(cls, "phase", None) not in PHASES:
+        raise ValueError(f"pass {cls.name!r} declares phase {getattr(cls, 'phase', None)!r}; one of {PHASES}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def available() -> dict[str, str]:
-    """name → one-line summary of every registered pass."""
-    return {name: cls.summary for name, cls in sorted(_REGISTRY.items())}
+def family(cls: type[Pass]) -> str:
+    """The pass family: the subpackage of graphopt.passes that defines it (cleanup, fusion, quant, ...)."""
+    parts = cls.__module__.split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["graphopt", "passes"] else "user"
 
 
-def resolve(passes: str | Sequence[str | Pass], target: Target) -> list[Pass]:
-    """'default' (the target's pipeline) or a list of names / Pass objects → Pass objects."""
-    if isinstance(passes, str):
-        if passes != "default":
-            raise InputError(f"passes={passes!r}: give 'default' or a list of pass names or Pass objects")
-        passes = DEFAULT_PIPELINES[target.name]
-    out = []
-    for p in passes:
-        if isinstance(p, Pass):
-            out.append(p)
-        elif isinstance(p, str) and p in _REGISTRY:
-            out.append(_REGISTRY[p]())
-        else:
-            raise InputError(f"unknown pass {p!r}; known passes: {', '.join(sorted(_REGISTRY))} "
-                             "(see `graphopt passes`)")
-    return out
+def available() -> dict[str, type[Pass]]:
+    """name → class of every registered pass."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+def by_name(name: str) -> Pass:
+    if name not in _REGISTRY:
+        raise InputError(f"unknown pass {name!r}; known passes: {', '.join(sorted(_REGISTRY))} (see `graphopt passes`)")
+    return _REGISTRY[name]()

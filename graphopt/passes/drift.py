@@ -1,5 +1,5 @@
 """Numerical drift: how far a graph's outputs are from eager PyTorch's on the example inputs, and the
-two accuracy measures quantization is judged by (SQNR, rank correlation)."""
+accuracy measures lossy passes are judged by (cosine error, SQNR, rank correlation)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,3 +52,11 @@ def rank_correlation(a, b) -> float:
     """Spearman's ρ: how well `b` preserves the order of `a`."""
     ra, rb = (torch.as_tensor(v).argsort().argsort().double() for v in (a, b))
     return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
+
+
+def cosine_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """mean (1 − cosine similarity) over outputs, each flattened per sample: the budget lossy passes
+    (quantize='auto', layer skipping, pruning) spend."""
+    errs = [1 - torch.nn.functional.cosine_similarity(o.reshape(len(o), -1).double(), r.reshape(len(r), -1).double(),
+                                                      dim=1).mean().item() for o, r in zip(outs, refs)]
+    return max(sum(errs) / len(errs), 0.0)

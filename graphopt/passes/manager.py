@@ -1,4 +1,5 @@
-"""PassManager: runs a pipeline, times and measures each pass, and writes the dumps.
+"""PassManager: runs a pipeline, does the chores after each pass (dead code, tidy), times and
+measures each pass, and writes the dumps.
 
 With `dump_dir`, each pass gets `NN-<pass>/` holding graph.txt, diff.txt, a picture with the
 nodes it created highlighted, and stats.json (op counts, time, rewrites, notes, drift against
@@ -70,6 +71,9 @@ class PassManager:
             before_counts = graph.op_counts()
             t0 = time.perf_counter()
             result = p.run(graph, ctx)
+            if result.changed:   # the chores every rewrite needs: drop what became dead, check, recompile
+                graph.eliminate_dead_code()
+                graph.tidy()
             elapsed = time.perf_counter() - t0
             after_text = graph_text(graph)
             touched = set(_node_lines(after_text).items()) - set(_node_lines(text).items())

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir import Graph, is_call, tensor_meta
-from .base import Pass, PassContext, PassResult, register
+from ...ir import Graph, is_call, tensor_meta
+from ..base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
 
@@ -84,6 +84,7 @@ def _affine(graph: Graph, node: fx.Node, n: int, with_bias: bool):
 @register
 class FuseNorms(Pass):
     name = "fuse_norms"
+    phase = "rewrite"
     summary = "turn LayerNorm/RMSNorm written out as mean/var/rsqrt into aten.layer_norm / aten.rms_norm"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -109,16 +110,8 @@ class FuseNorms(Pass):
                 result.skipped(f"%{node.name}: normalized size is dynamic")
                 continue
             end, weight, bias = _affine(graph, node, n, with_bias=kind == "layer_norm")
-            with graph.fx.inserting_before(end):
-                if kind == "layer_norm":
-                    fused = graph.fx.call_function(aten.layer_norm.default, (source, [n], weight, bias, eps))
-                else:
-                    fused = graph.fx.call_function(aten.rms_norm.default, (source, [n], weight, eps))
-            fused.meta["val"] = end.meta["val"]
-            end.replace_all_uses_with(fused)
+            args = (source, [n], weight, bias, eps) if kind == "layer_norm" else (source, [n], weight, eps)
+            end.replace_all_uses_with(graph.call(getattr(aten, kind).default, args, before=end))
             affine = "with scale and shift" if bias is not None else "with scale" if weight is not None else "no affine"
             result.did(f"%{end.name}: written-out {kind} over %{source.name} (eps {eps:g}, {affine}) → aten.{kind}")
-        if result.changed:
-            graph.eliminate_dead_code()
-            graph.tidy()
         return result

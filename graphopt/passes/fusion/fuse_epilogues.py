@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir import Graph, fusion_blocker, is_call, same_shape, tensor_meta
-from .base import Pass, PassContext, PassResult, register
+from ...ir import Graph, conv_args, fusion_blocker, is_call, linear_args, same_shape, tensor_meta, zero_pad_into
+from ..base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
 
@@ -33,16 +33,6 @@ def _pair(v) -> list[int]:
     return list(v) * 2 if len(v) == 1 else list(v)
 
 
-def _pads(x: fx.Node, padding) -> tuple[list[int], fx.Node | None]:
-    """The conv's padding as [top, left, bottom, right], absorbing a zero pad that only feeds it."""
-    ph, pw = _pair(padding)
-    if (x.op == "call_function" and x.target is aten.constant_pad_nd.default and len(x.users) == 1
-            and (x.args[2] if len(x.args) > 2 else 0) == 0 and len(x.args[1]) == 4 and min(x.args[1]) >= 0):
-        left, right, top, bottom = x.args[1]
-        return [ph + top, pw + left, ph + bottom, pw + right], x
-    return [ph, pw, ph, pw], None
-
-
 def _residual(node: fx.Node, producer: fx.Node) -> fx.Node | None:
     """z when node = producer + z (either order, alpha 1) with z of the producer's shape and dtype."""
     if node.target is not aten.add.Tensor or node.kwargs.get("alpha", 1) != 1:
@@ -56,6 +46,7 @@ def _residual(node: fx.Node, producer: fx.Node) -> fx.Node | None:
 @register
 class FuseEpilogues(Pass):
     name = "fuse_epilogues"
+    phase = "epilogue"
     summary = "fuse conv2d + bias + residual add + activation and linear + bias + activation into one op"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -83,28 +74,24 @@ class FuseEpilogues(Pass):
                 continue
             act = activation_of(act_node)
             if node.target is aten.convolution.default:
-                x, w, b, stride, padding, dilation, _, _, groups = node.args
-                pads, pad_node = _pads(x, padding)
-                op_args = (pad_node.args[0] if pad_node is not None else x, w, b, z, _pair(stride), pads,
+                x, w, b, stride, padding, dilation, _, _, groups = conv_args(node)
+                folded = zero_pad_into(node)
+                (top, bottom), (left, right) = folded.pads if folded else [(p, p) for p in _pair(padding)]
+                op_args = (folded.source if folded else x, w, b, z, _pair(stride), [top, left, bottom, right],
                            _pair(dilation), groups, act)
                 self._replace(graph, chain, torch.ops.graphopt.conv_act.default, op_args)
-                if pad_node is not None:
-                    graph.fx.erase_node(pad_node)
-                merged = ([pad_node] if pad_node is not None else []) + chain[1:]
+                merged = ([folded.pad] if folded else []) + chain[1:]
                 what = f"{'residual %' + z.name + ' + ' if z is not None else ''}{act} → graphopt.conv_act"
             else:
-                x, w, b = (list(node.args) + [None])[:3]
-                self._replace(graph, chain, torch.ops.graphopt.linear_act.default, (x, w, b, act))
+                self._replace(graph, chain, torch.ops.graphopt.linear_act.default, (*linear_args(node), act))
                 merged, what = chain[1:], f"{act} → graphopt.linear_act"
             view = None
             result.did(f"%{node.name} + {what} (merged {', '.join('%' + n.name for n in merged)})")
-        if result.changed:
-            graph.tidy()
         return result
 
     @staticmethod
     def _why_not_conv(node: fx.Node) -> str | None:
-        _, w, _, stride, padding, dilation, transposed, _, groups = node.args
+        _, w, _, stride, padding, dilation, transposed, _, groups = conv_args(node)
         if transposed:
             return "transposed convolution"
         if is_call(node.args[0], torch.ops.graphopt.dequantize.default):
@@ -119,9 +106,7 @@ class FuseEpilogues(Pass):
     @staticmethod
     def _replace(graph: Graph, chain: list[fx.Node], op, args: tuple) -> None:
         last = chain[-1]
-        with graph.fx.inserting_before(last):
-            fused = graph.fx.call_function(op, args)
-        fused.meta["val"] = last.meta["val"]
+        fused = graph.call(op, args, before=last)
         last.replace_all_uses_with(fused)
         for n in reversed(chain):
             graph.fx.erase_node(n)

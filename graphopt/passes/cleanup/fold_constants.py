@@ -10,8 +10,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..ir import Graph, op_name
-from .base import Pass, PassContext, PassResult, register
+from ...ir import Graph, op_name
+from ..base import Pass, PassContext, PassResult, register
 
 MIN_GROWTH_ALLOWED = 4096  # elements a fold may always produce, even from nothing (arange, zeros)
 
@@ -29,6 +29,7 @@ def _foldable(node: fx.Node) -> bool:
 @register
 class FoldConstants(Pass):
     name = "fold_constants"
+    phase = "canonicalize"
     summary = "evaluate ops whose inputs are all constants at compile time and store the results"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -55,9 +56,8 @@ class FoldConstants(Pass):
             const = graph.add_constant(value.contiguous(), node.name, before=node)
             node.replace_all_uses_with(const)
             result.did(f"folded %{node.name} ({op_name(node)}) into a {tuple(value.shape)} constant")
-        if result.changed:
+        if result.changed:   # the folded subgraphs, now unread (the manager's DCE would keep impure ones)
             for node in reversed([n for n in values if n.op == "call_function"]):
                 if not node.users:
                     graph.fx.erase_node(node)
-            graph.tidy()
         return result

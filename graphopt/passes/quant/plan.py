@@ -10,36 +10,31 @@ The plan, the errors and the uniform plans it was compared with are in the dumps
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..errors import InputError, UnsupportedError
-from ..ir import Graph
-from ..ops import quant
-from .base import Pass, PassContext, PassResult, register
-from .calibrate import observe
-from .drift import rank_correlation
-from .quantize import (
-    CONV,
-    LINEAR,
-    Quantize,
-    QuantOptions,
-    _activation_qparams,
-    layer_name,
-    layers,
-    quantize_weight,
-    uniform_plan,
-)
+from ...errors import InputError, UnsupportedError
+from ...ir import Graph
+from ...ops import quant
+from ..base import Pass, PassContext, PassResult, register
+from ..calibration import observe, run_batches
+from ..drift import cosine_error, rank_correlation
+from ..pipelines import place
+from .layers import (CONV, LINEAR, QuantOptions, activation_qparams, layer_name, layers, quantize_weight, uniform_plan,
+                     weight_max)
+from .observers import Observer
+from .quantize import Quantize
 
 DEFAULT_BUDGET = 0.01
 
 
 def with_quantization(pipeline: list[Pass], quantize: str | None, budget: float | None, model) -> list[Pass]:
-    """The pipeline with the quantization pass the user asked for, placed after the fusions that read
-    float patterns (attention, norms) and before the epilogue fusion (which must leave QDQ convs alone)."""
+    """The pipeline with the quantization pass the user asked for, in the lossy phase: after the fusions
+    that read float patterns (attention, norms), before the epilogue fusion (which leaves QDQ convs alone)."""
     if budget is not None and quantize != "auto":
         raise InputError("accuracy_budget= applies to quantize='auto'")
     if quantize is None:
@@ -51,14 +46,13 @@ def with_quantization(pipeline: list[Pass], quantize: str | None, budget: float 
     if dtypes - {torch.float32}:
         raise UnsupportedError(f"quantize={quantize!r} lowers float32 models; this one has "
                                f"{', '.join(sorted(map(str, dtypes)))} weights: call model.float() first")
-    names = [p.name for p in pipeline]
-    at = names.index("fuse_epilogues") if "fuse_epilogues" in names else len(names) - (names[-1:] == ["dce"])
-    return pipeline[:at] + [qpass] + pipeline[at:]
+    return place(pipeline, qpass)
 
 
 @register
 class QuantizeAuto(Pass):
     name = "quantize_auto"
+    phase = "lossy"
     summary = "mixed precision: per-layer float/int8/int4 plan, fastest within an output-error budget"
     lossy = True
     needs_calibration = True
@@ -71,15 +65,16 @@ class QuantizeAuto(Pass):
         self.budget, self.options, self.sensitivity = budget, options or QuantOptions(), sensitivity
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        batches = ctx.options.get("calibration")
+        batches = ctx.calibration
         if not batches:
             raise InputError("quantize='auto' needs calibration data: pass calibration=[batch, ...]")
         result = PassResult()
+        opts = dataclasses.replace(self.options, weight_max=weight_max(self.options, ctx)[0])   # as Quantize will
         options = {n.name: (["int8"] if n.target is CONV else ["int8", "int8-dynamic", "int4"]) for n in layers(graph)}
-        refs = _run_all(graph, batches)
+        refs = run_batches(graph, batches)
         uniform = {m: uniform_plan(graph, m) for m in ("int8", "int8-dynamic", "int4")}
-        uniform_err = {m: _plan_error(graph, batches, refs, p, self.options) for m, p in uniform.items()}
-        swaps = _quantized_layers(graph, batches[:2], options, self.options)
+        uniform_err = {m: _plan_error(graph, ctx, refs, p, opts) for m, p in uniform.items()}
+        swaps = _quantized_layers(graph, batches[:2], options, opts)
         local = _local_noise(graph, batches[:2], swaps)
         # the cheap proxy: a layer's own output noise, scaled so the uniform int8 plan's sum matches its measurement
         k = uniform_err["int8"] / max(sum(v for (_, o), v in local.items() if o == "int8"), 1e-30)
@@ -90,8 +85,8 @@ class QuantizeAuto(Pass):
                for m, p in uniform.items()}
         flops = {n.name: _flops(n) for n in layers(graph)}
         saving = {}
-        for name, opts in options.items():
-            for o in opts:
+        for name, choices in options.items():
+            for o in choices:
                 pool = sum(flops[k] for k, v in uniform[o].items() if v == o) or 1
                 saving[name, o] = max(ms["float"] - ms[o], 0.0) * flops[name] / pool
 
@@ -102,11 +97,11 @@ class QuantizeAuto(Pass):
             extra = errors[name, o] - errors.get((name, plan[name]), 0.0)
             if gain > 0 and spent + extra <= self.budget:
                 plan[name], spent = o, spent + extra
-        measured = _plan_error(graph, batches, refs, plan, self.options)
+        measured = _plan_error(graph, ctx, refs, plan, opts)
         while measured > self.budget:          # errors do not add exactly: back off the worst move
             worst = max((k for k in plan if plan[k] != "float"), key=lambda k: errors[k, plan[k]])
             plan[worst] = "float"
-            measured = _plan_error(graph, batches, refs, plan, self.options)
+            measured = _plan_error(graph, ctx, refs, plan, opts)
         est = ms["float"] - sum(saving[k, v] for k, v in plan.items() if v != "float")
         # the mixed plan is kept only if it measures faster than every uniform plan within the budget
         plan_ms = _latency_ms(graph, ctx, plan) if any(v != "float" for v in plan.values()) else ms["float"]
@@ -131,7 +126,7 @@ class QuantizeAuto(Pass):
             result.notes.append(f"chosen plan: the mixed plan, {plan_ms:.2f} ms, error {measured:.1e}")
         result.stats.update({f"layers_{m}": sum(v == m for v in plan.values()) for m in ("float", *uniform)})
         if any(v != "float" for v in plan.values()):
-            sub = Quantize("int8", self.options, plan).run(graph, ctx)
+            sub = Quantize("int8", opts, plan).run(graph, ctx)
             result.rewrites += sub.rewrites
             result.notes.extend(sub.notes)
         self.plan, self.measured = plan, measured
@@ -139,33 +134,10 @@ class QuantizeAuto(Pass):
 
 
 # --- measuring ---------------------------------------------------------------------------------
-def _error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
-    """mean (1 − cosine similarity) over batches and outputs, each output flattened per sample."""
-    errs = [1 - F.cosine_similarity(o.reshape(len(o), -1).double(), r.reshape(len(r), -1).double(), dim=1).mean().item()
-            for o, r in zip(outs, refs)]
-    return max(sum(errs) / len(errs), 0.0)
-
-
-def _run_all(graph: Graph, batches, swap: tuple[fx.Node, object] | None = None) -> list[torch.Tensor]:
-    """The float outputs of the graph on every batch; `swap=(node, fn)` computes that node with fn."""
-    class Runner(fx.Interpreter):
-        def run_node(self, node):
-            if swap is not None and node is swap[0]:
-                return swap[1](*self.map_nodes_to_values(node.args, node))
-            return super().run_node(node)
-    outs = []
-    with torch.no_grad():
-        for args, kwargs in batches:
-            res = Runner(graph.module).run(*graph.flat_inputs(args, kwargs))
-            outs.extend(t for t in torch.utils._pytree.tree_leaves(res) if isinstance(t, torch.Tensor)
-                        and t.is_floating_point())
-    return outs
-
-
 def _quantized_layers(graph: Graph, batches, options: dict[str, list[str]], qopts: QuantOptions) -> dict:
     """(layer, option) → a function computing that layer quantized, its input range observed on `batches`."""
     nodes = {n.name: n for n in layers(graph)}
-    observers = observe(graph, batches, {n.args[0] for n in nodes.values()})
+    observers = observe(graph, batches, {n.args[0] for n in nodes.values()}, observer=Observer)
     return {(name, o): (nodes[name], _quantized_layer(graph, nodes[name], o, observers[nodes[name].args[0].name]
                                                       .range(qopts.observer, True), qopts))
             for name, opts in options.items() for o in opts}
@@ -173,8 +145,8 @@ def _quantized_layers(graph: Graph, batches, options: dict[str, list[str]], qopt
 
 def _sensitivities(graph: Graph, batches, swaps: dict) -> dict:
     """(layer, option) → output error with only that layer quantized."""
-    refs = _run_all(graph, batches)
-    return {key: _error(_run_all(graph, batches, swap), refs) for key, swap in swaps.items()}
+    refs = run_batches(graph, batches)
+    return {key: cosine_error(run_batches(graph, batches, dict([swap])), refs) for key, swap in swaps.items()}
 
 
 def _local_noise(graph: Graph, batches, swaps: dict) -> dict:
@@ -199,42 +171,38 @@ def _quantized_layer(graph: Graph, n: fx.Node, option: str, rng, qopts: QuantOpt
     """A function computing layer `n` as `option` would (weights and input rounded the same way)."""
     w = graph.constant(n.args[1]).float()
     if option == "int8":
-        wq = quant.dequantize(*quantize_weight(w), 0)
-        s, z = _activation_qparams(rng, qopts.symmetric_activations)
+        wq = quant.dequantize(*quantize_weight(w, qopts.weight_max or 127), 0)
+        s, z = activation_qparams(rng, qopts.symmetric_activations)
         if n.target is CONV:
             return lambda x, _w, b=None, *rest: F.conv2d(quant.dequantize(quant.quantize(x, s, z), s, z, 0), wq, b,
                                                          *[rest[i] for i in (0, 1, 2)], rest[5])
         return lambda x, _w, b=None: F.linear(quant.dequantize(quant.quantize(x, s, z), s, z, 0), wq, b)
     if option == "int8-dynamic":
-        w_q, scale, _ = quantize_weight(w)
+        w_q, scale, _ = quantize_weight(w, qopts.weight_max or 127)
         return lambda x, _w, b=None: quant.dynamic_linear(x, w_q.t(), scale, b)
     packed = quant.pack_int4(w)
     return lambda x, _w, b=None: quant.int4_linear(x, *packed, b, w.shape[1], quant.INT4_BLOCK)
 
 
-def _plan_error(graph: Graph, batches, refs: list[torch.Tensor], plan: dict[str, str], qopts: QuantOptions) -> float:
+def _plan_error(graph: Graph, ctx: PassContext, refs: list[torch.Tensor], plan: dict[str, str],
+                qopts: QuantOptions) -> float:
     """The output error of the whole graph under `plan`, against the float outputs `refs` on `batches`."""
     if all(v == "float" for v in plan.values()):
         return 0.0
     trial = _copy(graph)
-    ctx = PassContext(None, (), {}, {"calibration": batches})
-    Quantize("int8", qopts, plan).run(trial, ctx)
-    return _error(_run_all(trial, batches), refs)
+    Quantize("int8", dataclasses.replace(qopts, kernel_choice=False), plan).run(trial, ctx)   # same numbers
+    trial.eliminate_dead_code()
+    return cosine_error(run_batches(trial, ctx.calibration), refs)
 
 
 def _latency_ms(graph: Graph, ctx: PassContext, plan: dict[str, str]) -> float:
-    """Milliseconds per call of the graph under `plan`, lowered to ONNX Runtime, on the example inputs."""
-    from ..backends.ort import slow_fusions_for
-    from ..backends.ort_timing import median_run_seconds
-    from ..codegen.onnx import to_onnx
+    """Milliseconds per call of the graph under `plan` on the target, as the cost model measures it."""
     trial = _copy(graph)
     if any(v != "float" for v in plan.values()):
         Quantize("int8", QuantOptions(bias_correction=False), plan).run(trial, ctx)
-    model = to_onnx(trial, ctx.example_args, ctx.example_kwargs)
-    flat = trial.flat_inputs(ctx.example_args, ctx.example_kwargs)
-    feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}
-    disabled = tuple(name for name, *_ in slow_fusions_for(model))   # as the ORT backend will run it
-    return median_run_seconds(model.SerializeToString(), feeds, disabled=disabled) * 1e3
+    trial.eliminate_dead_code()
+    trial.tidy()
+    return ctx.cost.graph_ms(trial, ctx.example_args, ctx.example_kwargs)
 
 
 def _copy(graph: Graph) -> Graph:

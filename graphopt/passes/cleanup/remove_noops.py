@@ -10,8 +10,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-from ..ir import Graph, op_name, same_shape, tensor_meta
-from .base import Pass, PassContext, PassResult, register
+from ...ir import Graph, op_name, same_shape, tensor_meta
+from ..base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
 Rule = Callable[[fx.Node], "fx.Node | None"]
@@ -101,6 +101,7 @@ RULES: dict[object, Rule] = {
 @register
 class RemoveNoops(Pass):
     name = "remove_noops"
+    phase = "canonicalize"
     summary = "remove identity ops: same-shape reshapes/expands/slices, copies, eval dropout, same-dtype casts"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -117,6 +118,4 @@ class RemoveNoops(Pass):
             node.replace_all_uses_with(source)
             graph.fx.erase_node(node)
             result.did(f"removed %{node.name} ({op_name(node)}): identity of %{source.name}")
-        if result.changed:
-            graph.tidy()
         return result

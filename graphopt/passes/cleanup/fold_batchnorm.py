@@ -11,8 +11,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..ir import Graph
-from .base import Pass, PassContext, PassResult, register
+from ...ir import Graph, conv_args
+from ..base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
 BATCH_NORM = aten._native_batch_norm_legit_no_training.default
@@ -30,7 +30,7 @@ def _why_not(graph: Graph, bn: fx.Node) -> str | None:
     weights = [x.args[1], x.args[2] if len(x.args) > 2 else None, *params]
     if any(w is not None and not graph.is_constant(w) for w in weights):
         return "weights or statistics are not constants"
-    if x.target is aten.convolution.default and x.args[6] and x.args[8] != 1:
+    if x.target is aten.convolution.default and conv_args(x).transposed and conv_args(x).groups != 1:
         return "transposed convolution with groups > 1"
     if x.target is aten.linear.default and x.meta["val"].dim() != 2:
         return "linear output is not 2-D, so BatchNorm does not act on its features"
@@ -40,6 +40,7 @@ def _why_not(graph: Graph, bn: fx.Node) -> str | None:
 @register
 class FoldBatchNorm(Pass):
     name = "fold_batchnorm"
+    phase = "canonicalize"
     summary = "fold inference BatchNorm into the weights of the preceding conv/linear"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -52,8 +53,6 @@ class FoldBatchNorm(Pass):
             producer = bn.args[0]
             self._fold(graph, bn, producer)
             result.did(f"folded %{bn.name} into %{producer.name} ({producer.target.name()})")
-        if result.changed:
-            graph.tidy()
         return result
 
     def _fold(self, graph: Graph, bn: fx.Node, producer: fx.Node) -> None:
@@ -64,7 +63,7 @@ class FoldBatchNorm(Pass):
         scale = torch.rsqrt(var + eps) * (gamma if gamma is not None else 1.0)
         bias = graph.constant(b_node).double() if b_node is not None else torch.zeros_like(mean)
         new_bias = (bias - mean) * scale + (beta if beta is not None else 0.0)
-        transposed = producer.target is aten.convolution.default and producer.args[6]
+        transposed = producer.target is aten.convolution.default and conv_args(producer).transposed
         shape = [1, -1] if transposed else [-1]
         new_w = w.double() * scale.reshape(shape + [1] * (w.dim() - len(shape)))
 

@@ -1,19 +1,14 @@
-"""Which of ONNX Runtime's own graph fusions pay off on this machine, decided by measurement.
+"""Probe graphs: the small ONNX models the cost model times to decide a rewrite.
 
-ORT fuses patterns at session creation whether or not its fused kernel is faster. On this
-project's x86-64 CI machine, SkipLayerNormalization runs ~6× slower than the Add +
-LayerNormalization it replaces, so a fusion is kept only when its kernel measures faster than
-the unfused ops on a transformer-sized problem; the verdicts are cached for the process."""
+Each is one problem at a representative size (a BERT-base sequence, a ResNet conv shape), built
+directly in ONNX so what is timed is exactly the kernel ORT will choose."""
 from __future__ import annotations
-
-from functools import cache
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from .ort_timing import median_run_seconds
-
 ROWS, HIDDEN = 128, 768   # one BERT-base sequence
+SHIFT = -1   # the int8 GEMM path's weight zero point: q − 1 stays in int8 for |q| ≤ 127
 
 
 def _model(nodes: list, inits: dict[str, np.ndarray]) -> bytes:
@@ -27,11 +22,8 @@ def _model(nodes: list, inits: dict[str, np.ndarray]) -> bytes:
     return model.SerializeToString()
 
 
-def _median_us(model: bytes, feeds: dict) -> float:
-    return median_run_seconds(model, feeds, optimize=False, calls=100, rounds=5, warmup=20) * 1e6
-
-
-def _probes() -> dict[str, tuple[bytes, bytes]]:
+def fusion_pairs() -> dict[str, tuple[bytes, bytes]]:
+    """ORT optimizer name → (its fused kernel, the ops it replaces), on a BERT-base-sized problem."""
     rng = np.random.default_rng(0)
     vec = {n: rng.standard_normal(HIDDEN).astype(np.float32) for n in ("g", "b")}
     skip_ln = _model([helper.make_node("SkipLayerNormalization", ["x", "s", "g", "b"], ["y"], domain="com.microsoft",
@@ -45,24 +37,9 @@ def _probes() -> dict[str, tuple[bytes, bytes]]:
     return {"SkipLayerNormFusion": (skip_ln, add_ln), "BiasGeluFusion": (bias_gelu, add_gelu)}
 
 
-@cache
-def slow_fusions(margin: float = 1.1) -> tuple[tuple[str, float, float], ...]:
-    """(ORT optimizer name, fused µs, unfused µs) for each fusion whose kernel is slower here."""
-    rng = np.random.default_rng(1)
-    feeds = {n: rng.standard_normal((ROWS, HIDDEN)).astype(np.float32) for n in ("x", "s")}
-    slow = []
-    for name, (fused, unfused) in _probes().items():
-        t_fused, t_unfused = _median_us(fused, feeds), _median_us(unfused, feeds)
-        if t_fused > margin * t_unfused:
-            slow.append((name, t_fused, t_unfused))
-    return tuple(slow)
-
-
-@cache
-def slow_int8_fusions(margin: float = 1.1) -> tuple[tuple[str, float, float], ...]:
-    """The same verdict for fusions that change how ORT runs int8 (QDQ) matmuls: MatMulAddFusion turns
-    DQ → MatMul → Add on 3-D activations into QGemm between two Reshapes; without it ORT runs
-    MatMulIntegerToFloat. Timed on a BERT-sized QDQ linear, with and without the fusion."""
+def qdq_linear() -> tuple[bytes, dict]:
+    """A BERT-sized QDQ linear (DQ → MatMul → Add on 3-D activations) and its feeds: with ORT's
+    MatMulAddFusion it runs as QGemm between two Reshapes, without it as MatMulIntegerToFloat."""
     rng = np.random.default_rng(2)
     w = rng.integers(-127, 128, (HIDDEN, HIDDEN)).astype(np.int8)
     inits = [numpy_helper.from_array(v, k) for k, v in {
@@ -76,7 +53,29 @@ def slow_int8_fusions(margin: float = 1.1) -> tuple[tuple[str, float, float], ..
     graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ROWS, HIDDEN])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
-    feeds = {"x": rng.standard_normal((1, ROWS, HIDDEN)).astype(np.float32)}
-    fused, unfused = (median_run_seconds(model, feeds, calls=50, rounds=5, warmup=5, disabled=d) * 1e6
-                      for d in ((), ("MatMulAddFusion",)))
-    return (("MatMulAddFusion", fused, unfused),) if fused > margin * unfused else ()
+    return model, {"x": rng.standard_normal((1, ROWS, HIDDEN)).astype(np.float32)}
+
+
+def qdq_conv(shape, c_out, kh, kw, stride, padding, dilation, groups, w_zp: int, w_max: int = 127,
+             output_scale: float = 0.05) -> bytes:
+    """One QDQ conv + ReLU as ORT's QLinearConv sees it, its weights given zero point `w_zp`."""
+    c_in = shape[1]
+    rng = np.random.default_rng(1)
+    w = rng.integers(-w_max, w_max + 1, (c_out, c_in // groups, kh, kw)).astype(np.int16) + w_zp
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "xs": np.array(0.02, np.float32), "xz": np.array(128, np.uint8), "w": w.astype(np.int8),
+        "ws": np.full(c_out, 0.01, np.float32), "wz": np.full(c_out, w_zp, np.int8), "b": np.zeros(c_out, np.int32),
+        "bs": np.full(c_out, 0.0002, np.float32), "bz": np.zeros(c_out, np.int32),
+        "ys": np.array(output_scale, np.float32), "yz": np.array(0, np.uint8)}.items()]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["bd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], strides=list(stride), dilations=list(dilation),
+                              pads=[padding[0], padding[1], padding[0], padding[1]], group=groups),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "qconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return model.SerializeToString()

@@ -13,14 +13,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir import Graph, is_call, tensor_meta
-from ..ops import attention as attention_op
-from .base import Pass, PassContext, PassResult, register
+from ...ir import Graph, is_call, sdpa_args, tensor_meta
+from ...ops import attention as attention_op
+from ..base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
 
@@ -95,27 +93,20 @@ def _head_merge_target(out: fx.Node) -> fx.Node | None:
     return merge
 
 
-def sdpa_args(node: fx.Node) -> dict:
-    args = dict(SDPA_DEFAULTS)
-    args.update(zip(SDPA_PARAMS, node.args))
-    args.update(node.kwargs)
-    return args
-
-
 def why_not_fusable(node: fx.Node) -> str | None:
     a = sdpa_args(node)
-    q, k, v = (tensor_meta(a[n]) for n in ("query", "key", "value"))
+    q, k, v = (tensor_meta(getattr(a, n)) for n in ("query", "key", "value"))
     if any(t is None or t.dim() != 4 for t in (q, k, v)):
         return "q, k, v are not 4-D [batch, heads, seq, head_dim]"
-    if a["dropout_p"]:
-        return f"dropout_p={a['dropout_p']} (inference graphs should have none)"
-    if a["enable_gqa"] or str(k.shape[1]) != str(q.shape[1]) or str(v.shape[1]) != str(q.shape[1]):
+    if a.dropout_p:
+        return f"dropout_p={a.dropout_p} (inference graphs should have none)"
+    if a.enable_gqa or str(k.shape[1]) != str(q.shape[1]) or str(v.shape[1]) != str(q.shape[1]):
         return f"grouped-query attention ({k.shape[1]} k/v heads for {q.shape[1]} query heads)"
     if not _static(q.shape[1], q.shape[3], v.shape[3]):
         return "head count or head size is dynamic"
-    if a["is_causal"] and str(q.shape[2]) != str(k.shape[2]):
+    if a.is_causal and str(q.shape[2]) != str(k.shape[2]):
         return "causal attention with different query and key lengths"
-    mask = a["attn_mask"]
+    mask = a.attn_mask
     if mask is not None:
         m = tensor_meta(mask)
         if m.dtype not in (torch.bool, q.dtype):
@@ -135,13 +126,8 @@ def _to_bsh(graph: Graph, t: fx.Node, before: fx.Node) -> fx.Node:
     src = _head_split_source(t)
     if src is not None:
         return src
-    with graph.fx.inserting_before(before):
-        p = graph.fx.call_function(aten.permute.default, (t, [0, 2, 1, 3]))
-        f = graph.fx.call_function(aten.flatten.using_ints, (p, 2, 3))
-    v = tensor_meta(t)
-    p.meta["val"] = v.permute(0, 2, 1, 3)
-    f.meta["val"] = p.meta["val"].flatten(2, 3)
-    return f
+    p = graph.call(aten.permute.default, (t, [0, 2, 1, 3]), before=before)
+    return graph.call(aten.flatten.using_ints, (p, 2, 3), before=before)
 
 
 def constant_mask_kind(graph: Graph, mask: fx.Node | None) -> str | None:
@@ -166,25 +152,20 @@ def _bias(graph: Graph, mask: fx.Node | None, q: torch.Tensor, k: torch.Tensor, 
     m = tensor_meta(mask)
     shape = [1] * (4 - m.dim()) + list(m.shape)
     shape[2:] = [q.shape[2], k.shape[2]]
-    with graph.fx.inserting_before(before):
-        node = mask
-        if m.dtype == torch.bool:
-            node = graph.fx.call_function(aten.where.ScalarOther, (
-                node, graph.fx.call_function(aten.zeros_like.default, (node,), {"dtype": q.dtype}), float("-inf")))
-            node.args[1].meta["val"] = torch.zeros_like(m, dtype=q.dtype)
-            node.meta["val"] = node.args[1].meta["val"]
-        if list(tensor_meta(node).shape) != shape:
-            src = node
-            node = graph.fx.call_function(aten.expand.default, (
-                graph.fx.call_function(aten.reshape.default, (src, [1] * (4 - m.dim()) + list(m.shape))), shape))
-            node.args[0].meta["val"] = tensor_meta(src).reshape([1] * (4 - m.dim()) + list(m.shape))
-            node.meta["val"] = node.args[0].meta["val"].expand(shape)
+    node = mask
+    if m.dtype == torch.bool:
+        zeros = graph.call(aten.zeros_like.default, (node,), {"dtype": q.dtype}, before=before)
+        node = graph.call(aten.where.ScalarOther, (node, zeros, float("-inf")), before=before)
+    if list(tensor_meta(node).shape) != shape:
+        node = graph.call(aten.reshape.default, (node, [1] * (4 - m.dim()) + list(m.shape)), before=before)
+        node = graph.call(aten.expand.default, (node, shape), before=before)
     return node
 
 
 @register
 class FuseAttention(Pass):
     name = "fuse_attention"
+    phase = "rewrite"
     summary = "fuse q·kᵀ→scale→mask→softmax→·v and SDPA with head split/merge into graphopt::attention"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -207,44 +188,33 @@ class FuseAttention(Pass):
                 result.skipped(f"%{node.name}: {reason}")
                 continue
             result.did(self._fuse(graph, node))
-        if result.changed:
-            graph.eliminate_dead_code()
-            graph.tidy()
         return result
 
     @staticmethod
     def _to_sdpa(graph: Graph, out: fx.Node, m: dict) -> None:
-        with graph.fx.inserting_before(out):
-            sdpa = graph.fx.call_function(SDPA, (m["q"], m["k"], m["v"], m["mask"]), {"scale": m["scale"]})
-        sdpa.meta["val"] = out.meta["val"]
+        sdpa = graph.call(SDPA, (m["q"], m["k"], m["v"], m["mask"]), {"scale": m["scale"]}, before=out)
         out.replace_all_uses_with(sdpa)
 
     @staticmethod
     def _fuse(graph: Graph, node: fx.Node) -> str:
         a = sdpa_args(node)
-        q, k, v = (tensor_meta(a[n]) for n in ("query", "key", "value"))
+        q, k, v = (tensor_meta(getattr(a, n)) for n in ("query", "key", "value"))
         heads, head_dim = q.shape[1], q.shape[3]
-        scale = a["scale"] if a["scale"] is not None else attention_op.default_scale(head_dim)
-        inputs = [_to_bsh(graph, a[n], node) for n in ("query", "key", "value")]
-        folded = sum(_head_split_source(a[n]) is not None for n in ("query", "key", "value"))
-        causal = bool(a["is_causal"]) or constant_mask_kind(graph, a["attn_mask"]) == "causal"
-        bias = _bias(graph, a["attn_mask"], q, k, node)
+        scale = a.scale if a.scale is not None else attention_op.default_scale(head_dim)
+        inputs = [_to_bsh(graph, getattr(a, n), node) for n in ("query", "key", "value")]
+        folded = sum(_head_split_source(getattr(a, n)) is not None for n in ("query", "key", "value"))
+        causal = bool(a.is_causal) or constant_mask_kind(graph, a.attn_mask) == "causal"
+        bias = _bias(graph, a.attn_mask, q, k, node)
         merge = _head_merge_target(node)
-        with graph.fx.inserting_before(node):
-            fused = graph.fx.call_function(torch.ops.graphopt.attention.default,
-                                           (*inputs, bias, heads, float(scale), causal))
-        fused.meta["val"] = q.new_empty(q.shape[0], q.shape[2], heads * v.shape[3])
+        fused = graph.call(torch.ops.graphopt.attention.default, (*inputs, bias, heads, float(scale), causal),
+                           before=node)
         if merge is not None:
             merge.replace_all_uses_with(fused)
         else:
-            with graph.fx.inserting_before(node):
-                heads_split = graph.fx.call_function(aten.unflatten.int, (fused, 2, [heads, v.shape[3]]))
-                back = graph.fx.call_function(aten.permute.default, (heads_split, [0, 2, 1, 3]))
-            heads_split.meta["val"] = fused.meta["val"].unflatten(2, (heads, v.shape[3]))
-            back.meta["val"] = node.meta["val"]
-            node.replace_all_uses_with(back)
+            heads_split = graph.call(aten.unflatten.int, (fused, 2, [heads, v.shape[3]]), before=node)
+            node.replace_all_uses_with(graph.call(aten.permute.default, (heads_split, [0, 2, 1, 3]), before=node))
         mask_note = (f"mask as additive bias %{bias.name}" if bias is not None else
-                     "constant causal mask → causal kernel" if causal and not a["is_causal"] else "no mask")
+                     "constant causal mask → causal kernel" if causal and not a.is_causal else "no mask")
         return (f"%{node.name} → graphopt.attention ({heads} heads × {head_dim}, {folded}/3 head splits folded, "
                 f"{'merge folded' if merge is not None else 'merge kept'}, {mask_note}"
                 f"{', causal' if causal else ''})")

@@ -17,77 +17,34 @@ outlier input channels move into its weights first (SmoothQuant)."""
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..errors import InputError
-from ..ir import Graph, is_call, tensor_meta
-from ..ops import quant
-from .base import Pass, PassContext, PassResult, register
-from .calibrate import METHODS, observe
-from .qconv_choice import SHIFT, gemm_path_faster
+from ...cost.probes import SHIFT
+from ...errors import InputError
+from ...ir import Graph, conv_args, is_call, linear_args, tensor_meta, zero_pad_into
+from ...ops import quant
+from ..base import Pass, PassContext, PassResult, register
+from ..calibration import observe
+from .layers import (CONV, LINEAR, MODES, QuantOptions, activation_qparams, layer_name, quantize_weight, uniform_plan,
+                     weight_max)
+from .observers import Observer
+from .smooth import smooth
 
 aten = torch.ops.aten
 gop = torch.ops.graphopt
-CONV, LINEAR, ADD, PAD = aten.convolution.default, aten.linear.default, aten.add.Tensor, aten.constant_pad_nd.default
+ADD, PAD = aten.add.Tensor, aten.constant_pad_nd.default
 # ops that do not change a tensor's range: their output reuses their input's quantization
 PASS_THROUGH = (aten.max_pool2d_with_indices.default, PAD)
 ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.clamp.default)
-MODES = {"int8": "int8", "int8-dynamic": "int8-dynamic", "int4-weight": "int4"}
-
-
-@dataclass
-class QuantOptions:
-    observer: str = "mse"                 # activation range: minmax | percentile | mse
-    symmetric_activations: bool = False   # int8 around 0 instead of uint8 over [min, max]
-    bias_correction: bool = True
-    kernel_choice: bool = True            # per conv shape, encode weights for the faster ORT int8 kernel
-    smooth: float | None = 0.7            # SmoothQuant α for static int8 linears (None: off)
-    keep_float: tuple[str, ...] = ()      # layer names (node names or module paths) to leave in float
-
-    def __post_init__(self):
-        if self.observer not in METHODS:
-            raise InputError(f"observer={self.observer!r}: choose one of {', '.join(METHODS)}")
-
-
-def layers(graph: Graph) -> list[fx.Node]:
-    """The quantizable layers: 2-D convs and linears whose weights are constants."""
-    return [n for n in graph.ops() if why_not_layer(graph, n) is None]
-
-
-def why_not_layer(graph: Graph, n: fx.Node) -> str | None:
-    if n.target not in (CONV, LINEAR):
-        return "not a conv or linear"
-    if not (isinstance(n.args[1], fx.Node) and graph.is_constant(n.args[1])):
-        return "weight is not a constant"
-    if tensor_meta(n.args[0]) is None or tensor_meta(n.args[0]).dtype != torch.float32:
-        return "input is not float32"
-    if n.target is CONV and (n.args[6] or tensor_meta(n.args[1]).dim() != 4):
-        return "transposed or non-2-D convolution"
-    return None
-
-
-def layer_name(n: fx.Node) -> str:
-    """The module path of a layer ('encoder.layer.0.attention.self.query'), else its node name."""
-    stack = n.meta.get("nn_module_stack")
-    return next(reversed(stack.values()))[0] if stack else n.name
-
-
-def uniform_plan(graph: Graph, mode: str, keep_float=()) -> dict[str, str]:
-    """Every layer in `mode` (static int8 for convs; linears as the mode says), except kept ones."""
-    plan = {}
-    for n in layers(graph):
-        m = mode if n.target is LINEAR or mode == "int8" else "float"
-        plan[n.name] = "float" if (n.name in keep_float or layer_name(n) in keep_float) else m
-    return plan
 
 
 @register
 class Quantize(Pass):
     name = "quantize"
+    phase = "lossy"
     summary = "lower convs/linears to int8 (static QDQ or dynamic) or int4 weight-only, per a plan"
     lossy = True
 
@@ -109,6 +66,9 @@ class Quantize(Pass):
         for name, m in plan.items():
             if m == "float" and name in nodes:
                 result.skipped(f"%{name} ({layer_name(nodes[name])}): kept in float by the plan")
+        self.qmax, why = weight_max(self.options, ctx) if {"int8", "int8-dynamic"} & set(chosen.values()) else (127, None)
+        if why:
+            result.notes.append(why)
         static = [nodes[n] for n, m in chosen.items() if m == "int8"]
         if static:
             self._static(graph, ctx, static, result)
@@ -120,18 +80,15 @@ class Quantize(Pass):
                     continue
                 self._weight_only(graph, node, m)
                 result.did(f"%{name} ({layer_name(node)}) → {m}")
-        if result.changed:
-            graph.eliminate_dead_code()
-            graph.tidy()
         return result
 
     # --- int8 dynamic / int4 weight-only: one op per linear -------------------------------------
     def _weight_only(self, graph: Graph, node: fx.Node, mode: str) -> None:
-        x, w_node, b_node = (list(node.args) + [None])[:3]
+        x, w_node, b_node = linear_args(node)
         w = graph.constant(w_node).float()
         name = w_node.target
         if mode == "int8-dynamic":
-            w_q, scale, _ = quantize_weight(w)
+            w_q, scale, _ = quantize_weight(w, self.qmax)
             args = (x, graph.add_constant(w_q.t().contiguous(), f"{name}_int8", before=node),
                     graph.add_constant(scale, f"{name}_scale", before=node), b_node)
             op = gop.dynamic_linear.default
@@ -147,15 +104,15 @@ class Quantize(Pass):
 
     # --- int8 static: QDQ around layers, residual adds and the pools/pads between them -----------
     def _static(self, graph: Graph, ctx: PassContext, layer_nodes: list[fx.Node], result: PassResult) -> None:
-        batches = ctx.options.get("calibration")
+        batches = ctx.calibration
         if not batches:
             raise InputError("static int8 quantization needs calibration data: pass calibration=[batch, ...] "
                              "(a few representative inputs), or use quantize='int8-dynamic'")
-        for pad in _fold_zero_pads(graph, layer_nodes):
+        for pad in _fold_zero_pads(layer_nodes):
             result.did(f"%{pad}: zero pad folded into the conv's own padding")
         linears = [n for n in layer_nodes if n.target is LINEAR]
         if linears and self.options.smooth is not None:
-            for note in _smooth(graph, batches, linears, self.options.smooth):
+            for note in smooth(graph, batches, linears, self.options.smooth):
                 result.did(note)
         quantized = set(layer_nodes)
         quantized |= _residual_adds(graph, quantized)
@@ -165,17 +122,18 @@ class Quantize(Pass):
         ends = _unquantized_ends(quantized, tensors)
         tensors += ends
 
-        weights = {n: quantize_weight(graph.constant(n.args[1]).float()) for n in layer_nodes}
+        weights = {n: quantize_weight(graph.constant(n.args[1]).float(), self.qmax) for n in layer_nodes}
         qparams, shift = self._calibrate(graph, batches, tensors, weights)
         x_scale = {n: qparams[n.args[0]][0] for n in layer_nodes}
         _rewire(graph, quantized, tensors, ends, qparams, result)
         for n in layer_nodes:
-            if n.target is CONV and self.options.kernel_choice and ctx.target is not None \
-                    and ctx.target.name == "cpu" and _prefers_gemm_path(n):
+            gemm_path, why = _gemm_path(n, ctx, self.qmax) if n.target is CONV and self.options.kernel_choice \
+                else (False, None)
+            if gemm_path:
                 q, s, _ = weights[n]
                 weights[n] = ((q.to(torch.int16) + SHIFT).to(torch.int8), s, torch.full_like(q[:, 0, 0, 0], SHIFT))
-                result.notes.append(f"%{n.name}: weights given zero point {SHIFT}: ORT's int8 GEMM path measured "
-                                    "faster than its symmetric conv kernel for this shape")
+            if why:
+                result.notes.append(f"%{n.name}: weights given zero point {SHIFT if gemm_path else 0}: {why}")
             self._quantize_layer(graph, n, weights[n], x_scale[n], shift.get(n))
             kind = "conv" if n.target is CONV else "linear"
             result.did(f"%{n.name} ({layer_name(n)}) → int8 {kind}, per-channel weights"
@@ -193,13 +151,13 @@ class Quantize(Pass):
                 d = _layer(n, args[0], dw)
                 dims = [0] + list(range(2, d.dim())) if n.target is CONV else list(range(d.dim() - 1))
                 shift.setdefault(n, []).append(d.mean(dims))
-        observers = observe(graph, batches, tensors, on_node)
+        observers = observe(graph, batches, tensors, on_node, Observer)
         qparams: dict[fx.Node, tuple] = {}
         sym, wanted = self.options.symmetric_activations, set(tensors)
         for t in graph.fx.nodes:   # topological: a pass-through's input is settled before it
             if t in wanted:
                 src = _range_source(t, wanted)
-                qparams[t] = qparams[src] if src is not t else _activation_qparams(
+                qparams[t] = qparams[src] if src is not t else activation_qparams(
                     observers[t.name].range(self.options.observer, not sym), sym)
         return qparams, {n: torch.stack(v).mean(0) for n, v in shift.items()}
 
@@ -263,35 +221,22 @@ def _insert_qdq(graph: Graph, t: fx.Node, scale: torch.Tensor, zp: torch.Tensor,
     return graph.call(gop.dequantize.default, (q, s, z, 0), before=after)
 
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel (axis 0): (int8 weight, scales, zero points)."""
-    scale = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp(min=1e-12) / 127
-    q = torch.clamp(torch.round(w / scale.reshape(-1, *[1] * (w.dim() - 1))), -127, 127).to(torch.int8)
-    return q, scale, torch.zeros(w.shape[0], dtype=torch.int8)
-
-
-def _prefers_gemm_path(conv: fx.Node) -> bool:
-    x, w = tensor_meta(conv.args[0]), tensor_meta(conv.args[1])
-    if not all(isinstance(d, int) for d in (*x.shape, *w.shape)):   # a dynamic shape: keep the default
-        return False
-    _, _, _, stride, padding, dilation, _, _, groups = conv.args
-    return gemm_path_faster(*x.shape, w.shape[0], *w.shape[2:], tuple(stride), tuple(padding), tuple(dilation), groups)
-
-
-def _activation_qparams(rng: tuple[float, float], symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    lo, hi = rng
-    if symmetric:
-        scale = max(abs(lo), abs(hi), 1e-8) / 127
-        return torch.tensor(scale, dtype=torch.float32), torch.tensor(0, dtype=torch.int8)
-    scale = max(hi - lo, 1e-8) / 255
-    return torch.tensor(scale, dtype=torch.float32), torch.tensor(round(-lo / scale), dtype=torch.uint8)
+def _gemm_path(conv: fx.Node, ctx: PassContext, qmax: int) -> tuple[bool, str | None]:
+    """Whether ORT's im2col + int8 GEMM path should run this conv instead of its symmetric conv kernel, and why
+    (a choice ORT's CPU provider has; on other targets, or where nothing can be measured, keep the default)."""
+    a = conv_args(conv)
+    x, w = tensor_meta(a.x), tensor_meta(a.weight)
+    if ctx.target.name != "cpu" or ctx.cost.unmeasurable or not all(isinstance(d, int) for d in (*x.shape, *w.shape)):
+        return False, None
+    return ctx.cost.int8_conv_gemm_path(*x.shape, w.shape[0], *w.shape[2:], tuple(a.stride), tuple(a.padding),
+                                        tuple(a.dilation), a.groups, qmax)
 
 
 def _layer(n: fx.Node, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The layer's output for weight `w` and no bias."""
     if n.target is CONV:
-        _, _, _, stride, padding, dilation, _, _, groups = n.args
-        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+        a = conv_args(n)
+        return F.conv2d(x, w, None, a.stride, a.padding, a.dilation, a.groups)
     return F.linear(x, w)
 
 
@@ -323,51 +268,15 @@ def _pass_throughs(graph: Graph, quantized: set[fx.Node]) -> set[fx.Node]:
     return out
 
 
-def _smooth(graph: Graph, batches, linears: list[fx.Node], alpha: float) -> list[str]:
-    """SmoothQuant: a few input channels of a transformer's linears carry outliers that a per-tensor
-    activation scale cannot hold. Divide each input channel by s_j = max|x_j|^α / max|W_j|^(1−α) and
-    multiply the weights' columns by it — the product is unchanged, the activation is flat enough to
-    quantize. Linears reading the same tensor (q, k, v) share s."""
-    groups: dict[fx.Node, list[fx.Node]] = {}
-    for n in linears:
-        groups.setdefault(n.args[0], []).append(n)
-    x_max: dict[fx.Node, torch.Tensor] = {}
-
-    def on_node(n, _args, out):
-        if n in groups:
-            m = out.detach().abs().reshape(-1, out.shape[-1]).amax(0)
-            x_max[n] = torch.maximum(x_max[n], m) if n in x_max else m
-    observe(graph, batches, [], on_node)
-    notes = []
-    for x, group in groups.items():
-        if x not in x_max:
-            continue
-        w_max = torch.stack([graph.constant(n.args[1]).float().abs().amax(0) for n in group]).amax(0)
-        s = (x_max[x].clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
-        inv = graph.add_constant(1.0 / s, f"{x.name}_smooth", before=group[0])
-        scaled = graph.call(aten.mul.Tensor, (x, inv), before=group[0])
-        for n in group:
-            w = graph.constant(n.args[1]).float() * s
-            n.args = (scaled, graph.add_constant(w, f"{n.args[1].target}_smoothed", before=n), *n.args[2:])
-        notes.append(f"%{x.name}: smoothed for {', '.join('%' + n.name for n in group)} "
-                     f"(outlier ratio max/median {(x_max[x].max() / x_max[x].median()).item():.1f})")
-    return notes
-
-
-def _fold_zero_pads(graph: Graph, convs: list[fx.Node]) -> list[str]:
+def _fold_zero_pads(convs: list[fx.Node]) -> list[str]:
     """A symmetric zero pad in front of a conv becomes the conv's padding (TF-"same" models pad every
     conv): in QDQ form a separate Pad would run in float between a DequantizeLinear and a QuantizeLinear."""
     folded = []
-    for conv in convs:
-        pad = conv.args[0]
-        if conv.target is not CONV or not is_call(pad, PAD) or (pad.args[2:] or [0])[0] != 0:
-            continue
-        p = list(pad.args[1])
-        if len(p) != 4 or p[0] != p[1] or p[2] != p[3] or min(p) < 0:
-            continue
-        padding = [conv.args[4][0] + p[2], conv.args[4][1] + p[0]]
-        conv.args = (pad.args[0], *conv.args[1:4], padding, *conv.args[5:])
-        folded.append(pad.name)
+    for conv in (n for n in convs if n.target is CONV):
+        f = zero_pad_into(conv)
+        if f is not None and all(before == after for before, after in f.pads):
+            conv.args = conv_args(conv).replace(x=f.source, padding=[before for before, _ in f.pads])
+            folded.append(f.pad.name)
     return folded
 
 

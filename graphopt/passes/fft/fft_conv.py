@@ -1,6 +1,6 @@
 """FFT-convolution rewriting: long 1-D convolutions become graphopt::fft_conv1d, a matmul (Monarch)
 FFT convolution, and large-kernel depthwise 2-D convolutions graphopt::fft_conv2d, a per-axis matmul
-DFT convolution, where the cost model (passes/fft_cost.py, rates measured on this machine) says it
+DFT convolution, where the target's cost model (ctx.cost: rates measured on the target) says it
 is faster. Three sources:
 
   1. aten.convolution with a 1-D kernel (dense, grouped or depthwise; stride and dilation 1), a
@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir import Graph, is_call, tensor_meta
-from ..ops.fft_conv import fft_size, spectrum
-from ..ops.fft_conv2d import spectrum2d
-from .base import Pass, PassContext, PassResult, register
-from .fft_cost import Conv2dShape, ConvShape, decide, measured_rates
+from ...cost import Conv2dShape, ConvShape, CostModel
+from ...ir import Graph, conv_args, is_call, tensor_meta, zero_pad_into
+from ...ops.fft_conv import fft_size, spectrum
+from ...ops.fft_conv2d import spectrum2d
+from ..base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
 
@@ -35,6 +35,7 @@ def _static_batch(val: torch.Tensor) -> int:
 @register
 class FFTConv(Pass):
     name = "fft_conv"
+    phase = "rewrite"
     summary = "rewrite long 1-D convolutions (and rfft·irfft convolutions) as matmul-FFT convs when measured faster"
 
     def __init__(self, force: str | None = None):
@@ -42,26 +43,27 @@ class FFTConv(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
+        if ctx.cost.unmeasurable and self.force is None:
+            result.skipped(f"every convolution: the cost model cannot measure for {ctx.target} here "
+                           f"({ctx.cost.unmeasurable}); give FFTConv(force='fft') to rewrite without measuring")
+            return result
         for node in list(graph.ops()):
             if node.target is aten.convolution.default:
-                self._conv(graph, node, result)
+                self._conv(graph, node, result, ctx.cost)
             elif node.target is aten._fft_c2r.default:
                 self._fft_idiom(graph, node, result)
-        if measured_rates.cache_info().currsize:
-            rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in measured_rates().items())
-            result.notes.append(f"cost model rates measured on this machine (GMAC/s): {rates}")
-        if result.changed:
-            graph.eliminate_dead_code()
-            graph.tidy()
+        if ctx.cost.measured("fft_rates"):
+            rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in ctx.cost.fft_rates().items())
+            result.notes.append(f"cost model rates measured on {ctx.target} (GMAC/s): {rates}")
         return result
 
-    def _choose(self, shape: ConvShape):
-        d = decide(shape)
+    def _choose(self, shape: ConvShape | Conv2dShape, cost: CostModel):
+        d = cost.fft_decision(shape)
         return d if self.force is None else type(d)(self.force, d.direct_ms, d.fft_ms, d.period)
 
     # --- 1. direct convolutions -----------------------------------------------------------------
-    def _conv(self, graph: Graph, node: fx.Node, result: PassResult) -> None:
-        x, w, b, stride, padding, dilation, transposed, _, groups = node.args
+    def _conv(self, graph: Graph, node: fx.Node, result: PassResult, cost: CostModel) -> None:
+        x, w, b, stride, padding, dilation, transposed, _, groups = conv_args(node)
         wv = tensor_meta(w)
         if wv is None or wv.dim() not in (3, 4):
             return                                    # not a 1-D or 2-D convolution
@@ -77,14 +79,8 @@ class FFTConv(Pass):
         if why:
             result.skipped(f"%{node.name}: {why} {kind}")
             return
-        pads = [[p, p] for p in padding]               # per spatial dim: [before, after]
-        source = x
-        if is_call(x, aten.constant_pad_nd.default) and len(x.users) == 1 and len(x.args[1]) == 2 * dims \
-                and min(x.args[1]) >= 0 and (x.args[2] if len(x.args) > 2 else 0) == 0:
-            source = x.args[0]                         # the causal / "same" pad idiom: fold it into the window
-            for d in range(dims):                      # constant_pad_nd lists the last dim first
-                pads[d][0] += x.args[1][2 * (dims - 1 - d)]
-                pads[d][1] += x.args[1][2 * (dims - 1 - d) + 1]
+        folded = zero_pad_into(node)     # the causal / "same" pad idiom: fold it into the window
+        source, pads = (folded.source, folded.pads) if folded else (x, [(p, p) for p in padding])
         xv, kernel = tensor_meta(source), tuple(wv.shape[2:])
         size = tuple(xv.shape[2:])
         if not all(isinstance(n, int) for n in size):
@@ -102,7 +98,7 @@ class FFTConv(Pass):
             shape = ConvShape(_static_batch(xv), c_in, c_out, groups, size[0], kernel[0], out[0])
         else:
             shape = Conv2dShape(_static_batch(xv), c_in, size, kernel, start, out)
-        decision = self._choose(shape)
+        decision = self._choose(shape, cost)
         if decision.form == "direct":
             result.skipped(f"{what}: {decision}")
             return

@@ -1,14 +1,11 @@
-"""Cost model for long convolutions: direct conv vs the matmul-FFT convolution graphopt lowers them to.
+"""Long convolutions: direct conv vs the matmul-FFT convolution graphopt lowers them to.
 
-Each form's cost is its multiply-adds divided by a rate measured on this machine with ONNX Runtime
-(one small probe per form, the first time the model is asked, then cached for the process):
-depthwise and dense direct convs, 1-D and 2-D, and the matmul FFT convs run at very different
-rates, so no threshold is guessed."""
+Each form's cost is its multiply-adds divided by a rate the cost model measures on the target (one
+small probe per form, `rate_probes`): depthwise and dense direct convs, 1-D and 2-D, and the matmul
+FFT convs run at very different rates, so no threshold is guessed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
-
 import torch
 
 from ..ops.fft_conv import fft_size
@@ -92,41 +89,40 @@ class Decision:
                 f"period {self.period})")
 
 
-def decide(shape: ConvShape | Conv2dShape, rates: dict[str, float] | None = None) -> Decision:
-    rates = rates or measured_rates()
+def decide(shape: ConvShape | Conv2dShape, rates: dict[str, float]) -> Decision:
+    """The cheaper form at `rates` (multiply-adds per second of each form)."""
     direct = shape.direct_macs() / rates[shape.direct_rate]
     fft = shape.fft_macs() / rates[shape.fft_rate]
     return Decision("fft" if fft < direct else "direct", direct * 1e3, fft * 1e3, shape.period())
 
 
-@cache
-def measured_rates() -> dict[str, float]:
-    """Multiply-adds per second of each form, timed once on this machine in ONNX Runtime."""
+def rate_probes() -> dict[str, tuple[torch.nn.Module, torch.Tensor, float]]:
+    """rate name → (probe module, its input, its multiply-adds): one small problem per form."""
     from ..ops.fft_conv import spectrum
     from ..ops.fft_conv2d import spectrum2d
-    rates = {}
-    probes = {"depthwise": ConvShape(1, 32, 32, 32, 1024, 256, 1024), "dense": ConvShape(1, 32, 32, 1, 1024, 64, 1024)}
-    for kind, s in probes.items():
+    probes = {}
+    shapes = {"depthwise": ConvShape(1, 32, 32, 32, 1024, 256, 1024), "dense": ConvShape(1, 32, 32, 1, 1024, 64, 1024)}
+    for kind, s in shapes.items():
         conv = torch.nn.Conv1d(s.c_in, s.c_out, s.kernel, groups=s.groups, padding="same", bias=False)
-        rates[kind] = s.direct_macs() / _ort_seconds(conv, torch.randn(1, s.c_in, s.length))
-    s = probes["depthwise"]
+        probes[kind] = (conv, torch.randn(1, s.c_in, s.length), s.direct_macs())
+    s = shapes["depthwise"]
     _, ns = s.fft_size()
-    fft = _Probe(torch.ops.graphopt.fft_conv1d, spectrum(torch.randn(s.c_in, 1, 1, s.kernel), ns), list(ns), s.groups,
-                 0, s.out_len)
-    rates["fft"] = s.fft_macs() / _ort_seconds(fft, torch.randn(1, s.c_in, s.length))
+    fft = OpProbe(torch.ops.graphopt.fft_conv1d, spectrum(torch.randn(s.c_in, 1, 1, s.kernel), ns), list(ns),
+                  s.groups, 0, s.out_len)
+    probes["fft"] = (fft, torch.randn(1, s.c_in, s.length), s.fft_macs())
 
     s2 = Conv2dShape(1, 32, (56, 56), (31, 31), (15, 15), (56, 56))        # a RepLKNet stage-1 block
     conv2 = torch.nn.Conv2d(s2.channels, s2.channels, s2.kernel, groups=s2.channels, padding="same", bias=False)
     x2 = torch.randn(1, s2.channels, *s2.size)
-    rates["depthwise2d"] = s2.direct_macs() / _ort_seconds(conv2, x2)
+    probes["depthwise2d"] = (conv2, x2, s2.direct_macs())
     nh, nw = s2.fft_size()
-    fft2 = _Probe(torch.ops.graphopt.fft_conv2d, spectrum2d(torch.randn(s2.channels, *s2.kernel), nh, nw), nh, nw,
-                  s2.start[0], s2.out[0], s2.start[1], s2.out[1])
-    rates["fft2d"] = s2.fft_macs() / _ort_seconds(fft2, x2)
-    return rates
+    fft2 = OpProbe(torch.ops.graphopt.fft_conv2d, spectrum2d(torch.randn(s2.channels, *s2.kernel), nh, nw), nh, nw,
+                   s2.start[0], s2.out[0], s2.start[1], s2.out[1])
+    probes["fft2d"] = (fft2, x2, s2.fft_macs())
+    return probes
 
 
-class _Probe(torch.nn.Module):
+class OpProbe(torch.nn.Module):
     """One graphopt op with constant arguments, to time it."""
 
     def __init__(self, op, *args):
@@ -135,13 +131,3 @@ class _Probe(torch.nn.Module):
 
     def forward(self, x):
         return self.op(x, *self.args)
-
-
-def _ort_seconds(module: torch.nn.Module, x: torch.Tensor) -> float:
-    from ..backends.ort_timing import median_run_seconds
-    from ..ops import onnx_translation_table
-    from ..quiet import quiet
-    with quiet(stdout=True):
-        program = torch.onnx.export(module.eval(), (x,), dynamo=True, custom_translation_table=onnx_translation_table())
-    model = program.model_proto
-    return median_run_seconds(model.SerializeToString(), {model.graph.input[0].name: x.numpy()})

@@ -1,0 +1,181 @@
+"""Issue 13 benchmark: layer skipping side by side in one process, quality columns beside speed.
+
+(a) MiniLM (all-MiniLM-L6-v2, trained weights) as a sentence encoder (mean-pooled, normalised embeddings,
+    as sentence-transformers runs it): static skipping at budgets 0.5%, 1%, 2%, 5% (mean 1 − cosine of
+    the embeddings on the calibration sentences); speed against graphopt without skipping, cosine to the
+    full model on held-out sentences.
+(b) A DigitsResNet (8 residual blocks) trained here on scikit-learn's bundled digits: held-out accuracy
+    and speed of the full model, static skipping and early exit (top-1 budget 1%), and the alternative a
+    user has today: the same exits written with torch.cond, exported by torch.onnx (ONNX `If` nodes) and
+    run by ONNX Runtime. Throughput on the whole test split in one batch, and latency one sample per call.
+
+    python benchmarks/bench_skip.py [--parts minilm,digits] [--rounds 9]
+"""
+import argparse
+import time
+
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+
+import graphopt
+from graphopt import bench, zoo
+from graphopt.quiet import quiet
+
+
+class SentenceEncoder(torch.nn.Module):
+    """MiniLM + mean pooling + L2 normalisation: the sentence embedding users compare."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return zoo.mean_pool(self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+                             attention_mask)
+
+
+def dropped(cm) -> str:
+    rec = next((r for r in cm.report if r.name == "layer_skip"), None)
+    names = [n.split("[")[1].split("]")[0] for n in rec.notes if n.startswith("dropped block")] if rec else []
+    return f"{len(names)} dropped" + (f" ({', '.join(names)})" if names else "")
+
+
+def minilm(rounds: int) -> list[str]:
+    model, tok = zoo.minilm()
+    encoder = SentenceEncoder(model).eval()
+    texts = zoo.sentences(320, seed=3)
+    enc = [tok(texts[i:i + 16], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+           for i in range(0, len(texts), 16)]
+    batches = [(e["input_ids"], e["attention_mask"]) for e in enc]
+    calibration, held_out = batches[:6], batches[6:]          # 96 sentences to spend the budget on, 224 to judge
+    args = batches[0]
+    with torch.no_grad():
+        ref = torch.cat([encoder(*b) for b in held_out])
+    systems, compile_s = {"eager": bench.eager(encoder)}, {}
+    for label, option in [("graphopt", None)] + [(f"skip {b:.1%}", graphopt.LayerSkip(budget=b))
+                                                 for b in (0.005, 0.01, 0.02, 0.05)]:
+        t0 = time.perf_counter()
+        systems[label] = graphopt.compile(encoder, args, layer_skip=option,
+                                          calibration=calibration if option else None)
+        compile_s[label] = time.perf_counter() - t0
+    ms = bench.time_side_by_side(systems, args, rounds=rounds)
+    lines = [f"(a) MiniLM sentence encoder, batch 16 × 32 tokens; cosine to the full model on {len(ref)} held-out "
+             "sentences"]
+    for label, t in ms.items():
+        cos = "" if label == "eager" else \
+            f"cosine {F.cosine_similarity(torch.cat([systems[label](*b) for b in held_out]), ref).mean().item():.4f}"
+        extra = "" if label in ("eager", "graphopt") else f"  {dropped(systems[label])}"
+        comp = f"  (compile {compile_s[label]:.0f} s)" if label in compile_s else ""
+        lines.append(f"  {label:<14} {t:8.2f} ms  ×{ms['graphopt'] / t:5.2f} vs graphopt  ×{ms['eager'] / t:5.2f} "
+                     f"vs eager  {cos}{extra}{comp}")
+    return lines
+
+
+class CondExits(torch.nn.Module):
+    """The digits model with graphopt's exits (same blocks, heads and thresholds) written with torch.cond:
+    a batch leaves at an exit when every sample in it is confident (cond takes one predicate per call)."""
+
+    def __init__(self, model, plan):
+        super().__init__()
+        self.model, self.after, self.thresholds = model, plan.after, plan.thresholds
+        for k, h in enumerate(plan.heads):
+            self.register_buffer(f"w{k}", h.weight)
+            self.register_buffer(f"b{k}", h.bias)
+
+    def head(self, k, h):
+        feats = torch.cat([h.mean((2, 3)), (h * h).mean((2, 3)).sqrt()], 1)
+        return F.linear(feats, getattr(self, f"w{k}"), getattr(self, f"b{k}"))
+
+    def stage(self, k):
+        first = self.after[k - 1] + 1 if k else 0
+        last = self.after[k] if k < len(self.after) else len(self.model.blocks) - 1
+
+        def run(h, *_):
+            for i in range(first, last + 1):
+                h = self.model.blocks[i](h)
+            if k == len(self.after):
+                return self.model.head(h.mean((2, 3)))
+            logits = self.head(k, h)
+            sure = torch.softmax(logits, -1).amax(-1).min() >= self.thresholds[k]
+            return torch.cond(sure, lambda h, z: z.clone(), self.stage(k + 1), (h, logits))
+        return run
+
+    def forward(self, x):
+        return self.stage(0)(self.model.stem(x))
+
+
+def digits(rounds: int) -> list[str]:
+    t0 = time.perf_counter()
+    model = zoo.train_digits(blocks=8, width=32, epochs=12)
+    train_s = time.perf_counter() - t0
+    data = zoo.digits()
+    xc, _ = data["calibration"]
+    xt, yt = data["test"]
+    calibration = [(xc[i:i + 100],) for i in range(0, len(xc), 100)]
+    acc = lambda out: (torch.as_tensor(out).argmax(-1) == yt).float().mean().item() * 100   # noqa: E731
+    with torch.no_grad():
+        full_acc = acc(model(xt))
+    compile_s = {}
+
+    def timed(label, fn):
+        t = time.perf_counter()
+        out = fn()
+        compile_s[label] = time.perf_counter() - t
+        return out
+
+    full = timed("graphopt", lambda: graphopt.compile(model, (xt,)))
+    static = timed("static skip 1%", lambda: graphopt.compile(model, (xt,), calibration=calibration,
+                                                               layer_skip=graphopt.LayerSkip(0.01, metric="top1")))
+    ee = graphopt.EarlyExit(0.01, metric="top1")
+    early = timed("early exit 1%", lambda: graphopt.compile(model, (xt,), early_exit=ee, calibration=calibration))
+    cond = CondExits(model, ee.plan).eval()
+    with quiet(stdout=True):
+        program = torch.onnx.export(cond, (xt[:1],), dynamo=True, verbose=False,
+                                    dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    n_if = sum(n.op_type == "If" for n in program.model_proto.graph.node)
+    if_ort = bench.ort_runner(program.model_proto.SerializeToString())
+
+    early(xt)
+    shares = torch.bincount(early.last_exits, minlength=len(ee.plan.thresholds) + 1).tolist()
+    lines = [f"(b) DigitsResNet, 8 residual blocks × 32 channels, trained here in {train_s:.0f} s; "
+             f"test split {len(yt)} images; exits after blocks {ee.plan.after} at thresholds "
+             f"{[round(t, 3) for t in ee.plan.thresholds]}; test samples leaving at each exit / the end: {shares}"]
+    throughput = {"eager": bench.eager(model), "graphopt": full, "static skip 1%": static, "early exit 1%": early,
+                  f"If in ORT ({n_if} If)": if_ort}
+    ms = bench.time_side_by_side(throughput, (xt,), rounds=rounds)
+    lines.append(f"  throughput: the {len(yt)} test images in one batch; accuracy on them (full model "
+                 f"{full_acc:.2f}%)")
+    for label, t in ms.items():
+        extra = f"  {dropped(static)}" if label == "static skip 1%" else ""
+        comp = f"  (compile {compile_s[label]:.0f} s)" if label in compile_s else ""
+        lines.append(f"    {label:<18} {t:8.2f} ms  ×{ms['graphopt'] / t:5.2f} vs graphopt  ×{ms['eager'] / t:5.2f} "
+                     f"vs eager  accuracy {acc(throughput[label](xt)):.2f}%{extra}{comp}")
+
+    # latency: one image per call, over 100 test images (graphopt's full model compiled for batch 1)
+    full1 = graphopt.compile(model, (xt[:1],))
+    samples = [xt[i:i + 1] for i in range(100)]
+    per_call = {"eager": bench.eager(model), "graphopt": full1, "early exit 1%": early,
+                f"If in ORT ({n_if} If)": if_ort}
+    loops = {name: (lambda fn=fn: [fn(s) for s in samples]) for name, fn in per_call.items()}
+    ms1 = bench.time_side_by_side(loops, (), rounds=rounds)
+    lines.append("  latency: one image per call, mean over 100 test images")
+    for label, t in ms1.items():
+        lines.append(f"    {label:<18} {t / len(samples):8.3f} ms  ×{ms1['graphopt'] / t:5.2f} vs graphopt  "
+                     f"×{ms1[f'If in ORT ({n_if} If)'] / t:5.2f} vs If in ORT")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="minilm,digits")
+    ap.add_argument("--rounds", type=int, default=9)
+    ns = ap.parse_args()
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.get_num_threads()} threads; "
+          "median ms per call, interleaved rounds", flush=True)
+    for part in ns.parts.split(","):
+        print("\n".join({"minilm": minilm, "digits": digits}[part](ns.rounds)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The one clock behind every measured decision and benchmark.
+
+`median_run_seconds` times an ONNX model in an ONNX Runtime session on the providers it is given
+(the cost model passes the target's); `time_side_by_side` times callables in interleaved rounds
+(A B C, B C A, C A B, …: each takes every position equally often) after a warm-up, each figure
+the median over rounds, so drift in machine load and the previous system's spinning threads hit
+every system alike."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+
+def median_run_seconds(model: bytes, feeds: dict, *, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                       optimize: bool = True, calls: int = 20, rounds: int = 3, warmup: int = 1,
+                       disabled: tuple[str, ...] = ()) -> float:
+    """Seconds per `run`, median over `rounds` of `calls` runs; `optimize=False` times the kernels as written,
+    `disabled` names ORT optimizers to leave out."""
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model, opts, providers=list(providers), disabled_optimizers=list(disabled))
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) / calls)
+    return float(np.median(times))
+
+
+def time_side_by_side(systems: dict[str, Callable], args: tuple, rounds: int = 15, min_round_s: float = 0.2,
+                      warmup: int = 3, settle_s: float = 0.05) -> dict[str, float]:
+    """Median milliseconds per call of each system on the same inputs."""
+    for fn in systems.values():
+        for _ in range(warmup):
+            fn(*args)
+    calls = {}
+    for name, fn in systems.items():   # calls per round so each round lasts about min_round_s
+        t0 = time.perf_counter()
+        fn(*args)
+        calls[name] = max(1, int(min_round_s / max(time.perf_counter() - t0, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in systems}
+    names = list(systems)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:   # rotate: no system always goes first
+            fn = systems[name]
+            time.sleep(settle_s)   # let the previous system's spinning worker threads go idle
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn(*args)
+            samples[name].append((time.perf_counter() - t0) / calls[name] * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def time_single_calls(fn: Callable, args: tuple, calls: int = 3) -> float:
+    """Median ms of a few whole calls, after one warm-up: for systems too slow for interleaved rounds
+    (ONNX Runtime is still planning its memory on a session's second run: 1.4 s against 0.22 s after)."""
+    fn(*args)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

@@ -1,0 +1,169 @@
+"""The cost model: every measured decision for one target, made on that target's device.
+
+Passes get it from their context (`ctx.cost`) and never time anything themselves. It runs its
+probes through the one clock (`clock.py`) with the ORT execution providers of the target, so a
+decision for `cuda` is measured on the GPU, and one it cannot measure from this machine (`arm64`,
+or `cuda` without a GPU) is refused by `unmeasurable` rather than made on the wrong device.
+Verdicts are cached for the process, keyed by target, ISA and library versions."""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from ..targets import Target
+from . import probes
+from .clock import median_run_seconds, time_side_by_side
+from .fft import Conv2dShape, ConvShape, Decision, decide, rate_probes
+
+PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
+_VERDICTS: dict[tuple, object] = {}
+
+
+class CostModel:
+    def __init__(self, target: Target):
+        self.target = target
+        self.providers = PROVIDERS.get(target.name, ())
+        isa = hashlib.sha1(" ".join(sorted(target.features)).encode()).hexdigest()[:8]
+        self.key = (target.name, target.arch, isa, ort.__version__, torch.__version__)
+
+    def __repr__(self) -> str:
+        return f"CostModel(target={self.target}, providers={list(self.providers)})"
+
+    @property
+    def unmeasurable(self) -> str | None:
+        """Why nothing can be timed for this target from this machine (None: it can)."""
+        if not self.providers:
+            return f"target {self.target} does not run on this machine"
+        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        return f"ONNX Runtime here lacks {', '.join(missing)}" if missing else None
+
+    def _verdict(self, name: str, args: tuple, compute: Callable[[], object]):
+        key = (self.key, name, args)
+        if key not in _VERDICTS:
+            _VERDICTS[key] = compute()
+        return _VERDICTS[key]
+
+    def measured(self, name: str) -> bool:
+        """Whether verdict `name` has been measured in this process (its notes cite the rates then)."""
+        return any(k[0] == self.key and k[1] == name for k in _VERDICTS)
+
+    # --- the clock, on this target --------------------------------------------------------------
+    def seconds(self, model: bytes, feeds: dict, **options) -> float:
+        """Median seconds per run of an ONNX model on the target's providers."""
+        return median_run_seconds(model, feeds, providers=self.providers, **options)
+
+    def module_seconds(self, module: torch.nn.Module, x: torch.Tensor) -> float:
+        """A torch module with graphopt ops (a probe), exported to ONNX and timed on the target."""
+        from ..ops import onnx_translation_table
+        from ..quiet import quiet
+        with quiet(stdout=True):
+            program = torch.onnx.export(module.eval(), (x,), dynamo=True,
+                                        custom_translation_table=onnx_translation_table())
+        model = program.model_proto
+        return self.seconds(model.SerializeToString(), {model.graph.input[0].name: x.numpy()})
+
+    def graph_ms(self, graph, args: tuple, kwargs: dict | None = None) -> float:
+        """Milliseconds per call of an IR graph lowered to ONNX Runtime as the ORT backend runs it."""
+        from ..codegen.onnx import to_onnx
+        model = to_onnx(graph, args, kwargs or {})
+        flat = graph.flat_inputs(args, kwargs or {})
+        feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}
+        disabled = tuple(name for name, *_ in self.slow_fusions(model))
+        return self.seconds(model.SerializeToString(), feeds, disabled=disabled) * 1e3
+
+    def compare(self, systems: dict[str, Callable], args: tuple) -> dict[str, float]:
+        """Median ms per call of each callable on the same inputs (interleaved rounds of at least 0.2 s:
+        with 0.05 s rounds tuned TVM measured 0.66-0.75 ms per call on bench_tvm's chain workload against
+        0.33-0.35 ms with 0.2 s rounds, its thread pool waking after each pause)."""
+        return time_side_by_side(systems, args, rounds=7, min_round_s=0.2)
+
+    # --- FFT convolution: direct vs matmul-FFT ---------------------------------------------------
+    def fft_rates(self) -> dict[str, float]:
+        """Multiply-adds per second of each convolution form, probed once on the target."""
+        return self._verdict("fft_rates", (), lambda: {
+            kind: macs / self.module_seconds(module, x) for kind, (module, x, macs) in rate_probes().items()})
+
+    def fft_decision(self, shape: ConvShape | Conv2dShape) -> Decision:
+        return decide(shape, self.fft_rates())
+
+    # --- int8 conv kernels: symmetric conv vs im2col + int8 GEMM ---------------------------------
+    def int8_conv_gemm_path(self, n: int, c_in: int, h: int, w: int, c_out: int, kh: int, kw: int, stride: tuple,
+                            padding: tuple, dilation: tuple, groups: int, w_max: int = 127) -> tuple[bool, str]:
+        """(use it, why): whether this conv should run in ORT with a nonzero weight zero point (im2col + QGEMM,
+        which has AMX kernels) rather than zero point 0 (MLAS's symmetric conv kernel). The same int8 weights
+        can be given either way (q with zero point 0, or q − 1 with zero point −1), so it is timed both ways,
+        and kept only if both give the same integers: a path
+        could compute different numbers (int16 saturation), so a wrong kernel is never chosen for being fast."""
+        def measure():
+            x = np.random.default_rng(0).standard_normal((n, c_in, h, w)).astype(np.float32)
+            models = {zp: probes.qdq_conv(x.shape, c_out, kh, kw, stride, padding, dilation, groups, zp, w_max)
+                      for zp in (0, probes.SHIFT)}
+            outs = {zp: ort.InferenceSession(m, providers=list(self.providers)).run(None, {"x": x})[0]
+                    for zp, m in models.items()}
+            wrong = np.abs(outs[0].astype(np.int32) - outs[probes.SHIFT].astype(np.int32)).max()
+            if wrong > 1:
+                return False, (f"ORT's int8 GEMM path (weight zero point {probes.SHIFT}) computed outputs up to "
+                               f"{wrong} steps away from its conv kernel on the same numbers here: not used")
+            times = {zp: self.seconds(m, {"x": x}, calls=10, rounds=3) * 1e6 for zp, m in models.items()}
+            use = times[probes.SHIFT] < 0.95 * times[0]
+            return use, (f"ORT's int8 GEMM path {times[probes.SHIFT]:.0f} µs vs its symmetric conv kernel "
+                         f"{times[0]:.0f} µs for this shape")
+        return self._verdict("int8_conv_gemm_path", (n, c_in, h, w, c_out, kh, kw, stride, padding, dilation, groups,
+                                                     w_max), measure)
+
+    def int8_weight_max(self) -> tuple[int, str | None]:
+        """(largest |int8 weight| to emit, why when not 127). On x86 without VNNI, ORT's u8×s8 kernels add
+        pairs of products in int16 (vpmaddubsw), which saturates for |w| > 63 (ORT documents it and recommends
+        `reduce_range`); a probe conv in ORT is compared with ONNX's reference evaluator, exact in numpy,
+        rather than trusting an ISA list (measured here, AVX2: 10 steps off on the probe at 127, exact at 63)."""
+        def check():
+            if self.target.name != "cpu":
+                return 127, None
+            from onnx.reference import ReferenceEvaluator
+            x = np.random.default_rng(3).uniform(-2.5, 2.5, (1, 64, 8, 8)).astype(np.float32)
+            model = probes.qdq_conv(x.shape, 16, 3, 3, (1, 1), (1, 1), (1, 1), 1, 0, output_scale=1.0)
+            got = ort.InferenceSession(model, providers=list(self.providers)).run(None, {"x": x})[0].astype(np.int32)
+            want = ReferenceEvaluator(onnx.load_from_string(model)).run(None, {"x": x})[0].astype(np.int32)
+            off = int(np.abs(got - want).max())
+            if off <= 1:
+                return 127, None
+            return 63, (f"int8 weights in [-63, 63]: ONNX Runtime's u8×s8 kernels on this CPU computed a probe conv "
+                        f"{off} steps off with full-range weights (int16 saturation without VNNI; ORT's reduce_range)")
+        return self._verdict("int8_weight_max", (), check)
+
+    # --- ORT's own fusions: kept only where their kernel is faster -------------------------------
+    def slow_fusions(self, model: onnx.ModelProto) -> tuple[tuple[str, float, float], ...]:
+        """(ORT optimizer name, fused µs, unfused µs) for each fusion to disable for `model` on this target:
+        ORT fuses patterns at session creation whether or not its fused kernel is faster (on this project's
+        x86-64 machine SkipLayerNormalization runs ~6× slower than the Add + LayerNormalization it replaces)."""
+        if self.target.name != "cpu":
+            return ()
+        return self._verdict("slow_fusions", (), self._slow_fusions) + (
+            self._verdict("slow_int8_fusions", (), self._slow_int8_fusions) if _has_int8_matmul(model) else ())
+
+    def _slow_fusions(self, margin: float = 1.1) -> tuple:
+        rng = np.random.default_rng(1)
+        feeds = {n: rng.standard_normal((probes.ROWS, probes.HIDDEN)).astype(np.float32) for n in ("x", "s")}
+        slow = []
+        for name, (fused, unfused) in probes.fusion_pairs().items():
+            t_fused, t_unfused = (self.seconds(m, feeds, optimize=False, calls=100, rounds=5, warmup=20) * 1e6
+                                  for m in (fused, unfused))
+            if t_fused > margin * t_unfused:
+                slow.append((name, t_fused, t_unfused))
+        return tuple(slow)
+
+    def _slow_int8_fusions(self, margin: float = 1.1) -> tuple:
+        model, feeds = probes.qdq_linear()
+        fused, unfused = (self.seconds(model, feeds, calls=50, rounds=5, warmup=5, disabled=d) * 1e6
+                          for d in ((), ("MatMulAddFusion",)))
+        return (("MatMulAddFusion", fused, unfused),) if fused > margin * unfused else ()
+
+
+def _has_int8_matmul(model: onnx.ModelProto) -> bool:
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return any(n.op_type == "MatMul" and dequantized & set(n.input) for n in model.graph.node)

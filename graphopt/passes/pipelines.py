@@ -1,0 +1,51 @@
+"""Pipelines: the default one per target, declared by phase, and where added passes go.
+
+A phase is a stage of lowering (PHASES in base.py): canonicalize (remove what hides patterns),
+rewrite (high-level, exact rewrites), lossy (quantize, prune, skip: change the numbers by design),
+epilogue (fusions that must see the final ops) and cleanup. A pass the user asks for through an
+option (quantize=, layer_skip=, sparsity=) goes to the end of its phase, so a new family slots in
+without anyone finding passes by name."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..errors import InputError
+from ..targets import Target
+from .base import PHASES, Pass, by_name
+
+DEFAULT_PIPELINES: dict[str, dict[str, tuple[str, ...]]] = {
+    "cpu": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"),
+            "rewrite": ("fft_conv", "fuse_norms", "fuse_attention"),
+            "epilogue": ("fuse_epilogues",),
+            "cleanup": ("fold_constants", "dce")},
+    "cuda": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"), "cleanup": ("dce",)},
+    "arm64": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"), "cleanup": ("dce",)},
+}
+
+
+def default_pipeline(target: Target) -> list[str]:
+    phases = DEFAULT_PIPELINES[target.name]
+    return [name for phase in PHASES for name in phases.get(phase, ())]
+
+
+def resolve(passes: str | Sequence[str | Pass], target: Target) -> list[Pass]:
+    """'default' (the target's pipeline) or a list of names / Pass objects → Pass objects."""
+    if isinstance(passes, str):
+        if passes != "default":
+            raise InputError(f"passes={passes!r}: give 'default' or a list of pass names or Pass objects")
+        passes = default_pipeline(target)
+    if isinstance(passes, Pass) or not isinstance(passes, Sequence):
+        raise InputError(f"passes= takes 'default' or a list of pass names / Pass objects, got {type(passes).__name__}")
+    return [p if isinstance(p, Pass) else by_name(p) if isinstance(p, str) else _bad(p) for p in passes]
+
+
+def place(pipeline: list[Pass], extra: Pass) -> list[Pass]:
+    """`pipeline` with `extra` at the end of its phase: after every pass of an earlier or the same phase
+    (the first pass of a later phase is where it goes; a user's pipeline keeps its own order)."""
+    rank = PHASES.index(extra.phase)
+    at = next((i for i, p in enumerate(pipeline) if PHASES.index(p.phase) > rank), len(pipeline))
+    return pipeline[:at] + [extra] + pipeline[at:]
+
+
+def _bad(p) -> Pass:
+    raise InputError(f"passes= entries are pass names or graphopt.passes.Pass objects, got {type(p).__name__} {p!r}")

@@ -1,0 +1,76 @@
+"""The host dispatcher: an executable made of segment executables, for per-sample early exit.
+
+Segment k runs on the samples still going; its exit head's max softmax probability is compared with
+the exit's threshold; confident samples get the head's output and leave, the rest (their hidden state
+and the model inputs later segments read, picked by row index) go on to segment k + 1. Outputs
+are written back to each sample's own row, so the batch comes back in order. Each segment is a static
+graph compiled by the chosen backend with a dynamic batch dim (DyCL's split: control flow on the host,
+straight-line code in the compiler)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..backends import Executable
+
+
+class EarlyExitExecutable:
+    def __init__(self, segments: list[Executable], routes: list[list[int]], thresholds: list[float],
+                 labels: list[str], backend: str, graphs=None, examples=None):
+        self.segments = segments          # len(thresholds) + 1 executables
+        self.routes = routes              # per segment: which model inputs it reads (after the hidden state)
+        self.thresholds = thresholds      # per exit: leave when max softmax probability ≥ threshold
+        self.labels = labels              # where each exit is, for people
+        self.backend = backend
+        self.graphs, self.examples = graphs, examples   # the segments' IR and example inputs (for export)
+        self.last_exits: torch.Tensor | None = None
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # the host's work is done in numpy: torch's ops on these small arrays, right after an ONNX Runtime
+        # call, waited on its still-spinning threads (10 ms per segment measured on 2 cores, against 0.2 ms)
+        n = inputs[0].shape[0]
+        last = len(self.thresholds)
+        exits = np.full(n, last, dtype=np.int64)
+        rows = None                       # the samples still going (None: all of them)
+        hidden, out = None, None
+        for k, (segment, route) in enumerate(zip(self.segments, self.routes)):
+            feeds = [] if hidden is None else [hidden]
+            feeds += [inputs[i] if rows is None else torch.from_numpy(_np(inputs[i])[rows]) for i in route]
+            result = segment.run(feeds)
+            if k == last:
+                if rows is None:          # nobody left early: the last segment's outputs are the batch's
+                    self.last_exits = torch.from_numpy(exits)
+                    return list(result)
+                out[rows] = _np(result[0])
+                break
+            hidden, logits = result
+            z = _np(logits).astype(np.float32, copy=False)
+            e = np.exp(z - z.max(-1, keepdims=True))
+            done = e.max(-1) / e.sum(-1) >= self.thresholds[k]
+            if not done.any():
+                continue
+            if out is None:
+                out = np.empty((n, *z.shape[1:]), dtype=z.dtype)
+            here = np.arange(n) if rows is None else rows
+            out[here[done]] = z[done]
+            exits[here[done]] = k
+            if done.all():
+                break
+            keep = np.flatnonzero(~done)
+            rows, hidden = here[keep], torch.from_numpy(_np(hidden)[keep])
+        self.last_exits = torch.from_numpy(exits)
+        return [torch.from_numpy(out)]
+
+    def artifact(self) -> list:
+        return [s.artifact() for s in self.segments]
+
+    def describe(self) -> list[str]:
+        lines = [f"early exit: {len(self.segments)} segments run by a host dispatcher ({self.backend}); exits: " +
+                 ", ".join(f"after {label} at confidence ≥ {t:.4f}" for label, t in zip(self.labels, self.thresholds))]
+        for k, s in enumerate(self.segments):
+            lines += [f"segment {k}: {line}" for line in s.describe()[:1]]
+        return lines
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
