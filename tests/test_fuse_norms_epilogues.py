@@ -1,4 +1,6 @@
 """Norm and epilogue fusions on hand models, with the negative cases that must not fuse."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,6 +8,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import zoo
+from graphopt.passes.fusion.fuse_epilogues import FuseEpilogues
 from conftest import assert_matches
 
 
@@ -79,10 +82,16 @@ class ConvAct(nn.Module):
         return self.act(y + x if self.residual else y)
 
 
+def fused_convs() -> list:
+    """The default CPU pipeline with conv epilogues always fused (by default the cost model decides)."""
+    return [FuseEpilogues("always") if p == "fuse_epilogues" else p
+            for p in graphopt.passes.default_pipeline(graphopt.get_target("cpu"))]
+
+
 @pytest.mark.parametrize("act", sorted(ACTS))
 def test_conv_act(act):
     model, x = ConvAct(ACTS[act]).eval(), (torch.randn(2, 8, 9, 9),)
-    cm = graphopt.compile(model, x)
+    cm = graphopt.compile(model, x, passes=fused_convs())
     assert cm.graph.op_counts() == {"graphopt.conv_act": 1}
     assert_matches(cm, model, x)
 
@@ -90,7 +99,7 @@ def test_conv_act(act):
 @pytest.mark.parametrize("kw", [{"residual": True}, {"pad": (0, 1, 0, 1)}, {"pad": (1, 1, 1, 1), "residual": True}])
 def test_conv_act_absorbs_residual_and_padding(kw):
     model, x = ConvAct(nn.ReLU(), **kw).eval(), (torch.randn(2, 8, 9, 9),)
-    cm = graphopt.compile(model, x)
+    cm = graphopt.compile(model, x, passes=fused_convs())
     assert cm.graph.op_counts() == {"graphopt.conv_act": 1}, step(cm, "fuse_epilogues").notes
     assert_matches(cm, model, x)
     if kw.get("residual"):
@@ -110,7 +119,7 @@ class SharedConv(nn.Module):
 def test_epilogue_negative_cases():
     x = (torch.randn(1, 4, 5, 5),)
     model = SharedConv().eval()
-    cm = graphopt.compile(model, x)
+    cm = graphopt.compile(model, x, passes=fused_convs())
     assert_matches(cm, model, x)
     assert "graphopt.conv_act" not in cm.graph.op_counts()
     assert any("also used by 1 node(s) outside the fusion" in n for n in step(cm, "fuse_epilogues").notes)
@@ -148,6 +157,20 @@ def test_gelu_tanh_lowers_to_fastgelu():
 @pytest.mark.parametrize("name,n", [("resnet", 7), ("mobilenet_v2", 18), ("bert", 2)])   # depthwise convs left to ORT
 def test_real_models_fuse_epilogues(name, n):
     model, inputs = zoo.build(name, size="tiny", batch=2)
-    cm = graphopt.compile(model, inputs)
+    cm = graphopt.compile(model, inputs, passes=fused_convs())
     assert step(cm, "fuse_epilogues").rewrites == n
     assert_matches(cm, model, inputs)
+
+
+def test_conv_epilogues_are_kept_only_where_measured_faster():
+    model, inputs = zoo.build("resnet", size="tiny", batch=2)
+    cm = graphopt.compile(model, inputs)
+    notes = step(cm, "fuse_epilogues").notes
+    decision = notes[0]
+    fused, plain = (float(v) for v in re.findall(r"measured ([\d.e+-]+) ms with graphopt.conv_act, ([\d.e+-]+) ms", decision)[0])
+    kept = "graphopt.conv_act" in cm.graph.op_counts()
+    assert kept == (fused < plain) and ("fused" in decision.split(":")[0]) == kept, decision
+    assert_matches(cm, model, inputs)
+    never = graphopt.compile(model, inputs, passes=[FuseEpilogues("never") if p == "fuse_epilogues" else p
+                                                    for p in graphopt.passes.default_pipeline(cm.target)])
+    assert "graphopt.conv_act" not in never.graph.op_counts()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 from typing import Any, Iterator
 
 import networkx as nx
@@ -132,6 +133,11 @@ class Graph:
             for inp in n.all_input_nodes:
                 g.add_edge(inp.name, n.name)
         return g
+
+
+def copy_graph(graph: Graph) -> Graph:
+    """An independent copy (weights included) to try a rewrite on without touching `graph`."""
+    return Graph(copy.deepcopy(graph.module), graph.in_spec, graph.out_spec)
 
 
 def is_call(node, *targets) -> bool:

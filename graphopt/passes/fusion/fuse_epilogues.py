@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ...ir import Graph, conv_args, fusion_blocker, is_call, linear_args, same_shape, tensor_meta, zero_pad_into
+from ...errors import InputError
+from ...ir import Graph, copy_graph, conv_args, fusion_blocker, is_call, linear_args, same_shape, tensor_meta, zero_pad_into
 from ..base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
@@ -49,11 +50,45 @@ class FuseEpilogues(Pass):
     phase = "epilogue"
     summary = "fuse conv2d + bias + residual add + activation and linear + bias + activation into one op"
 
+    def __init__(self, convs: str = "measure"):
+        if convs not in ("measure", "always", "never"):
+            raise InputError(f"FuseEpilogues(convs={convs!r}): 'measure', 'always' or 'never'")
+        self.convs = convs   # conv epilogues: ONNX Runtime's own NCHWc path can beat FusedConv (target-dependent)
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        convs, why = self.convs, None
+        if convs == "measure":
+            convs, why = self._measure(graph, ctx)
+        result = self._fuse(graph, convs == "always")
+        if why:
+            result.notes.insert(0, why)
+        return result
+
+    def _measure(self, graph: Graph, ctx: PassContext) -> tuple[str, str | None]:
+        """Fuse conv epilogues only where the whole model measures faster so on the target: on an AVX2 EPYC
+        MobileNetV2 ran 64 ms fused against 57 ms with ORT's own NCHWc convs; on a Sapphire Rapids, at parity."""
+        trials = {}
+        for mode in ("always", "never"):
+            trial = copy_graph(graph)
+            if not self._fuse(trial, mode == "always").stats.get("conv_fusions") and mode == "always":
+                return "never", None          # no conv epilogue to fuse: nothing to decide
+            trial.eliminate_dead_code()
+            trial.tidy()
+            trials[mode] = trial
+        if ctx.cost.unmeasurable:
+            return "always", f"conv epilogues fused without measuring ({ctx.cost.unmeasurable})"
+        ms = {mode: ctx.cost.graph_ms(t, ctx.example_args, ctx.example_kwargs) for mode, t in trials.items()}
+        keep = "always" if ms["always"] < ms["never"] else "never"
+        return keep, (f"conv epilogues {'fused' if keep == 'always' else 'left to ONNX Runtime'}: the model measured "
+                      f"{ms['always']:.3g} ms with graphopt.conv_act, {ms['never']:.3g} ms without, on {ctx.target}")
+
+    def _fuse(self, graph: Graph, convs: bool) -> PassResult:
         result = PassResult()
         view = None
         for node in list(graph.ops()):
             if node.target not in (aten.convolution.default, aten.linear.default):
+                continue
+            if node.target is aten.convolution.default and not convs:
                 continue
             reason = self._why_not_conv(node) if node.target is aten.convolution.default else None
             chain, z = [node], None
@@ -80,6 +115,7 @@ class FuseEpilogues(Pass):
                 op_args = (folded.source if folded else x, w, b, z, _pair(stride), [top, left, bottom, right],
                            _pair(dilation), groups, act)
                 self._replace(graph, chain, torch.ops.graphopt.conv_act.default, op_args)
+                result.stats["conv_fusions"] = result.stats.get("conv_fusions", 0) + 1
                 merged = ([folded.pad] if folded else []) + chain[1:]
                 what = f"{'residual %' + z.name + ' + ' if z is not None else ''}{act} → graphopt.conv_act"
             else:

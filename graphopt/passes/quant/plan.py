@@ -9,7 +9,6 @@ budget, and the combined plan is checked as a whole (moves are undone, worst fir
 The plan, the errors and the uniform plans it was compared with are in the dumps."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
@@ -18,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ...errors import InputError, UnsupportedError
-from ...ir import Graph
+from ...ir import Graph, copy_graph
 from ...ops import quant
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe, run_batches
@@ -189,7 +188,7 @@ def _plan_error(graph: Graph, ctx: PassContext, refs: list[torch.Tensor], plan: 
     """The output error of the whole graph under `plan`, against the float outputs `refs` on `batches`."""
     if all(v == "float" for v in plan.values()):
         return 0.0
-    trial = _copy(graph)
+    trial = copy_graph(graph)
     Quantize("int8", dataclasses.replace(qopts, kernel_choice=False), plan).run(trial, ctx)   # same numbers
     trial.eliminate_dead_code()
     return cosine_error(run_batches(trial, ctx.calibration), refs)
@@ -197,16 +196,12 @@ def _plan_error(graph: Graph, ctx: PassContext, refs: list[torch.Tensor], plan: 
 
 def _latency_ms(graph: Graph, ctx: PassContext, plan: dict[str, str]) -> float:
     """Milliseconds per call of the graph under `plan` on the target, as the cost model measures it."""
-    trial = _copy(graph)
+    trial = copy_graph(graph)
     if any(v != "float" for v in plan.values()):
         Quantize("int8", QuantOptions(bias_correction=False), plan).run(trial, ctx)
     trial.eliminate_dead_code()
     trial.tidy()
     return ctx.cost.graph_ms(trial, ctx.example_args, ctx.example_kwargs)
-
-
-def _copy(graph: Graph) -> Graph:
-    return Graph(copy.deepcopy(graph.module), graph.in_spec, graph.out_spec)
 
 
 def _flops(n: fx.Node) -> float:
