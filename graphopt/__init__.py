@@ -9,8 +9,9 @@ from .backends.tvm_tune import Tune
 from .compiled import CompiledModule
 from .errors import CaptureError, GraphoptError, InputError, UnsupportedError, VerificationError
 from .passes.skip import EarlyExit, LayerSkip
+from .passes.sparsity import Sparsity
 from .runtime import load
 from .targets import Target, get_target
 
-__all__ = ["CaptureError", "CompiledModule", "EarlyExit", "GraphoptError", "InputError", "LayerSkip", "Target", "Tune",
+__all__ = ["CaptureError", "CompiledModule", "EarlyExit", "GraphoptError", "InputError", "LayerSkip", "Sparsity", "Target", "Tune",
            "UnsupportedError", "VerificationError", "compile", "get_target", "load", "passes"]

@@ -19,6 +19,7 @@ from .passes.calibration import check_batches
 from .passes.drift import flat_tensors
 from .passes.quant.plan import with_quantization
 from .passes.skip import EarlyExit, LayerSkip, check_skippable, with_skipping
+from .passes.sparsity import Sparsity, with_sparsity
 from .runtime import build_early_exit
 from .targets import Target, get_target
 
@@ -28,7 +29,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             verify: bool = False, tolerance: float = 1e-4, dynamic_shapes: Any = None,
             tune: Tune | None = None, quantize: str | None = None, calibration: Any = None,
             accuracy_budget: float | None = None, layer_skip: LayerSkip | None = None,
-            early_exit: EarlyExit | None = None) -> CompiledModule:
+            early_exit: EarlyExit | None = None, sparsity: Sparsity | None = None) -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
@@ -44,7 +45,12 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     layer_skip: graphopt.LayerSkip(budget=...) drops the residual blocks that save most time within the budget.
     early_exit: graphopt.EarlyExit(budget=...) lets each sample leave after a block when an exit head is
     confident, the graph compiled as segments run by a host dispatcher (`cm.last_exits`); captured with a
-    dynamic batch dim. Both need `calibration`; their budget is the allowed quality loss on it."""
+    dynamic batch dim. Both need `calibration`; their budget is the allowed quality loss on it.
+
+    sparsity: graphopt.Sparsity() removes channels, heads and FFN units already all zero in the weights (exact);
+    Sparsity("structured", ratio=... | budget=...) prunes them, Sparsity("block", ratio=0.9) prunes linears to
+    block-sparse weights (run by a block-sparse kernel where measured faster), Sparsity("2:4") to N:M; pruning
+    needs `calibration` (importance, reconstruction of the next layer, and the budget are measured on it)."""
     # 1. everything the user gave is checked before any work
     tgt = get_target(target)
     be = get_backend(backend)
@@ -62,6 +68,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         raise UnsupportedError("the model or its inputs are bfloat16, and ONNX Runtime's CPU provider has no bfloat16 "
                                "kernels for most ops (Add, Conv, MatMul): use backend='tvm', or model.float()")
     calibration = check_batches(calibration, args, kwargs)
+    pipeline = with_sparsity(pipeline, sparsity, model, calibration)
     pipeline = with_skipping(pipeline, layer_skip, early_exit, calibration)
     if early_exit is not None and dynamic_shapes is None:   # segments run on the samples still going
         dynamic_shapes = batch_dynamic_shapes(args, kwargs)

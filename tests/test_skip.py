@@ -12,8 +12,6 @@ from graphopt.passes.skip import find_blocks
 from graphopt.passes.skip import budget as quality
 
 
-pytestmark = pytest.mark.slow   # not yet timed on a loaded 2-core machine: out of the fast suite
-
 @pytest.fixture(scope="module")
 def digits():
     return zoo.digits()
@@ -192,3 +190,24 @@ def test_model_without_skippable_blocks_says_what_was_looked_for(monkeypatch):
     model, (ids,) = zoo.build("bert", batch=2, seq=8)                 # blocks, but no (batch, classes) output
     with pytest.raises(UnsupportedError, match="needs a classifier"):
         graphopt.compile(model, (ids,), early_exit=graphopt.EarlyExit(0.01), calibration=[(ids,), (ids,)])
+
+
+# --- composition (slow: several compiles, TVM builds) -----------------------------------------------------
+@pytest.mark.slow
+def test_skipping_composes_with_quantize_and_runs_on_tvm(classifier, digits):
+    xc = digits["calibration"][0]
+    cal = [(xc[i:i + 100],) for i in range(0, 400, 100)]
+    quantized = graphopt.compile(classifier, (xc[:100],), quantize="int8", calibration=cal,
+                                 layer_skip=graphopt.LayerSkip(0.05, metric="top1"))
+    names = [r.name for r in quantized.report]
+    assert names.index("quantize") < names.index("layer_skip") < names.index("fuse_epilogues")
+    with torch.no_grad():
+        agree = (quantized(xc[:100]).argmax(-1) == classifier(xc[:100]).argmax(-1)).float().mean().item()
+    assert agree >= 0.9
+    on_tvm = graphopt.compile(classifier, (xc[:100],), backend="tvm", calibration=cal,
+                              early_exit=graphopt.EarlyExit(0.05, metric="top1"))
+    x = digits["test"][0][:64]
+    out, exits = on_tvm(x), on_tvm.last_exits
+    end = exits == len(on_tvm.executable.thresholds)
+    with torch.no_grad():
+        torch.testing.assert_close(out[end], classifier(x)[end], rtol=1e-4, atol=1e-4)

@@ -163,6 +163,28 @@ class CostModel:
                           for d in ((), ("MatMulAddFusion",)))
         return (("MatMulAddFusion", fused, unfused),) if fused > margin * unfused else ()
 
+    # --- sparsity: block-sparse and N:M linears against dense ------------------------------------
+    def sparse_linear_choice(self, rows: int, in_f: int, out_f: int, k: int, block: tuple[int, int]) -> tuple[float, float]:
+        """(block-sparse seconds, dense seconds) on the target for a linear [out_f, in_f] applied to `rows` rows
+        whose weight keeps `k` (bh × bw) blocks per block row, each form exported as graphopt lowers it."""
+        def measure():
+            dense, sparse, x = probes.sparse_linear_modules(rows, in_f, out_f, k, block)
+            return self.module_seconds(sparse, x), self.module_seconds(dense, x)
+        return self._verdict("sparse_linear", (rows, in_f, out_f, k, tuple(block)), measure)
+
+    def nm_linear_choice(self, rows: int, in_f: int, out_f: int, n: int, m: int) -> tuple[float | None, float, str]:
+        """(sparse seconds or None, dense seconds, why) for an N:M linear: ORT's only sparse matmul
+        (com.microsoft.SparseToDenseMatMul, the weight as a sparse initializer) against a dense MatMul."""
+        def measure():
+            dense, sparse, feeds = probes.sparse_to_dense_matmul(rows, in_f, out_f, n, m)
+            t_dense = self.seconds(dense, feeds)
+            try:
+                return self.seconds(sparse, feeds), t_dense, "SparseToDenseMatMul ran"
+            except Exception as e:   # ORT rejects the model: it turns sparse initializers into dense ones
+                msg = str(e).splitlines()[0]
+                return None, t_dense, "ONNX Runtime refused it: " + msg[msg.find("Type Error"):][:110]
+        return self._verdict("nm_linear", (rows, in_f, out_f, n, m), measure)
+
 
 def _has_int8_matmul(model: onnx.ModelProto) -> bool:
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}

@@ -79,3 +79,51 @@ def qdq_conv(shape, c_out, kh, kw, stride, padding, dilation, groups, w_zp: int,
                               [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     return model.SerializeToString()
+
+
+# --- sparsity: a linear as dense, as graphopt's block-sparse op, and as ORT's sparse matmul ------------
+def sparse_linear_modules(rows: int, in_f: int, out_f: int, k: int, block: tuple[int, int]):
+    """(dense module, block-sparse module, input) for one linear [out_f, in_f] keeping `k` blocks per block
+    row, at random columns (the time depends on the shapes only), applied to [1, rows, in_f]."""
+    import torch
+    from ..ops.sparse import pack_bsr
+    g = torch.Generator().manual_seed(0)
+    bh, bw = block
+    mask = torch.zeros(out_f // bh, in_f // bw, dtype=torch.bool)
+    for r in range(mask.shape[0]):
+        mask[r, torch.randperm(mask.shape[1], generator=g)[:k]] = True
+    w = torch.randn(out_f, in_f, generator=g) * mask.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+    b = torch.randn(out_f, generator=g)
+    blocks, cols, _ = pack_bsr(w, block)
+
+    class Dense(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.linear(x, w, b)
+
+    class Sparse(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.graphopt.bsr_linear(x, blocks, cols, b, in_f, bw)
+    return Dense(), Sparse(), torch.randn(1, rows, in_f, generator=g)
+
+
+def sparse_to_dense_matmul(rows: int, in_f: int, out_f: int, n: int, m: int) -> tuple[bytes, bytes, dict]:
+    """(dense MatMul, ORT's com.microsoft.SparseToDenseMatMul on an N:M weight kept as a sparse initializer,
+    feeds): y = x·Wᵀ for x [rows, in_f]."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    w.reshape(out_f, -1, m)[..., n:] = 0
+    x = rng.standard_normal((rows, in_f)).astype(np.float32)
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, in_f])],
+          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    dense = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["y"])], "dense", *io,
+                              [numpy_helper.from_array(np.ascontiguousarray(w.T), "wt")])
+    nz = np.flatnonzero(w)
+    sp = helper.make_sparse_tensor(numpy_helper.from_array(w.reshape(-1)[nz], "w"),
+                                   numpy_helper.from_array(nz.astype(np.int64), "w_idx"), [out_f, in_f])
+    sparse = helper.make_graph([helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+                                helper.make_node("SparseToDenseMatMul", ["w", "xt"], ["yt"], domain="com.microsoft"),
+                                helper.make_node("Transpose", ["yt"], ["y"], perm=[1, 0])], "sparse", *io,
+                               sparse_initializer=[sp])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return (helper.make_model(dense, opset_imports=opsets, ir_version=8).SerializeToString(),
+            helper.make_model(sparse, opset_imports=opsets, ir_version=8).SerializeToString(), {"x": x})

@@ -1,5 +1,5 @@
 """Passes over the IR, one subpackage per family. Importing this package registers every built-in pass."""
-from . import cleanup, fft, fusion, quant, skip  # noqa: F401  (registers the families' passes)
+from . import cleanup, fft, fusion, quant, skip, sparsity  # noqa: F401  (registers the families' passes)
 from .base import PHASES, Pass, PassContext, PassResult, available, family, register
 from .drift import Drift, drift
 from .manager import PassManager, StepRecord

@@ -17,6 +17,7 @@ from ..codegen.onnx import to_onnx
 from ..cost import CostModel
 from ..errors import InputError
 from ..targets import get_target
+from .build import quiet_threads
 from .dispatch import EarlyExitExecutable
 
 FORMAT = "graphopt-segments"
@@ -130,7 +131,7 @@ def load(directory: str | Path, target: str = "cpu") -> LoadedModule:
         data = (directory / seg["file"]).read_bytes()
         if hashlib.sha256(data).hexdigest() != seg["sha256"]:
             raise InputError(f"{directory / seg['file']}: its sha256 differs from the manifest's (changed after export)")
-        segments.append(OrtExecutable(onnx.load_from_string(data), cost, len(seg["onnx_inputs"])))
+        segments.append(quiet_threads(OrtExecutable(onnx.load_from_string(data), cost, len(seg["onnx_inputs"]))))
     exits = manifest["exits"]
     exe = EarlyExitExecutable(segments, [s["model_inputs"] for s in manifest["segments"]],
                               [e["threshold"] for e in exits], [e["after"] for e in exits], "ort")

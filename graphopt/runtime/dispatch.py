@@ -35,7 +35,7 @@ class EarlyExitExecutable:
         hidden, out = None, None
         for k, (segment, route) in enumerate(zip(self.segments, self.routes)):
             feeds = [] if hidden is None else [hidden]
-            feeds += [inputs[i] if rows is None else torch.from_numpy(_np(inputs[i])[rows]) for i in route]
+            feeds += [inputs[i] if rows is None else _take(inputs[i], rows) for i in route]
             result = segment.run(feeds)
             if k == last:
                 if rows is None:          # nobody left early: the last segment's outputs are the batch's
@@ -57,7 +57,7 @@ class EarlyExitExecutable:
             if done.all():
                 break
             keep = np.flatnonzero(~done)
-            rows, hidden = here[keep], torch.from_numpy(_np(hidden)[keep])
+            rows, hidden = here[keep], _take(hidden, keep)
         self.last_exits = torch.from_numpy(exits)
         return [torch.from_numpy(out)]
 
@@ -74,3 +74,11 @@ class EarlyExitExecutable:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
+
+
+def _take(t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """t's `rows`, into a tensor torch allocates (aligned: TVM refuses numpy's 16-byte-aligned arrays) by numpy
+    (no torch op: see run)."""
+    out = torch.empty((len(rows), *t.shape[1:]), dtype=t.dtype)
+    np.take(_np(t), rows, axis=0, out=out.numpy())
+    return out

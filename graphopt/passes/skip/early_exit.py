@@ -7,7 +7,8 @@ model's own outputs (the logits; the model has no head there). The calibration b
 in two folds, so every sample's confidence (max softmax of the head's output) and loss (against the full
 model) come from a head that never saw it; on these held-out scores per-exit thresholds are chosen
 greedily, by measured cost saved per unit of loss, while the loss fits the budget. Segment costs are
-measured by the cost model. Exits no sample would take are dropped, merging their segments. The plan
+measured by the cost model. Exits under 2% of the samples would take are left out (each is a segment
+boundary, a backend call) and the thresholds set again; their segments merge. The plan
 (segments as IR graphs, thresholds) is kept on the pass object for compile(), which builds the
 segments with the backend and runs them with a host dispatcher (graphopt.runtime)."""
 from __future__ import annotations
@@ -119,8 +120,10 @@ class EarlyExit(Pass):
                             f"{relative:.3f} of running every segment (×{1 / relative:.2f})")
 
         keep = [k for k, t in enumerate(thresholds) if t != NEVER]
+        if not keep:
+            result.skipped(f"no exit fits the budget {self.budget:g}: every sample runs to the end (one segment)")
         if len(keep) < len(cuts):
-            result.notes.append(f"exits no held-out sample takes are dropped ({len(cuts) - len(keep)}), "
+            result.notes.append(f"exits taken by under 2% of the held-out samples are dropped ({len(cuts) - len(keep)}), "
                                 "merging their segments")
             cuts2 = [cuts[k] for k in keep]
             segments = split(graph, cuts2, [heads[k] for k in keep])
@@ -187,7 +190,22 @@ def evaluate(conf: torch.Tensor, err: torch.Tensor, thresholds: list[float]):
     return loss, reach, exits
 
 
-def calibrate(conf: torch.Tensor, err: torch.Tensor, costs: torch.Tensor, budget: float, steps: int = 64) -> list[float]:
+def calibrate(conf: torch.Tensor, err: torch.Tensor, costs: torch.Tensor, budget: float, min_share: float = 0.02,
+              steps: int = 64) -> list[float]:
+    """Thresholds by `greedy_thresholds`, then again without the exits fewer than `min_share` of the samples
+    take (each exit is a segment boundary: a backend call and a copy of the samples going on), until every
+    exit kept carries its weight."""
+    allowed = set(range(conf.shape[0]))
+    while True:
+        thresholds = greedy_thresholds(conf, err, costs, budget, allowed, steps)
+        _, _, exits = evaluate(conf, err, thresholds)
+        rare = {k for k in allowed if (exits == k).double().mean().item() < min_share}
+        if not rare:
+            return thresholds
+        allowed -= rare
+
+
+def greedy_thresholds(conf, err, costs, budget, allowed, steps) -> list[float]:
     """Per-exit thresholds: start with no exit taken, then repeatedly lower the one threshold that saves the most
     measured cost per unit of loss while the loss fits. A step lowers a threshold until about 1/`steps` of the
     samples still reaching that exit leave there."""
@@ -201,7 +219,7 @@ def calibrate(conf: torch.Tensor, err: torch.Tensor, costs: torch.Tensor, budget
     loss, cost, exits = measure(thresholds)
     while True:
         best = None
-        for k in range(n_exits):
+        for k in sorted(allowed):
             waiting = conf[k][(exits > k) & (conf[k] < thresholds[k])].sort(descending=True).values
             if not len(waiting):
                 continue
