@@ -7,7 +7,9 @@
 (b) A DigitsResNet (8 residual blocks) trained here on scikit-learn's bundled digits: held-out accuracy
     and speed of the full model, static skipping and early exit (top-1 budget 1%), and the alternative a
     user has today: the same exits written with torch.cond, exported by torch.onnx (ONNX `If` nodes) and
-    run by ONNX Runtime. Throughput on the whole test split in one batch, and latency one sample per call.
+    run by ONNX Runtime; and that torch.cond model compiled by graphopt (segments and branches run by the host).
+    The torch.cond model leaves at an exit only when every sample of the batch is confident. Throughput on the
+    whole test split in one batch, and latency one sample per call.
 
     python benchmarks/bench_skip.py [--parts minilm,digits] [--rounds 9]
 """
@@ -52,7 +54,8 @@ def minilm(rounds: int) -> list[str]:
     args = batches[0]
     with torch.no_grad():
         ref = torch.cat([encoder(*b) for b in held_out])
-    systems, compile_s = {"eager": bench.eager(encoder)}, {}
+    systems, compile_s = {"eager": bench.eager(encoder), "torch.compile": bench.torch_compiled(encoder),
+                          "plain ORT": bench.plain_ort(encoder, args)}, {}
     for label, option in [("graphopt", None)] + [(f"skip {b:.1%}", graphopt.LayerSkip(budget=b))
                                                  for b in (0.005, 0.01, 0.02, 0.05)]:
         t0 = time.perf_counter()
@@ -63,9 +66,9 @@ def minilm(rounds: int) -> list[str]:
     lines = [f"(a) MiniLM sentence encoder, batch 16 × 32 tokens; cosine to the full model on {len(ref)} held-out "
              "sentences"]
     for label, t in ms.items():
-        cos = "" if label == "eager" else \
+        cos = "" if label in ("eager", "torch.compile", "plain ORT") else \
             f"cosine {F.cosine_similarity(torch.cat([systems[label](*b) for b in held_out]), ref).mean().item():.4f}"
-        extra = "" if label in ("eager", "graphopt") else f"  {dropped(systems[label])}"
+        extra = f"  {dropped(systems[label])}" if label.startswith("skip") else ""
         comp = f"  (compile {compile_s[label]:.0f} s)" if label in compile_s else ""
         lines.append(f"  {label:<14} {t:8.2f} ms  ×{ms['graphopt'] / t:5.2f} vs graphopt  ×{ms['eager'] / t:5.2f} "
                      f"vs eager  {cos}{extra}{comp}")
@@ -148,7 +151,10 @@ def digits(rounds: int) -> list[str]:
     lines = [f"(b) DigitsResNet, 8 residual blocks × 32 channels, trained here in {train_s:.0f} s; "
              f"test split {len(yt)} images; exits after blocks {ee.plan.after} at thresholds "
              f"{[round(t, 3) for t in ee.plan.thresholds]}; test samples leaving at each exit / the end: {shares}"]
-    throughput = {"eager": bench.eager(model), "graphopt": full, "static skip 1%": static, "early exit 1%": early,
+    cond_batch = timed("graphopt torch.cond", lambda: graphopt.compile(cond, (xt,)))
+    throughput = {"eager": bench.eager(model), "torch.compile": bench.torch_compiled(model),
+                  "plain ORT": bench.plain_ort(model, (xt,)), "graphopt": full, "graphopt torch.cond": cond_batch,
+                  "static skip 1%": static, "early exit 1%": early,
                   f"If in ORT ({n_if} If)": if_ort}
     ms = bench.time_side_by_side(throughput, (xt,), rounds=rounds)
     lines.append(f"  throughput: the {len(yt)} test images in one batch; accuracy on them (full model "
@@ -156,19 +162,19 @@ def digits(rounds: int) -> list[str]:
     for label, t in ms.items():
         extra = f"  {dropped(static)}" if label == "static skip 1%" else ""
         comp = f"  (compile {compile_s[label]:.0f} s)" if label in compile_s else ""
-        lines.append(f"    {label:<18} {t:8.2f} ms  ×{ms['graphopt'] / t:5.2f} vs graphopt  ×{ms['eager'] / t:5.2f} "
+        lines.append(f"    {label:<20} {t:8.2f} ms  ×{ms['graphopt'] / t:5.2f} vs graphopt  ×{ms['eager'] / t:5.2f} "
                      f"vs eager  accuracy {acc(throughput[label](xt)):.2f}%{extra}{comp}")
 
     # latency: one image per call, over 100 test images (graphopt's full model compiled for batch 1)
     full1 = graphopt.compile(model, (xt[:1],))
     samples = [xt[i:i + 1] for i in range(100)]
-    per_call = {"graphopt": full1, "early exit 1%": early,
+    per_call = {"graphopt": full1, "early exit 1%": early, "graphopt torch.cond": graphopt.compile(cond, (xt[:1],)),
                 f"If in ORT ({n_if} If)": if_ort}
     loops = {name: (lambda fn=fn: [fn(s) for s in samples]) for name, fn in per_call.items()}
     ms1 = bench.time_side_by_side(loops, (), rounds=rounds)
     lines.append("  latency: one image per call, mean over 100 test images")
     for label, t in ms1.items():
-        lines.append(f"    {label:<18} {t / len(samples):8.3f} ms  ×{ms1['graphopt'] / t:5.2f} vs graphopt  "
+        lines.append(f"    {label:<20} {t / len(samples):8.3f} ms  ×{ms1['graphopt'] / t:5.2f} vs graphopt  "
                      f"×{ms1[f'If in ORT ({n_if} If)'] / t:5.2f} vs If in ORT")
     return lines
 

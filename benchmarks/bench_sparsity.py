@@ -1,5 +1,6 @@
-"""Issue 14 benchmark: sparse models made faster, quality beside speed, one process, dense ONNX Runtime as the
-baseline (torch.onnx's export, default options) and graphopt's dense compile beside it.
+"""Issue 14 benchmark: sparse models made faster, quality beside speed, one process; eager PyTorch, torch.compile
+(default mode), dense ONNX Runtime (torch.onnx's export; ORT's default session options, all graph optimizations)
+as the baseline, and graphopt's dense compile beside it.
 
   structured   ResNet-50 and BERT-base (random init, `zoo`) with 30/50/70% of every prunable group's units
                removed (channels, heads, FFN units; reconstruction: least-squares refit); quality = cosine of
@@ -46,6 +47,12 @@ def inputs(name, model, args, n, seed):
     return [(torch.randint(0, model.config.vocab_size, args[0].shape, generator=g),) for _ in range(n)]
 
 
+def peers(model, args) -> dict:
+    """The dense systems every sparse one is compared with."""
+    return {"eager": bench.eager(model), "torch.compile": bench.torch_compiled(model),
+            "ORT dense": bench.plain_ort(model, args), "graphopt dense": graphopt.compile(model, args)}
+
+
 def compiled(model, args, sparsity, calibration):
     t0 = time.perf_counter()
     cm = graphopt.compile(model, args, sparsity=sparsity, calibration=calibration)
@@ -60,7 +67,7 @@ def structured(ns):
     for name in ("resnet", "bert"):
         model, args = zoo.build(name, size="base", batch=1, seq=128)
         calibration, held_out = inputs(name, model, args, 4, 1), inputs(name, model, args, 3, 2)
-        systems = {"ORT dense": bench.plain_ort(model, args), "graphopt dense": graphopt.compile(model, args)}
+        systems = peers(model, args)
         quality, notes = {}, {}
         for ratio in (0.3, 0.5, 0.7):
             label = f"graphopt {ratio:.0%}"
@@ -72,7 +79,8 @@ def structured(ns):
         for label, t in ms.items():
             extra = f"   cosine {quality[label]:.4f}   {notes[label]}" if label in quality else ""
             print(f"  {label:<16} {t:8.2f} ms   ×{ms['ORT dense'] / t:5.2f} vs ORT dense   "
-                  f"×{ms['graphopt dense'] / t:5.2f} vs graphopt dense{extra}", flush=True)
+                  f"×{ms['graphopt dense'] / t:5.2f} vs graphopt dense   "
+                  f"×{ms['eager'] / t:5.2f} vs eager{extra}", flush=True)
 
 
 def budget(ns):
@@ -82,7 +90,7 @@ def budget(ns):
            for i in range(0, len(texts), 16)]
     batches = [(e["input_ids"], e["attention_mask"]) for e in enc]
     args, calibration, held_out = batches[0], batches[:8], batches[8:]
-    systems = {"ORT dense": bench.plain_ort(model, args), "graphopt dense": graphopt.compile(model, args)}
+    systems = peers(model, args)
     quality, notes = {}, {}
 
     def embed(run, b):
@@ -96,7 +104,7 @@ def budget(ns):
         out = torch.cat([embed(systems[label], h) for h in held_out]).detach()
         i, j = torch.triu_indices(len(ref), len(ref), 1)
         rho = rank_correlation((ref[i] * ref[j]).sum(1), (out[i] * out[j]).sum(1))
-        outputs = [torch.as_tensor(t) for b in held_out for t in systems[label](*b)]
+        outputs = [torch.as_tensor(t) for b in held_out for t in flat_tensors(systems[label](*b))]
         quality[label] = (f"held-out: output error {cosine_error(outputs, ref_outputs):.4f} (the budget's measure), "
                           f"sentence-embedding 1 − cosine {1 - F.cosine_similarity(ref, out).mean().item():.4f}, "
                           f"pair Spearman {rho:.4f}")
@@ -107,7 +115,8 @@ def budget(ns):
     for label, t in ms.items():
         extra = f"   {quality[label]}   {notes[label]}" if label in quality else ""
         print(f"  {label:<16} {t:8.2f} ms   ×{ms['ORT dense'] / t:5.2f} vs ORT dense   "
-              f"×{ms['graphopt dense'] / t:5.2f} vs graphopt dense{extra}", flush=True)
+              f"×{ms['graphopt dense'] / t:5.2f} vs graphopt dense   "
+                  f"×{ms['eager'] / t:5.2f} vs eager{extra}", flush=True)
 
 
 def block_and_nm(ns, parts):
@@ -115,7 +124,7 @@ def block_and_nm(ns, parts):
     calibration, held_out = inputs("bert", model, args, 4, 1), inputs("bert", model, args, 3, 2)
     cost = CostModel(graphopt.get_target("cpu"))
     shapes = {(768, 768): 48, (768, 3072): 12, (3072, 768): 12}       # (in, out): count in BERT-base
-    systems = {"ORT dense": bench.plain_ort(model, args), "graphopt dense": graphopt.compile(model, args)}
+    systems = peers(model, args)
     quality, notes = {}, {}
     if "block" in parts:
         print("\nblock-sparse kernel, 32×32 blocks, 128 rows (graphopt::bsr_linear vs dense linear, both in ORT):")
@@ -143,7 +152,8 @@ def block_and_nm(ns, parts):
     for label, t in ms.items():
         extra = f"   cosine {quality[label]:.4f}   {notes[label]}" if label in quality else ""
         print(f"  {label:<18} {t:8.2f} ms   ×{ms['ORT dense'] / t:5.2f} vs ORT dense   "
-              f"×{ms['graphopt dense'] / t:5.2f} vs graphopt dense{extra}", flush=True)
+              f"×{ms['graphopt dense'] / t:5.2f} vs graphopt dense   "
+                  f"×{ms['eager'] / t:5.2f} vs eager{extra}", flush=True)
 
 
 def main():

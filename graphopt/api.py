@@ -20,7 +20,7 @@ from .passes.drift import flat_tensors
 from .passes.quant.plan import with_quantization
 from .passes.skip import EarlyExit, LayerSkip, check_skippable, with_skipping
 from .passes.sparsity import Sparsity, with_sparsity
-from .runtime import build_early_exit
+from .runtime import build_early_exit, has_cond, lower_conds
 from .targets import Target, get_target
 
 
@@ -88,12 +88,20 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     # 2. capture → passes → backend
     graph = capture(model, args, kwargs, dynamic_shapes)
     check_skippable(graph, layer_skip, early_exit)
+    if has_cond(graph):
+        _check_cond_options(pipeline, dynamic_shapes)
     ctx = PassContext(tgt, args, kwargs, calibration, CostModel(tgt))
     manager = PassManager(pipeline, dump_dir, verify, tolerance, reference)
     manager.run(graph, ctx)
     t0 = time.perf_counter()
     if early_exit is not None:
         executable = build_early_exit(early_exit.plan, be, tgt, pipeline[pipeline.index(early_exit) + 1:], tune)
+    elif has_cond(graph):
+        executable = lower_conds(
+            graph, graph.flat_inputs(args, kwargs),
+            build=lambda g, example: be.build(g, tgt, BuildInputs(tuple(example), {}, None, tune)),
+            optimize=lambda g, example: PassManager(pipeline).run(g, PassContext(tgt, tuple(example), {}, [], ctx.cost)),
+            backend=be.name)
     else:
         executable = be.build(graph, tgt, BuildInputs(args, kwargs, dynamic_shapes, tune))
     build_s = time.perf_counter() - t0
@@ -101,6 +109,18 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     outputs = compiled(*args, **kwargs) if manager.measuring else None
     manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe())
     return compiled
+
+
+def _check_cond_options(pipeline: list[Pass], dynamic_shapes) -> None:
+    """A model with torch.cond is run as a host program of static segments (runtime/control.py)."""
+    lossy = [p.name for p in pipeline if p.lossy]
+    if lossy:
+        raise UnsupportedError(f"the model contains torch.cond, and {', '.join(lossy)} cannot yet be applied inside "
+                               "its branches (their calibration data would have to be routed per branch): compile "
+                               "without it, or apply it to a model without torch.cond")
+    if dynamic_shapes is not None:
+        raise UnsupportedError("the model contains torch.cond, whose branches graphopt compiles for the example's "
+                               "shapes: compile once per input shape, without dynamic_shapes")
 
 
 def _dtypes(model: torch.nn.Module, args: tuple, kwargs: dict) -> set[torch.dtype]:

@@ -76,6 +76,22 @@ class CostModel:
         disabled = tuple(name for name, *_ in self.slow_fusions(model))
         return self.seconds(model.SerializeToString(), feeds, disabled=disabled) * 1e3
 
+    def graphs_ms(self, graphs: dict[str, object], args: tuple, kwargs: dict | None = None) -> dict[str, float]:
+        """Milliseconds per call of IR graphs lowered as the ORT backend runs them, timed side by side in
+        interleaved rounds: a choice between near-equal graphs timed one after the other followed the machine's
+        load (the digits ResNet's conv epilogues: 51 vs 53 ms measured apart, 59 vs 56 ms side by side)."""
+        from ..codegen.onnx import to_onnx
+        runners = {}
+        for name, graph in graphs.items():
+            model = to_onnx(graph, args, kwargs or {})
+            feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, graph.flat_inputs(args, kwargs or {}))}
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            session = ort.InferenceSession(model.SerializeToString(), opts, providers=list(self.providers),
+                                           disabled_optimizers=[n for n, *_ in self.slow_fusions(model)])
+            runners[name] = lambda s=session, f=feeds: s.run(None, f)
+        return time_side_by_side(runners, (), rounds=7, min_round_s=0.1)
+
     def compare(self, systems: dict[str, Callable], args: tuple) -> dict[str, float]:
         """Median ms per call of each callable on the same inputs (interleaved rounds of at least 0.2 s:
         with 0.05 s rounds tuned TVM measured 0.66-0.75 ms per call on bench_tvm's chain workload against

@@ -56,10 +56,7 @@ class Graph:
 
     def constant(self, node: fx.Node) -> torch.Tensor:
         """The tensor behind a get_attr node."""
-        obj: Any = self.module
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return _fetch(self.module, node.target)
 
     def add_constant(self, tensor: torch.Tensor, name: str, *, before: fx.Node) -> fx.Node:
         """Register a new weight (never touching the user's tensors) and return its get_attr node."""
@@ -110,7 +107,7 @@ class Graph:
             if not node.users:
                 self.fx.erase_node(node)
         self.fx.lint()
-        self.module.delete_all_unused_submodules()
+        _delete_unused_submodules(self.module)
         _delete_unused_attributes(self.module)
         self.module.recompile()
 
@@ -133,6 +130,49 @@ class Graph:
             for inp in n.all_input_nodes:
                 g.add_edge(inp.name, n.name)
         return g
+
+
+def subgraph(module: fx.GraphModule, inputs: list[fx.Node], outputs: list[fx.Node],
+             constants: dict[fx.Node, torch.Tensor] | None = None) -> Graph:
+    """The part of `module`'s graph computing `outputs` from `inputs` as a Graph of its own: placeholders for
+    `inputs` (in order), weights copied by reference, `constants` (nodes → tensors) made weights; it takes and
+    returns flat tuples. Every other value it needs must be a weight (an UnsupportedError says which is not)."""
+    constants = constants or {}
+    needed, stack = set(), list(outputs)
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            if n not in inputs and n not in constants:
+                stack.extend(n.all_input_nodes)
+    g, root, env = fx.Graph(), {}, {}
+    for n in inputs:
+        env[n] = g.placeholder(n.name)
+        env[n].meta = dict(n.meta)
+    for n, tensor in constants.items():
+        if n in needed:
+            root[f"_const_{n.name}"] = tensor
+            env[n] = g.get_attr(f"_const_{n.name}")
+            env[n].meta = {"val": n.meta.get("val")}
+    for n in module.graph.nodes:
+        if n not in needed or n in env:
+            continue
+        if n.op == "placeholder":
+            from ..errors import UnsupportedError
+            raise UnsupportedError(f"cannot cut the graph here: input {n.name} is needed past the cut")
+        if n.op == "get_attr":
+            root[n.target] = _fetch(module, n.target)
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(tuple(env[o] for o in outputs))
+    flat = lambda k: pytree.tree_flatten(tuple(range(k)))[1]   # noqa: E731
+    return Graph(fx.GraphModule(root, g), pytree.tree_flatten((tuple(range(len(inputs))), {}))[1], flat(len(outputs)))
+
+
+def _fetch(module: torch.nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def copy_graph(graph: Graph) -> Graph:
@@ -180,6 +220,14 @@ def _seeded_but_pure(node: fx.Node) -> bool:
     t = node.target
     return (isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags
             and not t._schema.is_mutable)
+
+
+def _delete_unused_submodules(module: fx.GraphModule) -> None:
+    """Children no node refers to. (FX's delete_all_unused_submodules also deletes what only the graphs of
+    child GraphModules refer to: the branches of a torch.cond nested in a branch.)"""
+    used = {n.target.split(".")[0] for n in module.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name in [name for name, _ in module.named_children() if name not in used]:
+        delattr(module, name)
 
 
 def _delete_unused_attributes(module: fx.GraphModule) -> None:
