@@ -30,8 +30,10 @@ CNN_SKIP = ("onnxruntime.transformers has no CNN fusions (only attention/LayerNo
             "CNN fusions (Conv+BN, Conv+activation) already run in the plain ORT session")
 
 
-def ort_optimizer(model: torch.nn.Module, args: tuple, model_type: str):
-    """torch.onnx's dynamo export (as bench.plain_ort) → optimize_model → ORT session with default options."""
+def ort_optimizer(model: torch.nn.Module, args: tuple, model_type: str, dynamo: bool = True):
+    """torch.onnx's export → optimize_model → ORT session with default options. ORT's documentation exports with
+    the TorchScript exporter (dynamo=False), whose graph its Attention patterns match; on the dynamo export they
+    fuse no Attention (only BiasGelu and SkipLayerNorm), so both are run and labelled."""
     # Workarounds (onnxruntime 1.31): given a ModelProto, optimize_model moves every initializer out to external
     # data and ORT's shape inference then fails on Reshape's shape constants, so it gets a file; and at the
     # default opt_level 1 its ORT pre-pass runs MatMulAddFusion, whose Reshape-shape initializers
@@ -39,7 +41,10 @@ def ort_optimizer(model: torch.nn.Module, args: tuple, model_type: str):
     # existing tensor"); opt_level 2 (ORT's extended pre-pass) leaves MatMulAddFusion out.
     with quiet(stdout=True), tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(torch.onnx.export(model, args, dynamo=True, verbose=False).model_proto, path)
+        if dynamo:
+            onnx.save_model(torch.onnx.export(model, args, dynamo=True, verbose=False).model_proto, path)
+        else:
+            torch.onnx.export(model, args, path, dynamo=False, opset_version=17)
         opt = optimize_model(path, model_type=model_type, num_heads=model.config.num_attention_heads,
                              hidden_size=model.config.hidden_size, opt_level=2)
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
@@ -65,12 +70,13 @@ def build_systems(key: str, model, args, ns) -> dict:
         builders["torch.compile"] = lambda: bench.torch_compiled(model)
     builders["plain ORT"] = lambda: bench.plain_ort(model, args)
     if zoo_name in ORT_MODEL_TYPE:
-        def build_ort_optimizer():
-            run, fused = ort_optimizer(model, args, ORT_MODEL_TYPE[zoo_name])
-            print(f"  ORT optimizer ({ORT_MODEL_TYPE[zoo_name]}) fused: "
+        def build_ort_optimizer(dynamo):
+            run, fused = ort_optimizer(model, args, ORT_MODEL_TYPE[zoo_name], dynamo)
+            print(f"  ORT optimizer ({ORT_MODEL_TYPE[zoo_name]}, {'dynamo' if dynamo else 'TorchScript'} export) fused: "
                   + (", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing"))
             return run
-        builders["ORT optimizer"] = build_ort_optimizer
+        builders["ORT opt (TorchScript)"] = lambda: build_ort_optimizer(False)
+        builders["ORT opt (dynamo)"] = lambda: build_ort_optimizer(True)
     else:
         print(f"  ORT optimizer: skipped for {key}: {CNN_SKIP}")
     builders["graphopt"] = lambda: graphopt.compile(model, args, target="cpu")

@@ -1,6 +1,8 @@
 """compile(): validate everything, capture, run the passes, build for the backend. Nothing else."""
 from __future__ import annotations
 
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,6 +60,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     pipeline = resolve(passes, tgt)
     if tune is not None and (be.name not in ("tvm", "auto") or not isinstance(tune, Tune)):
         raise InputError("tune= takes a graphopt.Tune and needs backend='tvm' or 'auto'")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
+            or tolerance <= 0:
+        raise InputError(f"tolerance={tolerance!r}: give a finite number > 0, the allowed drift relative to the "
+                         "output scale (default 1e-4)")
     args, kwargs = _example(model, example_inputs)
     if isinstance(dynamic_shapes, str):
         if dynamic_shapes != "batch":
@@ -76,9 +82,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         raise InputError(f"quantize={quantize!r} needs calibration data: pass calibration=[batch, ...] with a few "
                          "representative inputs shaped like example_inputs, or use quantize='int8-dynamic'")
     if dump_dir is not None:
-        dump_dir = Path(dump_dir)
-        if dump_dir.exists() and not dump_dir.is_dir():
-            raise InputError(f"dump_dir {str(dump_dir)!r} exists and is not a directory")
+        dump_dir = _writable_dir(dump_dir, "dump_dir")
 
     reference = None
     if verify or dump_dir is not None:
@@ -109,6 +113,22 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     outputs = compiled(*args, **kwargs) if manager.measuring else None
     manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe())
     return compiled
+
+
+def _writable_dir(path, what: str) -> Path:
+    """`path` as a folder graphopt can write in (created if missing), or an InputError saying why not."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{what}: give a folder path, got {type(path).__name__}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {str(path)!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{what} {str(path)!r} cannot be created ({e.strerror or e}): name a folder you can write in")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {str(path)!r} is not writable: name a folder you can write in")
+    return path
 
 
 def _check_cond_options(pipeline: list[Pass], dynamic_shapes) -> None:

@@ -24,26 +24,45 @@ def load_factory(spec: str):
         mod_spec = importlib.util.spec_from_file_location(f"graphopt_model_{path.stem}", path)
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[mod_spec.name] = module
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:
+            raise InputError(f"model file {where!r} failed to load: {_one_line(e)}") from e
     else:
         try:
             module = importlib.import_module(where)
-        except ImportError as e:
-            raise InputError(f"cannot import model module {where!r}: {e}") from e
+        except Exception as e:
+            raise InputError(f"cannot import model module {where!r}: {_one_line(e)}") from e
     factory = getattr(module, name, None)
     if not callable(factory):
         raise InputError(f"{where} has no function {name}() returning (model, example_inputs)")
     return factory
 
 
+def call_factory(spec: str):
+    """What the factory named by `spec` returns; its own exception becomes an InputError naming it."""
+    factory = load_factory(spec)
+    try:
+        return factory()
+    except GraphoptError:
+        raise
+    except Exception as e:
+        raise InputError(f"{spec}: {factory.__name__}() raised {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
+
+
 def _compile(ns: argparse.Namespace) -> int:
     from . import compile
-    built = load_factory(ns.model)()
+    built = call_factory(ns.model)
     if not (isinstance(built, tuple) and len(built) == 2):
         raise InputError(f"{ns.model} must return (model, example_inputs), got {type(built).__name__}")
     model, example = built
     passes = ns.passes.split(",") if ns.passes else "default"
-    calibration = load_factory(ns.calibration)() if ns.calibration else None
+    calibration = call_factory(ns.calibration) if ns.calibration else None
     cm = compile(model, example, target=ns.target, backend=ns.backend, passes=passes, dump_dir=ns.dump_dir,
                  verify=ns.verify, tolerance=ns.tolerance, dynamic_shapes="batch" if ns.dynamic_batch else None,
                  quantize=ns.quantize, calibration=calibration, accuracy_budget=ns.accuracy_budget)

@@ -8,6 +8,7 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
+from .artifacts import write_atomically, write_bytes_atomically
 from .backends import Executable
 from .errors import InputError
 from .ir import Graph, tensor_meta
@@ -58,10 +59,13 @@ class CompiledModule:
             self._check(value, want)
         return pytree.tree_unflatten(self.executable.run(list(flat)), self.graph.out_spec)
 
-    @staticmethod
-    def _check(value, want: InputSpec) -> None:
+    def _check(self, value, want: InputSpec) -> None:
         if not isinstance(value, torch.Tensor):
             raise InputError(f"input {want.name}: expected a tensor, got {type(value).__name__}")
+        if value.device.type != "cpu":
+            raise InputError(f"input {want.name}: a tensor on device {value.device}; graphopt's executables take "
+                             "host tensors (call .cpu() first" + (")" if value.device.type != "meta" else
+                                                                 "; a meta tensor has no data to run on)"))
         ok = value.dtype == want.dtype and value.dim() == len(want.shape) and all(
             w is None or w == d for w, d in zip(want.shape, value.shape))
         if not ok:
@@ -86,9 +90,7 @@ class CompiledModule:
         model = self.executable.artifact()
         if not isinstance(model, onnx.ModelProto):
             raise InputError(f"backend {self.backend!r} does not produce ONNX; compile with backend='ort'")
-        path = Path(path)
-        onnx.save_model(model, path)
-        return path
+        return write_bytes_atomically(path, "export_onnx", model.SerializeToString())
 
     def export_library(self, path: str | Path) -> Path:
         """Write the TVM build as a shared library the TVM runtime loads alone (cross-compiled for arm64)."""
@@ -96,7 +98,7 @@ class CompiledModule:
         if export is None:
             raise InputError(f"backend {self.backend!r} builds no library; compile with backend='tvm', or use "
                              "export_onnx")
-        return export(path)
+        return write_atomically(path, "export_library", lambda tmp: export(tmp))
 
     def __repr__(self) -> str:
         return f"CompiledModule(target={self.target}, backend={self.backend}, inputs=[{', '.join(map(str, self.inputs))}])"

@@ -1,3 +1,7 @@
+import importlib
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -16,3 +20,23 @@ def assert_matches(compiled, model, inputs, tol=1e-4):
     d = drift(compiled(*inputs), ref)
     assert d.rel <= tol, f"relative error {d.rel:.3g} (max abs {d.max_abs:.3g}) on output {d.output}"
     return d
+
+
+ON_CI = os.environ.get("GRAPHOPT_CI") == "1"     # set by .ci/run, which installs every tool the tests need
+
+
+def need_module(name: str):
+    """The module, or a skip where it does not import; on CI a failure (CI installs everything, so a missing
+    or broken TVM there is a defect, not a reason to skip)."""
+    try:
+        return importlib.import_module(name)
+    except Exception as e:
+        if ON_CI:
+            raise
+        pytest.skip(f"{name} does not import: {e}", allow_module_level=True)
+
+
+def need_tool(command: str, why: str) -> None:
+    """Skip where `command` is not installed; on CI fail."""
+    if shutil.which(command) is None:
+        (pytest.fail if ON_CI else pytest.skip)(f"{command} is not installed ({why})")

@@ -16,7 +16,7 @@ from graphopt.ops.fft_conv2d import dft2_conv, spectrum2d
 from graphopt.cost import Conv2dShape, ConvShape, CostModel
 
 decide = CostModel(graphopt.get_target("cpu")).fft_decision
-from conftest import assert_matches
+from conftest import assert_matches, need_module
 
 
 class LongConv(nn.Module):
@@ -147,7 +147,7 @@ def test_2d_cost_model_and_reasons():
                                          (LargeKernel2d(4, 21, 10), (1, 4, 36, 36))])
 def test_bf16_on_tvm(model, shape):
     """bf16 models: the FFT convs compute in fp32 inside (their DFT constants would not survive bf16)."""
-    pytest.importorskip("tvm")
+    need_module("tvm")
     model, x = model.eval().bfloat16(), (torch.randn(shape).bfloat16(),)
     cm = graphopt.compile(model, x, backend="tvm", passes=["fold_constants", FFTConv(force="fft"), "dce"])
     assert any(op.startswith("graphopt.fft_conv") for op in cm.graph.op_counts())

@@ -126,3 +126,23 @@ def test_bert_with_padding_mask():
     cm = graphopt.compile(model, (ids, mask))
     assert cm.graph.op_counts().get(FUSED) == 2
     assert_matches(cm, model, (ids, mask))
+
+
+@pytest.mark.parametrize("name,qkv", [("bert", ("query", "key", "value")), ("llama", ("q_proj", "k_proj", "v_proj"))])
+def test_each_fused_attention_reads_its_own_layers_q_k_v_in_place(name, qkv):
+    """Counts and numbers can both pass with a wrong set of fusions (a swapped q/k at equal head size is
+    numerically close on random weights): the fused op's q, k, v must come from one layer's projections."""
+    model, inputs = zoo.build(name, size="tiny", batch=2)
+    cm = graphopt.compile(model, inputs)
+    fused = [n for n in cm.graph.fx.nodes if str(n.target) == FUSED + ".default"]
+    sources = []
+    for node in fused:
+        weights = []
+        for arg in node.args[:3]:
+            while str(arg.target) != "aten.linear.default":     # back through head split / rotary ops to the projection
+                arg = arg.args[0]
+            weights.append(arg.args[1].target)
+        sources.append(weights)
+    layer = re.compile(r"layers?\.(\d+)\.")
+    assert [{layer.search(w)[1] for w in ws} for ws in sources] == [{"0"}, {"1"}], sources
+    assert all(p in w for ws in sources for p, w in zip(qkv, ws)), sources

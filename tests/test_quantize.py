@@ -13,9 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from graphopt import InputError, UnsupportedError, zoo
+from conftest import need_module
+from graphopt import InputError, UnsupportedError, VerificationError, get_target, zoo
+from graphopt.passes import Pass, PassResult
+from graphopt.passes.drift import cosine_error, flat_tensors
+from graphopt.passes.pipelines import default_pipeline
 from graphopt.passes.quant.observers import Observer, quantization_mse
-from graphopt.passes.drift import flat_tensors
 from graphopt.passes.quant.quantize import Quantize, QuantOptions
 
 
@@ -75,9 +78,10 @@ def test_minilm_real_weights_keep_embeddings_and_ranking(mode):
                for i in range(0, len(texts), 32)]
     batches = [(b["input_ids"], b["attention_mask"]) for b in batches]
     cm = graphopt.compile(model, batches[0], quantize=mode, calibration=batches[:4])   # static: SmoothQuant + MSE
+    held_out = batches[4:]                                                              # 192 sentences
     with torch.no_grad():
-        ref = torch.cat([zoo.mean_pool(model(*b).last_hidden_state, b[1]) for b in batches])
-    out = torch.cat([zoo.mean_pool(cm(*b).last_hidden_state, b[1]) for b in batches])
+        ref = torch.cat([zoo.mean_pool(model(*b).last_hidden_state, b[1]) for b in held_out])
+    out = torch.cat([zoo.mean_pool(cm(*b).last_hidden_state, b[1]) for b in held_out])
     assert F.cosine_similarity(ref, out).mean() >= 0.99
     i, j = torch.triu_indices(len(ref), len(ref), 1)
     sims = torch.stack([(ref[i] * ref[j]).sum(1), (out[i] * out[j]).sum(1)])
@@ -88,7 +92,8 @@ def test_minilm_real_weights_keep_embeddings_and_ranking(mode):
 def test_user_weights_untouched_and_plan_in_dumps(resnet, tmp_path):
     model, args = resnet
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cm = graphopt.compile(model, args, quantize="auto", calibration=calibration_for(args), accuracy_budget=0.01,
+    calibration = calibration_for(args)
+    cm = graphopt.compile(model, args, quantize="auto", calibration=calibration, accuracy_budget=0.01,
                           dump_dir=tmp_path / "dumps")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     (step,) = [r for r in cm.report if r.name == "quantize_auto"]
@@ -97,6 +102,11 @@ def test_user_weights_untouched_and_plan_in_dumps(resnet, tmp_path):
     assert (tmp_path / "dumps" / step.folder / "stats.json").exists()
     chosen = step.notes[[i for i, n in enumerate(step.notes) if "chosen plan" in n][0]]
     assert float(chosen.split("error ")[1].split()[0]) <= 0.01
+    # the compiled model (ONNX Runtime's int8 kernels, not the planner's simulation) keeps the budget on the
+    # calibration batches, measured like the budget: mean (1 − cosine) to the float model's outputs
+    with torch.no_grad():
+        ref = [t for b in calibration for t in flat_tensors(model(*b))]
+    assert cosine_error([t for b in calibration for t in flat_tensors(cm(*b))], ref) <= 0.01
 
 
 def test_auto_respects_a_tight_budget(resnet):
@@ -162,11 +172,30 @@ def test_quantization_errors_come_before_any_work(resnet, monkeypatch):
 
 @pytest.mark.parametrize("name,mode", [("resnet", "int8"), ("bert", "int8-dynamic"), ("bert", "int4-weight")])
 def test_quantized_graphs_lower_to_tvm(name, mode):
-    pytest.importorskip("tvm")
+    need_module("tvm")
     model, args = zoo.build(name, size="tiny", seq=16)
     cm = graphopt.compile(model, args, backend="tvm", quantize=mode, calibration=calibration_for(args))
     ir, out = flat_tensors(cm.graph.run(*args)), flat_tensors(cm(*args))
     assert torch.allclose(ir[0], out[0], atol=1e-4 * ir[0].abs().max().item())
+    ref = flat_tensors(model(*args))[0]                       # and TVM's output is close to the float model's
+    if mode == "int8":
+        assert sqnr_db(ref, out[0]) >= 25
+    else:
+        cos = F.cosine_similarity(out[0].reshape(-1, ref.shape[-1]), ref.reshape(-1, ref.shape[-1])).mean()
+        assert cos >= {"int8-dynamic": 0.999, "int4-weight": 0.98}[mode], cos
+
+
+class ScaleOutput(Pass):
+    """A deliberately wrong pass: scales the first output by 1.01."""
+    name, phase, summary = "scale_output", "cleanup", "test only"
+
+    def run(self, graph, ctx):
+        out = next(iter(graph.fx.find_nodes(op="output")))
+        first = graph.outputs[0]
+        out.replace_input_with(first, graph.call(torch.ops.aten.mul.Tensor, (first, 1.01), before=out))
+        result = PassResult()
+        result.did("scaled the output")
+        return result
 
 
 def test_verify_checks_the_passes_after_quantization_against_the_quantized_graph(resnet, tmp_path):
@@ -175,6 +204,9 @@ def test_verify_checks_the_passes_after_quantization_against_the_quantized_graph
                           dump_dir=tmp_path)        # quantization's own drift is by design: no error
     (step,) = [r for r in cm.report if r.name == "quantize"]
     assert step.drift.rel > 1e-3 and any("lossy by design" in n for n in step.notes)
+    broken = [*default_pipeline(get_target("cpu")), ScaleOutput()]      # a wrong pass after quantize is caught
+    with pytest.raises(VerificationError, match=r"'scale_output'.*exceeds tolerance"):
+        graphopt.compile(model, args, quantize="int8", calibration=calibration_for(args), verify=True, passes=broken)
 
 
 @pytest.mark.parametrize("name,mode", [("mobilenet_v2", "int8"), ("bert", "int8-dynamic")])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import graphopt
+from conftest import need_module
 from graphopt import zoo
 from graphopt.capture import capture
 from graphopt.codegen.onnx import to_onnx
@@ -221,7 +222,7 @@ def test_errors_before_any_work(monkeypatch):
 
 
 def test_block_sparse_kernel_in_tvm_matches_dense():
-    tvm = pytest.importorskip("tvm")
+    tvm = need_module("tvm")
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 

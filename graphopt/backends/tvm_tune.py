@@ -8,22 +8,42 @@ schedule. Builder workers skip importing TVM's tensor intrinsics
 (tens of seconds per worker on this machine) because fp32 schedules do not tensorize."""
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
 from ..quiet import quiet
 
 
 @dataclass(frozen=True)
 class Tune:
     """Tuning options: `trials` per task, `time_budget` in seconds for the whole model, `db` a directory
-    holding the tuning records (created if missing; reused across compiles and processes)."""
+    holding the tuning records (created if missing; reused across compiles and processes; by default
+    graphopt/tuning in the user's cache directory, $XDG_CACHE_HOME or ~/.cache, not the working directory)."""
     trials: int = 64
     time_budget: float = 600.0
-    db: str | Path = "graphopt-tuning"
+    db: str | Path | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise InputError(f"Tune(trials={self.trials!r}): give a positive int, the trials per task (e.g. 64)")
+        budget = self.time_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 0:
+            raise InputError(f"Tune(time_budget={budget!r}): give the seconds the whole model may spend tuning, "
+                             "a finite number ≥ 0 (0: tune nothing, reuse the database)")
+        if self.db is not None and not isinstance(self.db, (str, Path)):
+            raise InputError(f"Tune(db={self.db!r}): give a directory path")
+        object.__setattr__(self, "db", Path(self.db) if self.db is not None else default_db())
+
+
+def default_db() -> Path:
+    """Where tuning records go when the user names no directory: the XDG cache directory."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphopt" / "tuning"
 
 
 @dataclass

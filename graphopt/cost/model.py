@@ -59,13 +59,22 @@ class CostModel:
 
     def module_seconds(self, module: torch.nn.Module, x: torch.Tensor) -> float:
         """A torch module with graphopt ops (a probe), exported to ONNX and timed on the target."""
-        from ..ops import onnx_translation_table
-        from ..quiet import quiet
-        with quiet(stdout=True):
-            program = torch.onnx.export(module.eval(), (x,), dynamo=True,
-                                        custom_translation_table=onnx_translation_table())
-        model = program.model_proto
+        model = _exported(module, x)
         return self.seconds(model.SerializeToString(), {model.graph.input[0].name: x.numpy()})
+
+    def modules_seconds(self, modules: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, float]:
+        """Probe modules exported and timed side by side in interleaved rounds (see graphs_ms)."""
+        runners = {}
+        for name, module in modules.items():
+            model = _exported(module, x)
+            runners[name] = self._runner(model.SerializeToString(), {model.graph.input[0].name: x.numpy()})
+        return {name: ms / 1e3 for name, ms in time_side_by_side(runners, (), rounds=7, min_round_s=0.1).items()}
+
+    def _runner(self, model: bytes, feeds: dict, disabled: tuple[str, ...] = ()) -> Callable:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(model, opts, providers=list(self.providers), disabled_optimizers=list(disabled))
+        return lambda: session.run(None, feeds)
 
     def graph_ms(self, graph, args: tuple, kwargs: dict | None = None) -> float:
         """Milliseconds per call of an IR graph lowered to ONNX Runtime as the ORT backend runs it."""
@@ -85,11 +94,8 @@ class CostModel:
         for name, graph in graphs.items():
             model = to_onnx(graph, args, kwargs or {})
             feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, graph.flat_inputs(args, kwargs or {}))}
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            session = ort.InferenceSession(model.SerializeToString(), opts, providers=list(self.providers),
-                                           disabled_optimizers=[n for n, *_ in self.slow_fusions(model)])
-            runners[name] = lambda s=session, f=feeds: s.run(None, f)
+            runners[name] = self._runner(model.SerializeToString(), feeds,
+                                         tuple(n for n, *_ in self.slow_fusions(model)))
         return time_side_by_side(runners, (), rounds=7, min_round_s=0.1)
 
     def compare(self, systems: dict[str, Callable], args: tuple) -> dict[str, float]:
@@ -185,7 +191,8 @@ class CostModel:
         whose weight keeps `k` (bh × bw) blocks per block row, each form exported as graphopt lowers it."""
         def measure():
             dense, sparse, x = probes.sparse_linear_modules(rows, in_f, out_f, k, block)
-            return self.module_seconds(sparse, x), self.module_seconds(dense, x)
+            s = self.modules_seconds({"sparse": sparse, "dense": dense}, x)
+            return s["sparse"], s["dense"]
         return self._verdict("sparse_linear", (rows, in_f, out_f, k, tuple(block)), measure)
 
     def nm_linear_choice(self, rows: int, in_f: int, out_f: int, n: int, m: int) -> tuple[float | None, float, str]:
@@ -200,6 +207,14 @@ class CostModel:
                 msg = str(e).splitlines()[0]
                 return None, t_dense, "ONNX Runtime refused it: " + msg[msg.find("Type Error"):][:110]
         return self._verdict("nm_linear", (rows, in_f, out_f, n, m), measure)
+
+
+def _exported(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    from ..ops import onnx_translation_table
+    from ..quiet import quiet
+    with quiet(stdout=True):
+        return torch.onnx.export(module.eval(), (x,), dynamo=True,
+                                 custom_translation_table=onnx_translation_table()).model_proto
 
 
 def _has_int8_matmul(model: onnx.ModelProto) -> bool:

@@ -43,6 +43,15 @@ def graphopt_op(name: str, *, fake: Callable, onnx: Callable, relax: Callable,
     return wrap
 
 
+def unregister(name: str) -> None:
+    """Remove graphopt::<name> from graphopt and torch (for ops a test registers for its own duration)."""
+    from torch._library.custom_ops import OPDEF_TO_LIB
+    _OPS.pop(name, None)
+    lib = OPDEF_TO_LIB.pop(f"graphopt::{name}", None)
+    if lib is not None:
+        lib._destroy()
+
+
 def registered() -> dict[str, GraphoptOp]:
     return dict(_OPS)
 

@@ -70,7 +70,8 @@ class PassManager:
         for i, p in enumerate(self.passes, start=1):
             before_counts = graph.op_counts()
             t0 = time.perf_counter()
-            result = p.run(graph, ctx)
+            with torch.no_grad():   # weights are Parameters: math on them would build (and keep) autograd graphs
+                result = p.run(graph, ctx)
             if result.changed:   # the chores every rewrite needs: drop what became dead, check, recompile
                 graph.eliminate_dead_code()
                 graph.tidy()

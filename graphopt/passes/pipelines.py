@@ -15,11 +15,13 @@ from .base import PHASES, Pass, by_name
 
 DEFAULT_PIPELINES: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"),
-            "rewrite": ("fft_conv", "fuse_norms", "fuse_attention"),
+            "rewrite": ("shrink_inert", "fft_conv", "fuse_norms", "fuse_attention"),
             "epilogue": ("fuse_epilogues",),
             "cleanup": ("fold_constants", "dce")},
-    "cuda": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"), "cleanup": ("dce",)},
-    "arm64": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"), "cleanup": ("dce",)},
+    "cuda": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"), "rewrite": ("shrink_inert",),
+             "cleanup": ("dce",)},
+    "arm64": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"), "rewrite": ("shrink_inert",),
+              "cleanup": ("dce",)},
 }
 
 

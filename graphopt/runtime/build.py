@@ -21,7 +21,7 @@ def build_early_exit(plan, backend: Backend, target: Target, passes: list[Pass],
         if passes:
             PassManager(passes).run(segment.graph, PassContext(target, example))
         if backend.name in ("ort", "auto") and segment.has_hidden:
-            _blocked_layout_entry(segment.graph)
+            blocked_layout_entry(segment.graph, segment.graph.inputs[:1])
         dynamic = tuple({0: Dim.DYNAMIC} for _ in example)
         executables.append(quiet_threads(backend.build(segment.graph, target, BuildInputs(example, {}, dynamic, tune))))
     return EarlyExitExecutable(executables, [s.inputs for s in plan.segments], plan.thresholds, plan.labels,
@@ -29,18 +29,18 @@ def build_early_exit(plan, backend: Backend, target: Target, passes: list[Pass],
                                [s.graph for s in plan.segments], plan.example)
 
 
-def _blocked_layout_entry(graph: Graph) -> None:
-    """A feature map coming into a segment passes a 1×1 max-pool (an identity) first. ONNX Runtime's NCHWc
-    layout pass reorders a conv's input but not the residual a fused conv adds, so a segment starting
-    inside a residual stream ran every block in plain NCHW, with reorders between: a 5-block segment of
-    the digits classifier measured 171 ms against 100 ms with the pool, which it turns into a reorder."""
-    hidden = graph.inputs[0]
-    val = tensor_meta(hidden)
-    if val is None or val.dim() != 4 or not val.is_floating_point():
-        return
+def blocked_layout_entry(graph: Graph, inputs) -> None:
+    """Feature maps coming into a segment (4-D float `inputs`) pass a 1×1 max-pool (an identity) first. ONNX
+    Runtime's NCHWc layout pass reorders a conv's input but not the residual a fused conv adds, so a segment
+    starting inside a residual stream ran every block in plain NCHW, with reorders between: a 5-block segment
+    of the digits classifier measured 171 ms against 100 ms with the pool, which it turns into a reorder."""
     first = next(n for n in graph.fx.nodes if n.op != "placeholder")
-    pooled = graph.call(torch.ops.aten.max_pool2d.default, (hidden, [1, 1]), before=first)
-    hidden.replace_all_uses_with(pooled, delete_user_cb=lambda user: user is not pooled)
+    for hidden in inputs:
+        val = tensor_meta(hidden)
+        if val is None or val.dim() != 4 or not val.is_floating_point() or not hidden.users:
+            continue
+        pooled = graph.call(torch.ops.aten.max_pool2d.default, (hidden, [1, 1]), before=first)
+        hidden.replace_all_uses_with(pooled, delete_user_cb=lambda user, p=pooled: user is not p)
     graph.module.recompile()
 
 

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import torch
 from torch.utils import _pytree as pytree
 
+from ..artifacts import write_bytes_atomically
 from ..backends.ort import OrtExecutable
 from ..codegen.onnx import to_onnx
 from ..cost import CostModel
@@ -46,7 +47,7 @@ def export_bundle(compiled, directory: str | Path) -> Path:
     for k, (model, route) in enumerate(zip(models, routes)):
         data = model.SerializeToString()
         name = f"segment{k}.onnx"
-        (directory / name).write_bytes(data)
+        write_bytes_atomically(directory / name, "export", data)
         segments.append({"file": name, "sha256": hashlib.sha256(data).hexdigest(), "hidden": k > 0,
                          "model_inputs": route, "onnx_inputs": [i.name for i in model.graph.input],
                          "onnx_outputs": [o.name for o in model.graph.output]})
@@ -62,7 +63,7 @@ def export_bundle(compiled, directory: str | Path) -> Path:
         "exits": [{"after": label, "threshold": t} for label, t in zip(labels, thresholds)],
         "confidence": "max softmax probability of the exit head's output (the segment's second output)",
     }
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_bytes_atomically(directory / "manifest.json", "export", json.dumps(manifest, indent=1).encode())
     return directory
 
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 from ..backends import Executable
 from ..errors import UnsupportedError
 from ..ir import Graph, subgraph
+from .build import blocked_layout_entry
 
 COND = torch.ops.higher_order.cond
 
@@ -102,6 +103,8 @@ def lower_conds(graph: Graph, example: list[torch.Tensor], build: Callable[[Grap
             reads = _unique(a for n in run for a in n.all_input_nodes if a not in inside and a.op != "get_attr")
             writes = [n for n in run if any(u not in inside for u in n.users)]
             piece = subgraph(module, reads, writes)
+            if steps and backend in ("ort", "auto"):       # feature maps from an earlier step
+                blocked_layout_entry(piece, piece.inputs)
             steps.append(Segment(build(piece, [values[r] for r in reads]), _names(reads), _names(writes)))
             run.clear()
 
@@ -134,6 +137,8 @@ def _branch(graph: Graph, cond: fx.Node, values: dict, build, optimize, backend:
                           {placeholders[i]: t for i, t in weights.items()})
         example = [values[o] for o in live]
         optimize(branch, example)
+        if backend in ("ort", "auto"):
+            blocked_layout_entry(branch, branch.inputs)
         programs.append(lower_conds(branch, example, build, optimize, backend) if has_cond(branch)
                         else build(branch, example))
     outs = {u.args[1]: u for u in cond.users if u.target is operator.getitem}

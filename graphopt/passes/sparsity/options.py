@@ -76,8 +76,8 @@ def with_sparsity(pipeline: list[Pass], sparsity, model: torch.nn.Module, calibr
         raise InputError(f"sparsity= takes a graphopt.Sparsity(...), got {type(sparsity).__name__}")
     from .prune import Sparsify
     from .shrink import ShrinkInert
-    if not sparsity.prunes:
-        return place(pipeline, ShrinkInert())
+    if not sparsity.prunes:         # the default pipelines already remove what is zero in the weights
+        return pipeline if any(isinstance(p, ShrinkInert) for p in pipeline) else place(pipeline, ShrinkInert())
     if not calibration:
         raise InputError(f"Sparsity({sparsity.pattern!r}) prunes, so it needs calibration data: pass "
                          "calibration=[batch, ...] with a few representative inputs shaped like example_inputs "

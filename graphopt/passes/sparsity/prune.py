@@ -151,6 +151,7 @@ class Sparsify(Pass):
             self._structured(graph, ctx, result)
         else:
             self._linears(graph, ctx, result)
+        graph.eliminate_dead_code()      # the layers replaced must not count as after
         after = macs(graph), parameters(graph)
         result.stats.update(macs_before=before[0], macs_after=after[0], params_before=before[1],
                             params_after=after[1])

@@ -105,7 +105,8 @@ def macs(graph: Graph) -> int:
 
 def parameters(graph: Graph) -> int:
     """Elements of the constants the graph reads."""
-    return sum(graph.constant(n).numel() for n in graph.fx.find_nodes(op="get_attr") if n.users)
+    weights = (graph.constant(n) for n in graph.fx.find_nodes(op="get_attr") if n.users)
+    return sum(w.numel() for w in weights if isinstance(w, torch.Tensor))      # not a cond's branch modules
 
 
 def remove_inert(graph: Graph, result) -> int:
