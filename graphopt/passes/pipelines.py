@@ -15,7 +15,7 @@ from .base import PHASES, Pass, by_name
 
 DEFAULT_PIPELINES: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"),
-            "rewrite": ("shrink_inert", "fft_conv", "fuse_norms", "fuse_attention"),
+            "rewrite": ("fft_conv", "fuse_norms", "fuse_attention", "shrink_inert"),   # heads: after attention fusion
             "epilogue": ("fuse_epilogues",),
             "cleanup": ("fold_constants", "dce")},
     "cuda": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"), "rewrite": ("shrink_inert",),

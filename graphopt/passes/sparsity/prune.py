@@ -25,7 +25,7 @@ from ..quant.layers import layer_name
 from .detect import layers as weighted_layers
 from .groups import CONV, LINEAR, Group, find_groups
 from .options import Sparsity, misfit
-from .shrink import macs, parameters, refresh_meta, remove_inert, shrink
+from .shrink import hint, macs, parameters, refresh_meta, remove_inert, shrink
 
 STEPS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)     # fractions of a group's units a budget plan may remove
 BLOCK_RATIOS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)             # uniform block ratios a budget plan tries, sparsest first
@@ -255,7 +255,7 @@ class Sparsify(Pass):
         for n in g.producers + g.consumers + g.depthwise:
             out = tensor_meta(n)
             w = n.args[1].meta["val"]
-            total += math.prod(int(d) for d in out.shape) * math.prod(w.shape[1:])
+            total += math.prod(map(hint, out.shape)) * math.prod(w.shape[1:])
         return float(total)
 
     # --- block-sparse and N:M linears --------------------------------------------------------------

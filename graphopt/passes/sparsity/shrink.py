@@ -86,6 +86,12 @@ def refresh_meta(graph: Graph) -> None:
                 n.meta["val"] = n.target(*args, **kwargs) if n.target is not operator.getitem else args[0][args[1]]
 
 
+def hint(d) -> int:
+    """A dim's example size, without guarding on it: int() of a symbolic batch dim would specialize the graph
+    to the example's batch size."""
+    return d if isinstance(d, int) else int(d.node.hint)
+
+
 def macs(graph: Graph) -> int:
     """Multiply-adds of the graph's convs, linears and block-sparse linears, from their shapes."""
     total = 0
@@ -93,7 +99,7 @@ def macs(graph: Graph) -> int:
         out = n.meta.get("val")
         if not isinstance(out, torch.Tensor):
             continue
-        numel = math.prod(int(d) for d in out.shape)
+        numel = math.prod(map(hint, out.shape))
         if n.target is CONV:
             total += numel * math.prod(n.args[1].meta["val"].shape[1:])
         elif n.target is torch.ops.aten.linear.default:
