@@ -51,5 +51,5 @@ def test_an_added_pass_goes_to_the_end_of_its_phase():
     cpu = graphopt.get_target("cpu")
     pipeline = place(resolve("default", cpu), Quantize("int8-dynamic"))
     names = [p.name for p in pipeline]
-    assert names.index("quantize") == names.index("fuse_attention") + 1 == names.index("fuse_epilogues") - 1
+    assert names.index("quantize") == names.index("shrink_inert") + 1 == names.index("fuse_epilogues") - 1
     assert [p.name for p in place(resolve(["dce"], cpu), Quantize())] == ["quantize", "dce"]
