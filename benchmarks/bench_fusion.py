@@ -30,10 +30,24 @@ CNN_SKIP = ("onnxruntime.transformers has no CNN fusions (only attention/LayerNo
             "CNN fusions (Conv+BN, Conv+activation) already run in the plain ORT session")
 
 
+class FirstOutput(torch.nn.Module):
+    """The model called with keyword ids, returning its first output (TorchScript's tracer passes arguments
+    positionally, which transformers' forward wrappers reject)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False)[0] if "use_cache" in self.model.forward.__code__.co_varnames \
+            else self.model(input_ids=input_ids)[0]
+
+
 def ort_optimizer(model: torch.nn.Module, args: tuple, model_type: str, dynamo: bool = True):
     """torch.onnx's export → optimize_model → ORT session with default options. ORT's documentation exports with
-    the TorchScript exporter (dynamo=False), whose graph its Attention patterns match; on the dynamo export they
-    fuse no Attention (only BiasGelu and SkipLayerNorm), so both are run and labelled."""
+    the TorchScript exporter (dynamo=False), so both exports are run and labelled. With onnxruntime 1.32 neither
+    gets an Attention fused here (tiny BERT, also with eager attention: BiasGelu 2, SkipLayerNormalization 5 on
+    both), so these peers are "ORT's optimizer as a user runs it", not "ORT with fused attention"."""
     # Workarounds (onnxruntime 1.31): given a ModelProto, optimize_model moves every initializer out to external
     # data and ORT's shape inference then fails on Reshape's shape constants, so it gets a file; and at the
     # default opt_level 1 its ORT pre-pass runs MatMulAddFusion, whose Reshape-shape initializers
@@ -44,7 +58,7 @@ def ort_optimizer(model: torch.nn.Module, args: tuple, model_type: str, dynamo: 
         if dynamo:
             onnx.save_model(torch.onnx.export(model, args, dynamo=True, verbose=False).model_proto, path)
         else:
-            torch.onnx.export(model, args, path, dynamo=False, opset_version=17)
+            torch.onnx.export(FirstOutput(model), args, path, dynamo=False, opset_version=17)
         opt = optimize_model(path, model_type=model_type, num_heads=model.config.num_attention_heads,
                              hidden_size=model.config.hidden_size, opt_level=2)
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
