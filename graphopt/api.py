@@ -84,10 +84,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     if dump_dir is not None:
         dump_dir = _writable_dir(dump_dir, "dump_dir")
 
-    reference = None
-    if verify or dump_dir is not None:
-        with torch.no_grad():
-            reference = flat_tensors(model(*args, **kwargs))
+    outputs = _run_eager(model, args, kwargs)          # inputs the model rejects fail here, before any work
+    reference = flat_tensors(outputs) if verify or dump_dir is not None else None
 
     # 2. capture → passes → backend
     graph = capture(model, args, kwargs, dynamic_shapes)
@@ -113,6 +111,28 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     outputs = compiled(*args, **kwargs) if manager.measuring else None
     manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe())
     return compiled
+
+
+def _run_eager(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """The model's outputs on the example inputs; where it raises, an InputError naming the innermost module it
+    was in and the inputs given (a wrong dtype or rank otherwise surfaced after capture and the passes as an
+    ONNX Runtime failure)."""
+    entered: list[tuple[str, torch.nn.Module]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _, name=name: entered.append((name, mod)))
+             for name, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    except Exception as e:
+        name, mod = entered[-1] if entered else ("", model)
+        given = ", ".join(f"{pytree.keystr(p)}: {str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+                          for p, t in pytree.tree_flatten_with_path((args, kwargs))[0])
+        raise InputError(f"the model raised on example_inputs in {name or 'the top module'!r} "
+                         f"({type(mod).__name__}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                         f"inputs given: {given}. Give inputs of the dtype and shape the model takes") from e
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _writable_dir(path, what: str) -> Path:

@@ -1,6 +1,7 @@
 """Artifacts go only where the user named, are checked first and written atomically; bad paths and inputs
 at call time are clear errors."""
 import errno
+import re
 from pathlib import Path
 
 import onnx
@@ -70,3 +71,12 @@ def test_dump_dir_that_cannot_be_made_is_refused_before_capture(tmp_path, monkey
 def test_a_tensor_on_another_device_is_refused_at_call(compiled):
     with pytest.raises(InputError, match="device meta.*no data"):
         compiled[2](torch.empty(2, 4, device="meta"))
+
+
+@pytest.mark.parametrize("x,message", [(torch.randint(0, 5, (2, 4)), "dtype"), (torch.randn(2, 3), "shape|size")])
+def test_inputs_the_model_rejects_fail_before_capture(x, message, monkeypatch):
+    monkeypatch.setattr(graphopt.api, "capture", lambda *a, **k: pytest.fail("captured before the error"))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    with pytest.raises(InputError, match=r"raised on example_inputs in '0' \(Linear\).*inputs given: \[0\]\[0\]") as e:
+        graphopt.compile(model, (x,))
+    assert re.search(message, str(e.value))
