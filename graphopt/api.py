@@ -116,23 +116,23 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
 def _run_eager(model: torch.nn.Module, args: tuple, kwargs: dict):
     """The model's outputs on the example inputs; where it raises, an InputError naming the innermost module it
     was in and the inputs given (a wrong dtype or rank otherwise surfaced after capture and the passes as an
-    ONNX Runtime failure)."""
-    entered: list[tuple[str, torch.nn.Module]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, _, name=name: entered.append((name, mod)))
-             for name, m in model.named_modules()]
+    ONNX Runtime failure). The module is found from the traceback: hooks would break torch.cond's tracing."""
     try:
         with torch.no_grad():
             return model(*args, **kwargs)
     except Exception as e:
-        name, mod = entered[-1] if entered else ("", model)
+        names = {id(m): name for name, m in model.named_modules()}
+        name, mod, tb = "", model, e.__traceback__
+        while tb is not None:
+            obj = tb.tb_frame.f_locals.get("self")
+            if isinstance(obj, torch.nn.Module) and id(obj) in names:
+                name, mod = names[id(obj)], obj
+            tb = tb.tb_next
         given = ", ".join(f"{pytree.keystr(p)}: {str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
                           for p, t in pytree.tree_flatten_with_path((args, kwargs))[0])
         raise InputError(f"the model raised on example_inputs in {name or 'the top module'!r} "
                          f"({type(mod).__name__}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
                          f"inputs given: {given}. Give inputs of the dtype and shape the model takes") from e
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _writable_dir(path, what: str) -> Path:
