@@ -59,6 +59,15 @@ def compiled(model, args, sparsity, calibration):
     return cm, time.perf_counter() - t0
 
 
+def table(title: str, ms: dict[str, float], extras: dict[str, str], width: int = 16) -> None:
+    """One benchmark table: ms per call, ratios against the dense peers, quality and notes where given."""
+    print(f"\n{title}, median ms per call:")
+    for label, t in ms.items():
+        extra = f"   {extras[label]}" if label in extras else ""
+        print(f"  {label:<{width}} {t:8.2f} ms   ×{ms['ORT dense'] / t:5.2f} vs ORT dense   "
+              f"×{ms['graphopt dense'] / t:5.2f} vs graphopt dense   ×{ms['eager'] / t:5.2f} vs eager{extra}", flush=True)
+
+
 def step(cm, name="sparsify"):
     return next(r for r in cm.report if r.name == name)
 
@@ -75,12 +84,8 @@ def structured(ns):
             quality[label] = cosine(model, systems[label], held_out)
             notes[label] = f"{step(systems[label]).notes[-1]}; compile {secs:.0f} s"
         ms = bench.time_side_by_side(systems, args, rounds=ns.rounds)
-        print(f"\nstructured {name}-base ({'x'.join(map(str, args[0].shape))}), median ms per call:")
-        for label, t in ms.items():
-            extra = f"   cosine {quality[label]:.4f}   {notes[label]}" if label in quality else ""
-            print(f"  {label:<16} {t:8.2f} ms   ×{ms['ORT dense'] / t:5.2f} vs ORT dense   "
-                  f"×{ms['graphopt dense'] / t:5.2f} vs graphopt dense   "
-                  f"×{ms['eager'] / t:5.2f} vs eager{extra}", flush=True)
+        table(f"structured {name}-base ({'x'.join(map(str, args[0].shape))})", ms,
+              {label: f"cosine {quality[label]:.4f}   {notes[label]}" for label in quality})
 
 
 def budget(ns):
@@ -111,12 +116,8 @@ def budget(ns):
         s = step(systems[label])
         notes[label] = f"{s.rewrites} groups pruned; {s.notes[-1]}; compile {secs:.0f} s"
     ms = bench.time_side_by_side(systems, args, rounds=ns.rounds)
-    print("\nMiniLM (trained) pruned within a budget, 16 sentences × 32 tokens, median ms per call:")
-    for label, t in ms.items():
-        extra = f"   {quality[label]}   {notes[label]}" if label in quality else ""
-        print(f"  {label:<16} {t:8.2f} ms   ×{ms['ORT dense'] / t:5.2f} vs ORT dense   "
-              f"×{ms['graphopt dense'] / t:5.2f} vs graphopt dense   "
-                  f"×{ms['eager'] / t:5.2f} vs eager{extra}", flush=True)
+    table("MiniLM (trained) pruned within a budget, 16 sentences × 32 tokens", ms,
+          {label: f"{quality[label]}   {notes[label]}" for label in quality})
 
 
 def block_and_nm(ns, parts):
@@ -148,12 +149,8 @@ def block_and_nm(ns, parts):
         gate = [n for n in step(systems["graphopt 2:4"]).notes if "kept dense" in n]
         notes["graphopt 2:4"] = f"compile {secs:.0f} s; gate: {gate[0] if gate else 'none'}"
     ms = bench.time_side_by_side(systems, args, rounds=ns.rounds)
-    print("\nBERT-base end to end (1×128), median ms per call:")
-    for label, t in ms.items():
-        extra = f"   cosine {quality[label]:.4f}   {notes[label]}" if label in quality else ""
-        print(f"  {label:<18} {t:8.2f} ms   ×{ms['ORT dense'] / t:5.2f} vs ORT dense   "
-              f"×{ms['graphopt dense'] / t:5.2f} vs graphopt dense   "
-                  f"×{ms['eager'] / t:5.2f} vs eager{extra}", flush=True)
+    table("BERT-base end to end (1×128)", ms,
+          {label: f"cosine {quality[label]:.4f}   {notes[label]}" for label in quality}, width=18)
 
 
 def main():
