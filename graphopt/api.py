@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,6 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from .artifacts import writable_dir
 from .backends import BuildInputs, get_backend
 from .backends.tvm_tune import Tune
 from .capture import batch_dynamic_shapes, capture
@@ -82,7 +82,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         raise InputError(f"quantize={quantize!r} needs calibration data: pass calibration=[batch, ...] with a few "
                          "representative inputs shaped like example_inputs, or use quantize='int8-dynamic'")
     if dump_dir is not None:
-        dump_dir = _writable_dir(dump_dir, "dump_dir")
+        dump_dir = writable_dir(dump_dir, "dump_dir")
 
     outputs = _run_eager(model, args, kwargs)          # inputs the model rejects fail here, before any work
     reference = flat_tensors(outputs) if verify or dump_dir is not None else None
@@ -133,22 +133,6 @@ def _run_eager(model: torch.nn.Module, args: tuple, kwargs: dict):
         raise InputError(f"the model raised on example_inputs in {name or 'the top module'!r} "
                          f"({type(mod).__name__}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
                          f"inputs given: {given}. Give inputs of the dtype and shape the model takes") from e
-
-
-def _writable_dir(path, what: str) -> Path:
-    """`path` as a folder graphopt can write in (created if missing), or an InputError saying why not."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"{what}: give a folder path, got {type(path).__name__}")
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{what} {str(path)!r} exists and is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{what} {str(path)!r} cannot be created ({e.strerror or e}): name a folder you can write in")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {str(path)!r} is not writable: name a folder you can write in")
-    return path
 
 
 def _check_cond_options(pipeline: list[Pass], dynamic_shapes) -> None:

@@ -1,4 +1,5 @@
-"""Writing what the user asked for to a path they named: checked first, written atomically.
+"""Writing what the user asked for to a path they named: checked first, written atomically; folders they
+name (dump_dir) checked before any work.
 
 The artifact is written to a temporary file beside its destination and renamed into place, so a
 write that fails part-way (disk full, an exporter error) leaves the previous file as it was and no
@@ -27,6 +28,22 @@ def checked_path(path, what: str) -> Path:
         raise InputError(f"{what}: {str(parent)!r} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{what}: cannot write in {str(parent)!r} (permission denied)")
+    return path
+
+
+def writable_dir(path, what: str) -> Path:
+    """`path` as a folder graphopt can write in (created if missing), or an InputError saying why not."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{what}: give a folder path, got {type(path).__name__}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {str(path)!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{what} {str(path)!r} cannot be created ({e.strerror or e}): name a folder you can write in")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {str(path)!r} is not writable: name a folder you can write in")
     return path
 
 

@@ -78,25 +78,23 @@ class CostModel:
 
     def graph_ms(self, graph, args: tuple, kwargs: dict | None = None) -> float:
         """Milliseconds per call of an IR graph lowered to ONNX Runtime as the ORT backend runs it."""
-        from ..codegen.onnx import to_onnx
-        model = to_onnx(graph, args, kwargs or {})
-        flat = graph.flat_inputs(args, kwargs or {})
-        feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}
-        disabled = tuple(name for name, *_ in self.slow_fusions(model))
-        return self.seconds(model.SerializeToString(), feeds, disabled=disabled) * 1e3
+        model, feeds, disabled = self._lowered(graph, args, kwargs)
+        return self.seconds(model, feeds, disabled=disabled) * 1e3
 
     def graphs_ms(self, graphs: dict[str, object], args: tuple, kwargs: dict | None = None) -> dict[str, float]:
         """Milliseconds per call of IR graphs lowered as the ORT backend runs them, timed side by side in
         interleaved rounds: a choice between near-equal graphs timed one after the other followed the machine's
         load (the digits ResNet's conv epilogues: 51 vs 53 ms measured apart, 59 vs 56 ms side by side)."""
-        from ..codegen.onnx import to_onnx
-        runners = {}
-        for name, graph in graphs.items():
-            model = to_onnx(graph, args, kwargs or {})
-            feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, graph.flat_inputs(args, kwargs or {}))}
-            runners[name] = self._runner(model.SerializeToString(), feeds,
-                                         tuple(n for n, *_ in self.slow_fusions(model)))
+        runners = {name: self._runner(*self._lowered(graph, args, kwargs)) for name, graph in graphs.items()}
         return time_side_by_side(runners, (), rounds=7, min_round_s=0.1)
+
+    def _lowered(self, graph, args: tuple, kwargs: dict | None) -> tuple[bytes, dict, tuple[str, ...]]:
+        """(ONNX bytes, feeds, ORT fusions to disable) of an IR graph, as the ORT backend would run it."""
+        from ..codegen.onnx import to_onnx
+        model = to_onnx(graph, args, kwargs or {})
+        flat = graph.flat_inputs(args, kwargs or {})
+        feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}
+        return model.SerializeToString(), feeds, tuple(name for name, *_ in self.slow_fusions(model))
 
     def compare(self, systems: dict[str, Callable], args: tuple) -> dict[str, float]:
         """Median ms per call of each callable on the same inputs (interleaved rounds of at least 0.2 s:
