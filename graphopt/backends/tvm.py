@@ -112,7 +112,7 @@ class TvmBackend:
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> TvmExecutable:
         import tvm
-        mod = to_relax(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes)
+        mod = to_relax(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes, target.name)
         if target.name != "cuda":   # LLVM CPU targets scalarize exp/tanh/erf; CUDA has fast intrinsics of its own
             mod = fast_math(mod)
         if inputs.tune is None:

@@ -11,13 +11,17 @@ from ..ops import relax_convert_map
 from ..quiet import quiet
 
 
-def to_relax(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None):
-    """The optimized graph as a Relax IRModule (weights bound as constants)."""
+def to_relax(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None,
+             target: str = "cpu"):
+    """The optimized graph as a Relax IRModule (weights bound as constants), for `target` (a graphopt
+    target's name: graphopt ops may lower to kernels written for it)."""
     from tvm.relax.frontend.torch import from_exported_program
     with quiet(stdout=True):
         ep = torch.export.export(graph.module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+    values = {**dict(ep.named_parameters()), **dict(ep.named_buffers()), **ep.constants}
+    constants = {s.arg.name: values[s.target] for s in ep.graph_signature.input_specs if s.target in values}
     try:
-        return from_exported_program(ep, custom_convert_map=relax_convert_map())
+        return from_exported_program(ep, custom_convert_map=relax_convert_map(target, constants.get))
     except (AssertionError, KeyError, ValueError, NotImplementedError) as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise UnsupportedError(f"TVM Relax import failed: {first[:300]}. Remove the pass that introduced the "

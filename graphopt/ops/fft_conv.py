@@ -78,6 +78,14 @@ def spectrum(h: torch.Tensor, ns) -> torch.Tensor:
     return torch.stack([torch.stack([kr, -ki], -2), torch.stack([ki, kr], -2)], -3).float()
 
 
+def full_spectrum(spec: torch.Tensor, ns: tuple[int, ...]) -> torch.Tensor:
+    """A depthwise conv's layout above → each kernel's full N-point spectrum [C, N] (Hermitian: the half
+    spectrum unweighted, its conjugate mirrored above N/2)."""
+    half = _natural(spec, ns)[:, 0, 0, : math.prod(ns) // 2 + 1].clone()
+    half[:, 1:-1] /= 2
+    return torch.cat([half, half[:, 1:-1].flip(-1).conj()], -1)
+
+
 def _natural(spec: torch.Tensor, ns: tuple[int, ...]) -> torch.Tensor:
     """The layout above → the weighted spectrum in natural order [..., N] (zero above N/2)."""
     k, _ = _half_index(ns)
@@ -248,10 +256,42 @@ def _onnx(x, spec, ns: list[int], groups: int, start: int, out_len: int):
     return monarch_conv(_onnx_ops(), x, spec, ns, groups, start, out_len, onnx_dtype(x))
 
 
-def _relax(node, importer):
+def _relax(node, importer, target: str = "cpu", constant=lambda name: None):
+    """Depthwise convs on LLVM CPU targets: the fused TIR kernel (graphopt/ops/fft_kernel.py); the rest
+    (grouped and dense convs, CUDA, a spectrum that is not a constant): the Monarch matmul form."""
     x, spec = importer.env[node.args[0]], importer.env[node.args[1]]
-    return monarch_conv(_relax_ops(importer.block_builder, importer.shape_of), x, spec, *node.args[2:],
-                        dtype=node.args[0].meta["val"].dtype)
+    ns, groups, start, out_len = node.args[2:]
+    dtype = node.args[0].meta["val"].dtype
+    spec_value = constant(node.args[1].name)
+    if target == "cuda" or spec_value is None or spec_value.shape[1:3] != (1, 1) or math.prod(ns) < 64:
+        return monarch_conv(_relax_ops(importer.block_builder, importer.shape_of), x, spec, ns, groups, start,
+                            out_len, dtype=dtype)
+    return _fused_relax(importer.block_builder, importer.shape_of(x), x, spec_value, tuple(ns), start, out_len, dtype)
+
+
+def _fused_relax(bb, shape, x, spec: torch.Tensor, ns: tuple[int, ...], start: int, out_len: int, dtype: torch.dtype):
+    from tvm import relax, tirx
+    from . import fft_kernel
+    R = relax.op
+    batch, channels, length = shape
+    channels, length, n = int(channels), int(length), math.prod(ns)
+    h = full_spectrum(spec, ns)                                  # [C, N]
+    even = channels + channels % 2                                                 # channels travel in pairs
+    if even != channels:
+        h = torch.cat([h, torch.zeros_like(h[:1])])
+        x = bb.emit(R.nn.pad(x, [0, 0, 0, 1, 0, 0]))
+    if dtype != torch.float32:
+        x = bb.emit(R.astype(x, "float32"))
+    static_batch = int(batch) if isinstance(batch, tirx.IntImm) else None
+    name = f"fft_conv1d_dw_{even}x{length}_n{n}_{start}_{out_len}" + ("" if static_batch else "_b")
+    func = fft_kernel.prim_func(static_batch, even, length, n, start, out_len, name)
+    tw, _ = fft_kernel.twiddles(n)
+    y = bb.emit(relax.call_tir(bb.add_func(func, name), [x, relax.const(fft_kernel.pair_spectra(h.numpy())),
+                                                         relax.const(tw)],
+                               relax.TensorType((batch, even, out_len), "float32")))
+    if even != channels:
+        y = bb.emit(R.strided_slice(y, axes=[1], begin=[0], end=[channels]))
+    return y if dtype == torch.float32 else bb.emit(R.astype(y, str(dtype).removeprefix("torch.")))
 
 
 @graphopt_op("fft_conv1d", fake=_fake, onnx=_onnx, relax=_relax)

@@ -4,12 +4,14 @@ An operator is four parts kept together, and `graphopt_op` refuses one without a
   reference  the PyTorch implementation (the decorated function; it defines the semantics),
   fake       shape/dtype propagation for torch.export,
   onnx       an onnxscript function, used by torch.onnx's `custom_translation_table`,
-  relax      a converter for TVM's `from_exported_program(custom_convert_map=...)`.
+  relax      a converter for TVM's `from_exported_program(custom_convert_map=...)` (see relax_convert_map
+             for what else it may ask for).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+import inspect
+from functools import cache, partial
 from typing import Callable, Sequence
 
 import onnx
@@ -102,7 +104,14 @@ def onnx_opset(targets) -> int | None:
     return max((op.onnx_opset for op in _OPS.values() if op.onnx_opset and op.overload in targets), default=None)
 
 
-def relax_convert_map() -> dict:
+def relax_convert_map(target: str = "cpu", constant: Callable[[str], torch.Tensor | None] = lambda name: None) -> dict:
     """For tvm.relax.frontend.torch.from_exported_program(custom_convert_map=...), which looks
-    converters up by the op's `__name__` ("attention.default") and calls them as f(node, importer)."""
-    return {op.overload.__name__: op.relax for op in _OPS.values()}
+    converters up by the op's `__name__` ("attention.default") and calls them as f(node, importer).
+    Converters may also take `target` (the name of the target the module is built for) and `constant`
+    (an input placeholder's name → its tensor when it is a weight or constant, else None)."""
+    given = {"target": target, "constant": constant}
+    converters = {}
+    for op in _OPS.values():
+        wanted = {k: v for k, v in given.items() if k in inspect.signature(op.relax).parameters}
+        converters[op.overload.__name__] = partial(op.relax, **wanted) if wanted else op.relax
+    return converters
