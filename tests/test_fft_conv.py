@@ -47,6 +47,33 @@ def test_rewrite_equals_direct_conv(c_in, c_out, k, groups, length, causal):
     assert_matches(cm, model, x)
 
 
+FUSED_CASES = [  # (channels, kernel, length, causal): the fused TVM kernel's shape paths
+    (7, 300, 1000, True),       # odd channels (the last pair's partner is zero); x ends inside a first-stage run
+    (8, 301, 1000, False),      # 'same' padding: the kept window starts off a vector boundary (copy-out path)
+    (4, 2000, 2000, True),      # N = 4096: radix 8, 2, 4, 4, 4 (N = 2048: 8, 4, 4, 4)
+]
+
+
+@pytest.mark.parametrize("c,k,length,causal", FUSED_CASES)
+def test_fused_kernel_on_tvm_equals_direct_conv(c, k, length, causal):
+    """Depthwise FFT convs on TVM's CPU target run graphopt's fused TIR kernel, at any batch size."""
+    need_module("tvm")
+    model, x = LongConv(c, c, k, c, causal).eval(), (torch.randn(2, c, length),)
+    cm = graphopt.compile(model, x, backend="tvm", dynamic_shapes="batch",
+                          passes=["fold_constants", FFTConv(force="fft"), "dce"])
+    assert [name for name in cm.executable.kernels if name.startswith("fft_conv1d_dw")], cm.executable.kernels
+    assert_matches(cm, model, x, tol=1e-5)
+    assert_matches(cm, model, (torch.randn(3, c, length),), tol=1e-5)
+
+
+def test_grouped_fft_conv_on_tvm_keeps_the_matmul_form():
+    need_module("tvm")
+    model, x = LongConv(6, 4, 100, 2, False).eval(), (torch.randn(1, 6, 513),)
+    cm = graphopt.compile(model, x, backend="tvm", passes=["fold_constants", FFTConv(force="fft"), "dce"])
+    assert cm.executable.kernels == ()
+    assert_matches(cm, model, x)
+
+
 def test_monarch_algebra_matches_reference_op():
     x, h = torch.randn(2, 4, 300), torch.randn(2, 2, 2, 50)
     for max_bits in (7, 4, 2):                  # two, three and five levels

@@ -61,8 +61,9 @@ def tvm_target(target: Target):
 
 
 class TvmExecutable:
-    def __init__(self, executable, target: Target, tune_report=None):
+    def __init__(self, executable, target: Target, tune_report=None, kernels: tuple[str, ...] = ()):
         self.executable, self.target, self.tune_report = executable, target, tune_report
+        self.kernels = kernels            # TIR kernels graphopt wrote for its ops (not scheduled by TVM)
         self.vm = None
         if target.name == "cpu" or (target.name == "cuda" and torch.cuda.is_available()):
             import tvm
@@ -84,9 +85,10 @@ class TvmExecutable:
         return self.executable
 
     def describe(self) -> list[str]:
+        own = [f"graphopt's own kernels: {', '.join(self.kernels)}"] if self.kernels else []
         if self.tune_report is None:
-            return [f"TVM Relax VM executable for {self.target} (untuned: default schedules)"]
-        return [f"TVM Relax VM executable for {self.target}"] + self.tune_report.lines()
+            return [f"TVM Relax VM executable for {self.target} (untuned: default schedules)"] + own
+        return [f"TVM Relax VM executable for {self.target}"] + own + self.tune_report.lines()
 
     def export_library(self, path: str | Path) -> Path:
         cc = CROSS_CC.get(self.target.name)
@@ -115,9 +117,11 @@ class TvmBackend:
         mod = to_relax(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes, target.name)
         if target.name != "cuda":   # LLVM CPU targets scalarize exp/tanh/erf; CUDA has fast intrinsics of its own
             mod = fast_math(mod)
+        kernels = tuple(sorted(gv.name_hint for gv, f in mod.functions.items() if f.attrs and
+                               f.attrs.get("tir.is_scheduled", False)))
         if inputs.tune is None:
-            return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target)
+            return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target, kernels=kernels)
         if target.name != "cpu":
             raise UnsupportedError(f"tuning is implemented for target 'cpu' only, not {target}")
         executable, report = tune_and_compile(mod, tvm_target(target), inputs.tune)
-        return TvmExecutable(executable, target, report)
+        return TvmExecutable(executable, target, report, kernels)
