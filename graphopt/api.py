@@ -22,7 +22,7 @@ from .passes.drift import flat_tensors
 from .passes.quant.plan import with_quantization
 from .passes.skip import EarlyExit, LayerSkip, check_skippable, with_skipping
 from .passes.sparsity import Sparsity, with_sparsity
-from .runtime import build_early_exit, has_cond, lower_conds
+from .runtime import build_early_exit, has_cond, lower_conds, mixed
 from .targets import Target, get_target
 
 
@@ -105,7 +105,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             optimize=lambda g, example: PassManager(pipeline).run(g, PassContext(tgt, tuple(example), {}, [], ctx.cost)),
             backend=be.name)
     else:
-        executable = be.build(graph, tgt, BuildInputs(args, kwargs, dynamic_shapes, tune))
+        inputs = BuildInputs(args, kwargs, dynamic_shapes, tune)
+        executable = be.build(graph, tgt, inputs)
+        if be.name == "auto" and mixed.worth_trying(graph, tgt, inputs):
+            executable = mixed.with_tvm_kernels(graph, tgt, inputs, executable)
     build_s = time.perf_counter() - t0
     compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records)
     outputs = compiled(*args, **kwargs) if manager.measuring else None

@@ -204,6 +204,26 @@ def test_hyena_example_end_to_end():
     assert_matches(cm, model, x)
 
 
+def test_auto_puts_depthwise_fft_convs_on_tvm_kernels_between_ort_segments():
+    """backend='auto' measures ORT alone against ORT segments with each depthwise FFT conv on graphopt's TVM
+    kernel, keeps the faster (the report says which and both timings); the mixed program equals eager."""
+    need_module("tvm")
+    from graphopt.backends import BuildInputs
+    from graphopt.runtime.mixed import lower_mixed, tvm_kernel_ops, worth_trying
+    model, x = _example("hyena")
+    cm = graphopt.compile(model, x, backend="auto")
+    decision = cm.executable.describe()[0]
+    assert "2 depthwise FFT conv(s) on graphopt's TVM kernel" in decision and decision.endswith(("kept", "not kept"))
+    assert cm.backend == ("ort+tvm" if decision.endswith(" kept") else "ort")
+    assert_matches(cm, model, x)
+    program = lower_mixed(cm.graph, cm.target, list(x))
+    kinds = [type(step.executable).__name__ for step in program.steps]
+    assert kinds.count("TvmExecutable") == len(tvm_kernel_ops(cm.graph)) == 2 and "OrtExecutable" in kinds
+    with torch.no_grad():
+        torch.testing.assert_close(program.run(list(x))[0], model(*x), rtol=1e-4, atol=1e-4 * model(*x).abs().max())
+    assert not worth_trying(cm.graph, cm.target, BuildInputs(x, dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)))
+
+
 def test_replknet_example_end_to_end():
     """The large depthwise kernels go to the frequency domain, the 5×5 branches and 1×1 convs stay."""
     model, x = _example("replknet")

@@ -92,20 +92,14 @@ def lower_conds(graph: Graph, example: list[torch.Tensor], build: Callable[[Grap
                 optimize: Callable[[Graph, list[torch.Tensor]], None], backend: str) -> HostProgram:
     """`graph` (its passes already run) as a HostProgram: `build` compiles a straight-line graph for its example
     inputs, `optimize` runs the pipeline on a branch before it is lowered in turn."""
-    values = _values(graph, example)
-    module, nodes = graph.module, [n for n in graph.fx.nodes if n.op == "call_function"]
+    values = values_on(graph, example)
+    nodes = [n for n in graph.fx.nodes if n.op == "call_function"]
     steps: list[Segment | Branch] = []
     run: list[fx.Node] = []
 
     def flush():
         if run:
-            inside = set(run)
-            reads = _unique(a for n in run for a in n.all_input_nodes if a not in inside and a.op != "get_attr")
-            writes = [n for n in run if any(u not in inside for u in n.users)]
-            piece = subgraph(module, reads, writes)
-            if steps and backend in ("ort", "auto"):       # feature maps from an earlier step
-                blocked_layout_entry(piece, piece.inputs)
-            steps.append(Segment(build(piece, [values[r] for r in reads]), _names(reads), _names(writes)))
+            steps.append(segment(graph, run, values, build, blocked_entry=bool(steps) and backend in ("ort", "auto")))
             run.clear()
 
     for n in nodes:
@@ -146,7 +140,20 @@ def _branch(graph: Graph, cond: fx.Node, values: dict, build, optimize, backend:
     return Branch(pred.name, programs[0], programs[1], _names(live), writes)
 
 
-def _values(graph: Graph, example: list[torch.Tensor]) -> dict[fx.Node, torch.Tensor]:
+def segment(graph: Graph, run: list[fx.Node], values: dict, build: Callable[[Graph, list[torch.Tensor]], Executable],
+            blocked_entry: bool = False) -> Segment:
+    """Consecutive nodes `run` of `graph` as a Segment built by `build`; `blocked_entry`: its inputs are feature
+    maps an earlier ORT segment produced (see blocked_layout_entry)."""
+    inside = set(run)
+    reads = _unique(a for n in run for a in n.all_input_nodes if a not in inside and a.op != "get_attr")
+    writes = [n for n in run if any(u not in inside for u in n.users)]
+    piece = subgraph(graph.module, reads, writes)
+    if blocked_entry:
+        blocked_layout_entry(piece, piece.inputs)
+    return Segment(build(piece, [values[r] for r in reads]), _names(reads), _names(writes))
+
+
+def values_on(graph: Graph, example: list[torch.Tensor]) -> dict[fx.Node, torch.Tensor]:
     """Every value of the graph on the example inputs: the segments' and branches' example inputs."""
     interpreter = fx.Interpreter(graph.module, garbage_collect_values=False)
     with torch.no_grad():

@@ -1,15 +1,16 @@
-"""FFT-convolution rewriting: long 1-D convolutions become graphopt::fft_conv1d, a matmul (Monarch)
-FFT convolution, and large-kernel depthwise 2-D convolutions graphopt::fft_conv2d, a per-axis matmul
-DFT convolution, where the target's cost model (ctx.cost: rates measured on the target) says it
-is faster. Three sources:
+"""FFT-convolution rewriting: long 1-D convolutions become graphopt::fft_conv1d (lowered for ONNX Runtime
+as a matmul (Monarch) FFT, for TVM on CPU as graphopt's fused FFT kernel when depthwise), and large-kernel
+depthwise 2-D convolutions graphopt::fft_conv2d, a per-axis matmul DFT convolution, where the target's
+cost model (ctx.cost: rates measured on the target in ONNX Runtime, the slower of the two lowerings)
+says it is faster. Three sources:
 
   1. aten.convolution with a 1-D kernel (dense, grouped or depthwise; stride and dilation 1), a
      zero pad in front of it folded in (the causal-conv idiom pad(x, [K−1, 0]) → conv);
   2. the same for a depthwise 2-D kernel (RepLKNet's 31×31), pads folded per axis;
   3. a convolution the model already computes by FFT, as Hyena does:
         irfft(rfft(pad(u), n) · K̂, n)[..., :L]  with K̂ constant (its filter generator folded),
-     always rewritten (it is an FFT either way; the matmul form is what runs fast here, and TVM has
-     no FFT op at all).
+     always rewritten (it is an FFT either way; ONNX Runtime's DFT op is slower than the matmul form,
+     40 vs 6 ms for 64 channels at N = 8192 here, and TVM has no FFT op at all).
 
 The kernel's spectrum is computed here, at compile time, in the layout the lowering wants; every
 decision and its estimated costs go into the dumps."""

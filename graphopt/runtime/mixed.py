@@ -1,0 +1,66 @@
+"""backend="auto" across backends within one model: ONNX Runtime for the graph, graphopt's own TVM kernels
+for the ops ONNX Runtime has no fast form of — depthwise FFT convs, which ORT runs as matmul (Monarch) FFTs
+×7–15 slower than the fused kernel (benchmarks/bench_fft_conv.py). The graph is cut around each such op into
+ORT segments and one-op TVM segments, run by a host program, and kept only where it measures faster than
+the executable auto chose without it, both timings in the report's backend row."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..backends import BuildInputs, Executable, OrtBackend, TvmBackend
+from ..backends.auto import ChosenExecutable
+from ..cost import CostModel
+from ..ir import Graph
+from ..targets import Target
+from .build import quiet_threads
+from .control import HostProgram, segment, values_on
+
+
+def tvm_kernel_ops(graph: Graph) -> list[fx.Node]:
+    """The ops that run a TIR kernel of graphopt's own on TVM's CPU targets: depthwise fft_conv1d."""
+    return [n for n in graph.fx.nodes if n.target is torch.ops.graphopt.fft_conv1d.default
+            and tuple(graph.constant(n.args[1]).shape[1:3]) == (1, 1)]
+
+
+def worth_trying(graph: Graph, target: Target, inputs: BuildInputs) -> bool:
+    if target.name != "cpu" or inputs.dynamic_shapes is not None or not tvm_kernel_ops(graph):
+        return False
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        return False
+    return all(n.args[1].op == "get_attr" for n in tvm_kernel_ops(graph))
+
+
+def lower_mixed(graph: Graph, target: Target, example: list[torch.Tensor]) -> HostProgram:
+    """ORT segments between one-op TVM segments (their inputs and outputs passed as torch tensors)."""
+    kernels, values = set(tvm_kernel_ops(graph)), values_on(graph, example)
+
+    def build(backend):                    # ORT workers that spin after a run would take the cores from TVM's
+        return lambda piece, ex: quiet_threads(backend.build(piece, target, BuildInputs(tuple(ex))))
+    steps, run = [], []
+    for n in (n for n in graph.fx.nodes if n.op == "call_function"):
+        if n not in kernels:
+            run.append(n)
+            continue
+        if run:
+            steps.append(segment(graph, run, values, build(OrtBackend()), blocked_entry=bool(steps)))
+            run = []
+        steps.append(segment(graph, [n], values, build(TvmBackend())))
+    if run:
+        steps.append(segment(graph, run, values, build(OrtBackend()), blocked_entry=bool(steps)))
+    return HostProgram([i.name for i in graph.inputs], steps, [o.name for o in graph.outputs], "ort+tvm")
+
+
+def with_tvm_kernels(graph: Graph, target: Target, inputs: BuildInputs, chosen: Executable) -> Executable:
+    """`chosen` (backend auto's pick) or the mixed program, whichever measures faster on the example inputs."""
+    flat = graph.flat_inputs(inputs.args, inputs.kwargs)
+    mixed = lower_mixed(graph, target, flat)
+    ms = CostModel(target).compare({"chosen": chosen.run, "mixed": mixed.run}, (flat,))
+    n = len(tvm_kernel_ops(graph))
+    line = (f"backend auto: {n} depthwise FFT conv(s) on graphopt's TVM kernel between ONNX Runtime segments "
+            f"{ms['mixed']:.3g} ms vs without {ms['chosen']:.3g} ms per call (interleaved rounds, medians): ")
+    if ms["mixed"] < ms["chosen"]:
+        return ChosenExecutable(mixed, "ort+tvm", [line + "kept"])
+    return ChosenExecutable(chosen, getattr(chosen, "backend", "ort"), [line + "not kept"])
