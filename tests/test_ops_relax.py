@@ -2,7 +2,6 @@
 implementation through from_exported_program → tvm.compile → Relax VM. Skipped where TVM does not
 import (a failure on CI, which installs it)."""
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
 
