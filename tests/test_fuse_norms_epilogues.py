@@ -69,7 +69,7 @@ def test_t5_and_llama_rmsnorms_fuse():
 
 # --- epilogues -----------------------------------------------------------------------------------
 ACTS = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU(), "hardswish": nn.Hardswish(),
-        "gelu": nn.GELU(), "sigmoid": nn.Sigmoid(), "hardsigmoid": nn.Hardsigmoid()}
+        "gelu": nn.GELU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(), "hardsigmoid": nn.Hardsigmoid()}
 
 
 class ConvAct(nn.Module):
@@ -90,9 +90,12 @@ def fused_convs() -> list:
 
 @pytest.mark.parametrize("act", sorted(ACTS))
 def test_conv_act(act):
+    """Every epilogue fuses; those ORT's FusedConv takes (relu, clip, sigmoid, tanh, hardsigmoid) lower to it."""
     model, x = ConvAct(ACTS[act]).eval(), (torch.randn(2, 8, 9, 9),)
     cm = graphopt.compile(model, x, passes=fused_convs())
     assert cm.graph.op_counts() == {"graphopt.conv_act": 1}
+    fused = "com.microsoft.FusedConv 1" in cm.report[-1].notes[0]
+    assert fused == (act in {"relu", "relu6", "sigmoid", "tanh", "hardsigmoid"}), cm.report[-1].notes[0]
     assert_matches(cm, model, x)
 
 
@@ -139,10 +142,12 @@ def test_fusion_blocker_on_networkx_view():
 
 @pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
 def test_linear_act(act):
+    """linear + gelu (erf) lowers to MatMul + ORT's BiasGelu; the others to MatMul, Add and the activation."""
     model = nn.Sequential(nn.Linear(16, 32), ACTS[act], nn.Linear(32, 8)).eval()
     x = (torch.randn(3, 7, 16),)
     cm = graphopt.compile(model, x)
     assert cm.graph.op_counts() == {"graphopt.linear_act": 1, "aten.linear": 1}
+    assert ("com.microsoft.BiasGelu 1" in cm.report[-1].notes[0]) == (act == "gelu"), cm.report[-1].notes[0]
     assert_matches(cm, model, x)
 
 
