@@ -1,6 +1,7 @@
 """The IR's views (text, networkx, DOT) and the per-pass dump directory a person reads."""
 import json
 import os
+import re
 
 import networkx as nx
 import torch
@@ -75,3 +76,6 @@ def test_dump_directory(tmp_path, monkeypatch):
     assert "| remove_noops |" in (dump / "report.md").read_text()
     assert sorted(os.listdir(tmp_path)) == ["dumps"]
     assert cm.report[-1].drift.rel <= 1e-4
+    backend = json.loads((dump / folders[-1] / "stats.json").read_text())     # the lowering is a step too
+    assert backend["time_s"] > 0 and backend["drift"]["rel_err"] <= 1e-4
+    assert re.match(r"ONNX graph: \d+ nodes \(.*Attention \d", backend["notes"][0]), backend["notes"][:1]

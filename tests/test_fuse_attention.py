@@ -146,3 +146,14 @@ def test_each_fused_attention_reads_its_own_layers_q_k_v_in_place(name, qkv):
     layer = re.compile(r"layers?\.(\d+)\.")
     assert [{layer.search(w)[1] for w in ws} for ws in sources] == [{"0"}, {"1"}], sources
     assert all(p in w for ws in sources for p, w in zip(qkv, ws)), sources
+
+
+def test_onnx_opset_is_23_only_where_an_op_needs_it():
+    """ONNX's Attention is opset 23: a graph with graphopt.attention is exported at 23, one without at the
+    exporter's default (older ORT builds load it)."""
+    def opset(cm):
+        return next(o.version for o in cm.executable.artifact().opset_import if o.domain in ("", "ai.onnx"))
+    with_attention = graphopt.compile(MHA().eval(), (X,))
+    without = graphopt.compile(nn.Sequential(nn.Linear(32, 32), nn.ReLU()).eval(), (X,))
+    assert with_attention.graph.op_counts().get(FUSED) == 1
+    assert opset(with_attention) == 23 and opset(without) < 23, (opset(with_attention), opset(without))
