@@ -141,3 +141,38 @@ def test_verify_names_the_pass_that_broke_the_numbers(model, tmp_path):
     # without verify, the same drift is only reported
     cm = graphopt.compile(model, X, passes=[BreakNumbers()], dump_dir=tmp_path / "b")
     assert cm.report[1].drift.rel > 1e-3
+
+
+class Eigh(nn.Module):
+    def forward(self, x):
+        return torch.linalg.eigh(x @ x.mT)[0]
+
+
+def test_onnx_export_failure_names_the_node_the_op_and_where_it_came_from():
+    """torch.onnx's error (colour codes, generic next steps) becomes one line naming the node and op, and what
+    to do for an op of the model's own; a graphopt op that fails is blamed on the pass that wrote it."""
+    with pytest.raises(UnsupportedError) as info:
+        graphopt.compile(Eigh().eval(), (torch.randn(2, 4, 4),))
+    text = str(info.value)
+    assert "\x1b" not in text and "Next steps" not in text
+    assert "node %_linalg_eigh (aten._linalg_eigh.default)" in text and "comes from the model" in text, text
+    assert "backend='tvm'" in text
+
+    from graphopt.ops.registry import graphopt_op, unregister
+
+    def no_onnx(x):
+        raise NotImplementedError("this op has no ONNX form yet")
+
+    @graphopt_op("test_no_onnx", fake=lambda x: torch.empty_like(x), onnx=no_onnx, relax=lambda node, importer: None)
+    def test_no_onnx(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    class UsesIt(nn.Module):
+        def forward(self, x):
+            return torch.ops.graphopt.test_no_onnx(x) + 1
+    try:
+        with pytest.raises(UnsupportedError, match=r"graphopt\.test_no_onnx\.default\).*graphopt's own op, written by "
+                                                   r"one of its passes"):
+            graphopt.compile(UsesIt().eval(), (torch.randn(3),))
+    finally:
+        unregister("test_no_onnx")
