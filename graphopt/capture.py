@@ -4,6 +4,7 @@ A model that cannot be captured raises CaptureError naming the module and source
 stopped torch.export, and the reason in one sentence, instead of a traceback wall."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import traceback
@@ -31,9 +32,19 @@ KEPT_OPS = (
 )
 
 
+def dynamic_export(dynamic_shapes: Any):
+    """Around a torch.export of dynamic shapes: sizes reasoned about size-obliviously, so an example of batch 1
+    does not specialize the batch to 1 (torch.export's 0/1 specialization: a Whisper encoder given batch 1 and
+    dynamic_shapes="batch" failed with a constraint conflict). Users mostly give batch-1 examples."""
+    if dynamic_shapes is None:
+        return contextlib.nullcontext()
+    from torch.fx.experimental import _config
+    return _config.patch(backed_size_oblivious=True)
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> Graph:
     try:
-        with quiet(stdout=True):
+        with quiet(stdout=True), dynamic_export(dynamic_shapes):
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch raises many types here; all mean "could not capture"
         raise CaptureError(describe_capture_failure(e, model)) from e

@@ -176,3 +176,24 @@ def test_onnx_export_failure_names_the_node_the_op_and_where_it_came_from():
             graphopt.compile(UsesIt().eval(), (torch.randn(3),))
     finally:
         unregister("test_no_onnx")
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+def test_batch_dynamic_from_a_batch_1_example(backend):
+    """dynamic_shapes='batch' with a batch-1 example: torch.export would specialize the batch to 1 (a Whisper
+    encoder failed with a constraint conflict); captured size-obliviously, the model runs at any batch."""
+    if backend == "tvm":
+        from conftest import need_module
+        need_module("tvm")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
+                                     num_mel_bins=8, max_source_positions=25, decoder_layers=1,
+                                     decoder_attention_heads=4, decoder_ffn_dim=64)
+    encoder = transformers.WhisperModel(cfg).get_encoder().eval()
+    cm = graphopt.compile(encoder, (torch.randn(1, 8, 50),), dynamic_shapes="batch", backend=backend)
+    for batch in (1, 3):
+        x = torch.randn(batch, 8, 50)
+        with torch.no_grad():
+            want = encoder(x).last_hidden_state
+        got = cm(x).last_hidden_state
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
