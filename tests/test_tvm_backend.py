@@ -145,3 +145,47 @@ def test_auto_backend_keeps_the_faster_and_says_why(tmp_path):
     assert_matches(both, model, x)
     with pytest.raises(graphopt.InputError, match="backend='auto' chooses .* on target 'cpu'"):
         graphopt.compile(model, x, backend="auto", target="arm64")
+
+
+def _fake_db(db, records: list[bytes]):
+    db.mkdir()
+    (db / "database_workload.json").write_bytes(b'["123", "QmYAAAAA"]\n')
+    (db / "database_tuning_record.json").write_bytes(b"".join(records))
+
+
+def test_tuning_database_cut_short_by_a_kill_is_repaired_and_damage_is_named(tmp_path):
+    """A kill -9 mid-append leaves the last line cut short (MetaSchedule then fails to load the database with a
+    parser error): that line is dropped, atomically; damage anywhere else is an InputError naming file and line."""
+    from graphopt.backends.tvm_tune import check_database
+    good = b'[0, [["trace"], [1e-05], null, null]]\n'
+    _fake_db(tmp_path / "cut", [good, good, b'[0, [["tra'])
+    assert check_database(tmp_path / "cut") == [
+        "tuning database: dropped database_tuning_record.json's last line, cut short by an interrupted run"]
+    assert (tmp_path / "cut" / "database_tuning_record.json").read_bytes() == good + good
+    assert check_database(tmp_path / "cut") == []
+    _fake_db(tmp_path / "mid", [good, b"[0, [[garbage\n", good])
+    with pytest.raises(graphopt.InputError, match=r"database_tuning_record.json: line 2 is damaged.*delete the dir"):
+        check_database(tmp_path / "mid")
+    _fake_db(tmp_path / "dangling", [good, b'[3, [["trace"], [1e-05], null, null]]\n'])
+    with pytest.raises(graphopt.InputError, match="line 2 names workload 3 but database_workload.json has 1"):
+        check_database(tmp_path / "dangling")
+
+
+def test_second_process_tuning_into_the_same_database_waits(tmp_path, capsys):
+    """Two processes appending to one database could interleave lines: the second waits for the first."""
+    import subprocess
+    import sys
+    import time
+    db = tmp_path / "db"
+    db.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(12)",
+                               str(db / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    t0 = time.perf_counter()
+    cm = graphopt.compile(TwoConvs().eval(), (torch.randn(1, 8, 8, 8),), backend="tvm",
+                          tune=graphopt.Tune(trials=4, time_budget=0, db=db))
+    holder.wait()
+    err = capsys.readouterr().err
+    assert "another process is tuning into" in err, (err, cm.report[-1].notes, time.perf_counter() - t0)
+    assert time.perf_counter() - t0 >= 12 and "0 trials" in cm.report[-1].notes[1]

@@ -8,6 +8,8 @@ schedule. Builder workers skip importing TVM's tensor intrinsics
 (tens of seconds per worker on this machine) because fp32 schedules do not tensorize."""
 from __future__ import annotations
 
+import fcntl
+import json
 import math
 import os
 import sys
@@ -15,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..artifacts import write_bytes_atomically
 from ..errors import InputError
 from ..quiet import quiet
 
@@ -51,6 +54,7 @@ class TuneReport:
     tuned: list[str] = field(default_factory=list)        # tasks tuned by this compile
     reused: list[str] = field(default_factory=list)       # tasks whose records were already in the database
     untuned: list[str] = field(default_factory=list)      # left to default schedules (budget spent)
+    repairs: list[str] = field(default_factory=list)      # what check_database fixed before opening
     trials: int = 0
     seconds: float = 0.0
 
@@ -58,7 +62,50 @@ class TuneReport:
         return [f"tuning: {self.trials} trials in {self.seconds:.0f} s; {len(self.tuned)} tasks tuned now, "
                 f"{len(self.reused)} from the database, {len(self.untuned)} on default schedules"] + \
                [f"tuned: {t}" for t in self.tuned] + [f"from database: {t}" for t in self.reused] + \
-               [f"default schedule: {t}" for t in self.untuned]
+               [f"default schedule: {t}" for t in self.untuned] + self.repairs
+
+
+DB_FILES = ("database_workload.json", "database_tuning_record.json")   # MetaSchedule's JSONDatabase, one JSON per line
+
+
+def check_database(work_dir: Path) -> list[str]:
+    """Make a tuning database safe to open, or say why it is not. MetaSchedule appends one JSON line per
+    workload and record, and a process killed mid-append leaves the last line cut short, which made
+    JSONDatabase fail to load with a parser error. Such a last line is dropped (the file rewritten
+    atomically; what was lost is one record, tuned again); damage anywhere else, or a record pointing at a
+    workload the file lacks, is an InputError naming the file and line. Returns one note per repair."""
+    notes, workloads = [], None
+    for name in DB_FILES:
+        path = work_dir / name
+        if not path.exists():
+            continue
+        lines = path.read_bytes().split(b"\n")
+        kept = [ln for ln in lines if ln.strip()]
+        bad = [i for i, ln in enumerate(kept) if not _json_line(ln)]
+        if bad and bad != [len(kept) - 1]:
+            raise InputError(f"tuning database {path}: line {bad[0] + 1} is damaged (not one JSON value); delete "
+                             f"the directory {work_dir} to tune again from scratch, or restore it from a copy")
+        if bad:
+            kept.pop()
+            write_bytes_atomically(path, "tuning database", b"".join(ln + b"\n" for ln in kept))
+            notes.append(f"tuning database: dropped {name}'s last line, cut short by an interrupted run")
+        if name == DB_FILES[0]:
+            workloads = len(kept)
+        elif workloads is not None:
+            beyond = [i for i, ln in enumerate(kept) if json.loads(ln)[0] >= workloads]
+            if beyond:
+                raise InputError(f"tuning database {path}: line {beyond[0] + 1} names workload "
+                                 f"{json.loads(kept[beyond[0]])[0]} but {DB_FILES[0]} has {workloads}; delete the "
+                                 f"directory {work_dir} to tune again from scratch")
+    return notes
+
+
+def _json_line(line: bytes) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
 
 
 def build_without_intrinsics(mod, target, _params):
@@ -83,7 +130,23 @@ def trials_for(wanted: int, seconds_left: float, tasks_left: int, seconds_per_tr
 
 
 def tune_and_compile(mod, target, tune: Tune):
-    """Tune what the database lacks, then compile with the best records applied: (executable, report)."""
+    """Tune what the database lacks, then compile with the best records applied: (executable, report). One
+    process at a time per database: a second one waits for the first, then reuses what it tuned (two
+    processes appending at once could interleave their lines and cut each other's records)."""
+    work_dir = Path(tune.db)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if tune.progress:
+                print(f"[graphopt tune] another process is tuning into {work_dir}; waiting for it to finish",
+                      file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _tune_and_compile(mod, target, tune)
+
+
+def _tune_and_compile(mod, target, tune: Tune):
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
@@ -92,6 +155,7 @@ def tune_and_compile(mod, target, tune: Tune):
     start, report = time.perf_counter(), TuneReport()
     work_dir = Path(tune.db)
     work_dir.mkdir(parents=True, exist_ok=True)
+    report.repairs = check_database(work_dir)
     with target:
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")])(mod)
