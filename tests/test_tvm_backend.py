@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,8 +174,6 @@ def test_tuning_database_cut_short_by_a_kill_is_repaired_and_damage_is_named(tmp
 
 def test_second_process_tuning_into_the_same_database_waits(tmp_path, capsys):
     """Two processes appending to one database could interleave lines: the second waits for the first."""
-    import subprocess
-    import sys
     import time
     db = tmp_path / "db"
     db.mkdir()
@@ -189,3 +188,29 @@ def test_second_process_tuning_into_the_same_database_waits(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "another process is tuning into" in err, (err, cm.report[-1].notes, time.perf_counter() - t0)
     assert time.perf_counter() - t0 >= 12 and "0 trials" in cm.report[-1].notes[1]
+
+
+@pytest.mark.slow   # two MetaSchedule runs: ~2 minutes
+def test_killed_tuning_run_then_resumed_run_reuses_the_finished_tasks(tmp_path):
+    """kill -9 a process while it tunes (after its first task is in the database), cut the last line as a kill
+    mid-append would, then compile again: the database opens, the finished task is reused, the rest tuned."""
+    db = tmp_path / "db"
+    script = ("import sys, torch, graphopt; sys.path.insert(0, sys.argv[2]); from test_tvm_backend import TwoConvs; "
+              "graphopt.compile(TwoConvs().eval(), (torch.randn(1, 8, 16, 16),), backend='tvm', "
+              "tune=graphopt.Tune(trials=4, time_budget=600, db=sys.argv[1]))")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(db), str(Path(__file__).parent)],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "[graphopt tune] 1/2 tasks" in line:
+            break
+    proc.kill()
+    proc.wait()
+    records = db / "database_tuning_record.json"
+    records.write_bytes(records.read_bytes() + b'[0, [["cut sh')           # what a kill mid-append leaves
+    model, x = TwoConvs().eval(), (torch.randn(1, 8, 16, 16),)
+    resumed = graphopt.compile(model, x, backend="tvm", tune=graphopt.Tune(trials=4, time_budget=600, db=db,
+                                                                           progress=False))
+    notes = resumed.report[-1].notes
+    assert any("dropped database_tuning_record.json's last line" in n for n in notes), notes
+    assert "1 from the database" in notes[1] or "2 from the database" in notes[1], notes
+    assert_matches(resumed, model, x)
