@@ -227,3 +227,29 @@ def test_auto_with_the_cheap_proxy_still_fits_its_budget(resnet):
     assert planner.measured <= 0.01
     with pytest.raises(InputError, match="sensitivity='hessian'"):
         QuantizeAuto(0.01, sensitivity="hessian")
+
+
+def test_keep_float_and_smoothquant_switches():
+    """QuantOptions(keep_float=(layer,)) leaves that layer float and quantizes the rest; SmoothQuant (on by default,
+    α 0.7) scales the activation feeding a linear (one mul, noted) and smooth=None leaves it alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    scale = torch.where(torch.arange(16) == 3, 30.0, 1.0)                  # one outlier input channel
+    x, calibration = (torch.randn(4, 16) * scale,), [(torch.randn(4, 16) * scale,) for _ in range(4)]
+
+    def compile_with(options):
+        cm = graphopt.compile(model, x, passes=["fold_constants", Quantize("int8", options), "dce"],
+                              calibration=calibration)
+        return cm, " | ".join(next(r for r in cm.report if r.name == "quantize").notes)
+    default, notes = compile_with(QuantOptions())
+    assert default.graph.op_counts().get("graphopt.quantize") == 2 and "aten.linear" not in default.graph.op_counts()
+    assert "smoothed for %linear_1" in notes and default.graph.op_counts().get("aten.mul.Tensor") == 1
+    unsmoothed, notes = compile_with(QuantOptions(smooth=None))
+    assert "smoothed" not in notes and "aten.mul.Tensor" not in unsmoothed.graph.op_counts()
+    kept, notes = compile_with(QuantOptions(keep_float=("2",)))
+    assert kept.graph.op_counts().get("aten.linear") == 1 and kept.graph.op_counts().get("graphopt.quantize") == 1
+    assert "%linear_1 (2): kept in float by the plan" in notes and "%linear (0) → int8 linear" in notes
+    for cm in (default, unsmoothed, kept):
+        with torch.no_grad():
+            ref = model(*x)
+        assert (cm(*x) - ref).abs().max() <= 0.05 * ref.abs().max()
