@@ -214,3 +214,14 @@ def test_killed_tuning_run_then_resumed_run_reuses_the_finished_tasks(tmp_path):
     assert any("dropped database_tuning_record.json's last line" in n for n in notes), notes
     assert "1 from the database" in notes[1] or "2 from the database" in notes[1], notes
     assert_matches(resumed, model, x)
+
+
+def test_tuning_budget_is_shared_between_tasks():
+    """Depth gives way to breadth: `trials` each while the budget covers every task left, then an even share,
+    at least MIN_TRIALS, and nothing once even that does not fit (the task keeps TVM's default schedule)."""
+    from graphopt.backends.tvm_tune import MIN_TRIALS, trials_for
+    assert trials_for(64, 100.0, 5, None) == 64 and trials_for(64, 0.0, 5, None) == 0   # nothing measured yet
+    assert trials_for(64, 10_000.0, 5, 1.0) == 64                                      # the budget covers all
+    assert trials_for(64, 100.0, 5, 1.0) == 20                                          # an even share
+    assert trials_for(64, 20.0, 5, 1.0) == MIN_TRIALS                                   # never below one round
+    assert trials_for(64, MIN_TRIALS - 1, 5, 1.0) == 0                                  # not even that: none
