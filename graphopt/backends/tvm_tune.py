@@ -143,18 +143,16 @@ def tune_and_compile(mod, target, tune: Tune):
                 print(f"[graphopt tune] another process is tuning into {work_dir}; waiting for it to finish",
                       file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        return _tune_and_compile(mod, target, tune)
+        return _tune_and_compile(mod, target, tune, work_dir)
 
 
-def _tune_and_compile(mod, target, tune: Tune):
+def _tune_and_compile(mod, target, tune: Tune, work_dir: Path):
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
     start, report = time.perf_counter(), TuneReport()
-    work_dir = Path(tune.db)
-    work_dir.mkdir(parents=True, exist_ok=True)
     report.repairs = check_database(work_dir)
     with target:
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),

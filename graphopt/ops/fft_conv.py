@@ -256,14 +256,19 @@ def _onnx(x, spec, ns: list[int], groups: int, start: int, out_len: int):
     return monarch_conv(_onnx_ops(), x, spec, ns, groups, start, out_len, onnx_dtype(x))
 
 
+def fused_kernel_applies(spec_shape, ns, target: str) -> bool:
+    """Whether TVM runs this fft_conv1d as graphopt's fused TIR kernel (graphopt/ops/fft_kernel.py): depthwise
+    convs (spec [C, 1, 1, …]) of period N ≥ 64 on LLVM CPU targets. The rest take the Monarch matmul form."""
+    return target != "cuda" and tuple(spec_shape[1:3]) == (1, 1) and math.prod(ns) >= 64
+
+
 def _relax(node, importer, target: str = "cpu", constant=lambda name: None):
-    """Depthwise convs on LLVM CPU targets: the fused TIR kernel (graphopt/ops/fft_kernel.py); the rest
-    (grouped and dense convs, CUDA, a spectrum that is not a constant): the Monarch matmul form."""
+    """The fused TIR kernel where fused_kernel_applies and the spectrum is a constant, else the Monarch form."""
     x, spec = importer.env[node.args[0]], importer.env[node.args[1]]
     ns, groups, start, out_len = node.args[2:]
     dtype = node.args[0].meta["val"].dtype
     spec_value = constant(node.args[1].name)
-    if target == "cuda" or spec_value is None or spec_value.shape[1:3] != (1, 1) or math.prod(ns) < 64:
+    if spec_value is None or not fused_kernel_applies(spec_value.shape, ns, target):
         return monarch_conv(_relax_ops(importer.block_builder, importer.shape_of), x, spec, ns, groups, start,
                             out_len, dtype=dtype)
     return _fused_relax(importer.block_builder, importer.shape_of(x), x, spec_value, tuple(ns), start, out_len, dtype)
@@ -275,7 +280,7 @@ def _fused_relax(bb, shape, x, spec: torch.Tensor, ns: tuple[int, ...], start: i
     R = relax.op
     batch, channels, length = shape
     channels, length, n = int(channels), int(length), math.prod(ns)
-    h = full_spectrum(spec, ns)                                  # [C, N]
+    h = full_spectrum(spec, ns)                                                    # [C, N]
     even = channels + channels % 2                                                 # channels travel in pairs
     if even != channels:
         h = torch.cat([h, torch.zeros_like(h[:1])])

@@ -12,15 +12,17 @@ from ..backends import BuildInputs, Executable, OrtBackend, TvmBackend
 from ..backends.auto import ChosenExecutable
 from ..cost import CostModel
 from ..ir import Graph
+from ..ops.fft_conv import fused_kernel_applies
 from ..targets import Target
 from .build import quiet_threads
 from .control import HostProgram, segment, values_on
 
 
 def tvm_kernel_ops(graph: Graph) -> list[fx.Node]:
-    """The ops that run a TIR kernel of graphopt's own on TVM's CPU targets: depthwise fft_conv1d."""
+    """The ops that run a TIR kernel of graphopt's own on TVM's CPU target: fft_conv1d where the fused kernel
+    applies (the same rule its Relax lowering follows) and its spectrum is a weight."""
     return [n for n in graph.fx.nodes if n.target is torch.ops.graphopt.fft_conv1d.default
-            and tuple(graph.constant(n.args[1]).shape[1:3]) == (1, 1)]
+            and n.args[1].op == "get_attr" and fused_kernel_applies(graph.constant(n.args[1]).shape, n.args[2], "cpu")]
 
 
 def worth_trying(graph: Graph, target: Target, inputs: BuildInputs) -> bool:
@@ -30,7 +32,7 @@ def worth_trying(graph: Graph, target: Target, inputs: BuildInputs) -> bool:
         import tvm  # noqa: F401
     except ImportError:
         return False
-    return all(n.args[1].op == "get_attr" for n in tvm_kernel_ops(graph))
+    return True
 
 
 def lower_mixed(graph: Graph, target: Target, example: list[torch.Tensor]) -> HostProgram:
