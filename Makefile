@@ -15,10 +15,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
+test-slow: $(STAMP)                             # real-size models, tuning, arm64 bundles under qemu (needs root once)
+	$(PY) -m pytest -q -n 2 -m slow
+
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m ''
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_spine.py
 
-.PHONY: install demo test test-all bench
+.PHONY: install demo test test-slow test-all bench

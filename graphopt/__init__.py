@@ -10,7 +10,7 @@ from .compiled import CompiledModule
 from .errors import CaptureError, GraphoptError, InputError, UnsupportedError, VerificationError
 from .passes.skip import EarlyExit, LayerSkip
 from .passes.sparsity import Sparsity
-from .runtime import load
+from .package import load
 from .targets import Target, get_target
 
 __all__ = ["CaptureError", "CompiledModule", "EarlyExit", "GraphoptError", "InputError", "LayerSkip", "Sparsity", "Target", "Tune",

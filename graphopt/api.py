@@ -10,7 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .artifacts import writable_dir
-from .backends import BuildInputs, get_backend
+from .backends import BuildInputs, default_backend, get_backend
 from .backends.tvm_tune import Tune
 from .capture import batch_dynamic_shapes, capture
 from .compiled import CompiledModule
@@ -26,7 +26,7 @@ from .runtime import build_early_exit, has_cond, lower_conds, mixed
 from .targets import Target, get_target
 
 
-def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target = "cpu", backend: str = "ort",
+def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target = "cpu", backend: str | None = None,
             passes: str | Sequence[str | Pass] = "default", dump_dir: str | Path | None = None,
             verify: bool = False, tolerance: float = 1e-4, dynamic_shapes: Any = None,
             tune: Tune | None = None, quantize: str | None = None, calibration: Any = None,
@@ -34,6 +34,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             early_exit: EarlyExit | None = None, sparsity: Sparsity | None = None) -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
+
+    backend: "ort", "tvm" or "auto"; by default ONNX Runtime, and on arm64 "auto": both the ONNX model and TVM's
+    cross-compiled library, for `export(dir)` to ship (nothing can be timed here to choose between them).
 
     dump_dir: write per-pass dumps and report.html there.  verify: raise VerificationError at the first
     pass whose output drift (relative to output scale) exceeds `tolerance`.  dynamic_shapes: a
@@ -55,11 +58,14 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     needs `calibration` (importance, reconstruction of the next layer, and the budget are measured on it)."""
     # 1. everything the user gave is checked before any work
     tgt = get_target(target)
-    be = get_backend(backend)
+    be = get_backend(backend if backend is not None else default_backend(tgt))
     be.check(tgt)
     pipeline = resolve(passes, tgt)
     if tune is not None and (be.name not in ("tvm", "auto") or not isinstance(tune, Tune)):
         raise InputError("tune= takes a graphopt.Tune and needs backend='tvm' or 'auto'")
+    if tune is not None and tgt.name != "cpu":
+        raise InputError(f"tune= on target {tgt}: MetaSchedule tunes where the code runs, and this machine cannot "
+                         f"run {tgt} code; give no tune=")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
             or tolerance <= 0:
         raise InputError(f"tolerance={tolerance!r}: give a finite number > 0, the allowed drift relative to the "
@@ -84,8 +90,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     if dump_dir is not None:
         dump_dir = writable_dir(dump_dir, "dump_dir")
 
-    outputs = _run_eager(model, args, kwargs)          # inputs the model rejects fail here, before any work
-    reference = flat_tensors(outputs) if verify or dump_dir is not None else None
+    eager = flat_tensors(_run_eager(model, args, kwargs))   # inputs the model rejects fail here, before any work
+    reference = eager if verify or dump_dir is not None else None
 
     # 2. capture → passes → backend
     graph = capture(model, args, kwargs, dynamic_shapes)
@@ -110,7 +116,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         if be.name == "auto" and mixed.worth_trying(graph, tgt, inputs):
             executable = mixed.with_tvm_kernels(graph, tgt, inputs, executable)
     build_s = time.perf_counter() - t0
-    compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records)
+    compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records,
+                              [(p.name, getattr(p, "phase", "unknown")) for p in pipeline], (graph.flat_inputs(args, kwargs), eager))
     outputs = compiled(*args, **kwargs) if manager.measuring else None
     manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe())
     return compiled

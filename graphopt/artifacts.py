@@ -14,6 +14,10 @@ from typing import Callable
 from .errors import GraphoptError, InputError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def checked_path(path, what: str) -> Path:
     """`path` as a Path after checking it can take a file: an InputError says what is wrong and what to do."""
     if not isinstance(path, (str, os.PathLike)):
@@ -55,6 +59,7 @@ def write_atomically(path, what: str, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)      # mkstemp's 0600 is for the partial file; the artifact gets the usual mode
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""`graphopt compile MODEL` and `graphopt passes`.
+"""`graphopt compile MODEL`, `graphopt passes` and `graphopt verify-artifact DIR`.
 
 MODEL is `path/to/file.py` (calls its `build()`), `path/to/file.py:factory`, or `package.module:factory`.
 The factory takes no arguments and returns `(model, example_inputs)`."""
@@ -72,6 +72,8 @@ def _compile(ns: argparse.Namespace) -> int:
               f"  {rec.time_s * 1e3:7.0f} ms  {drift}")
     if ns.onnx:
         print(f"wrote {cm.export_onnx(ns.onnx)}")
+    if ns.export:
+        print(f"wrote {cm.export(ns.export)}")
     if ns.dump_dir:
         print(f"dumps: {Path(ns.dump_dir) / 'report.html'}")
     return 0
@@ -93,16 +95,31 @@ def _passes(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_artifact(ns: argparse.Namespace) -> int:
+    from .errors import VerificationError
+    from .package import verify_artifact
+    try:
+        checks = verify_artifact(ns.directory, root=ns.root, cpu=ns.cpu,
+                                 backends=tuple(ns.backends.split(",")) if ns.backends else None)
+    except VerificationError as e:
+        print(f"graphopt: verify-artifact: {e}", file=sys.stderr)
+        return 1
+    for c in checks:
+        print(f"ok  {c.line}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="graphopt", description="compiler-style graph optimizer for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a model; write dumps and an ONNX artifact")
     c.add_argument("model", help="file.py (calls build()), file.py:factory or package.module:factory")
     c.add_argument("--target", default="cpu")
-    c.add_argument("--backend", default="ort")
+    c.add_argument("--backend", help="ort | tvm | auto (default: ort; on arm64 auto, which ships both)")
     c.add_argument("--passes", help="comma-separated pass names (default: the target's pipeline)")
     c.add_argument("--dump-dir", help="write per-pass dumps and report.html here")
     c.add_argument("--onnx", help="write the optimized model as ONNX to this path")
+    c.add_argument("--export", help="write the bundle a user ships (ONNX, .ort, TVM library, run.py, manifest) here")
     c.add_argument("--verify", action="store_true", help="fail at the first pass whose drift exceeds --tolerance")
     c.add_argument("--tolerance", type=float, default=1e-4)
     c.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (dim 0 of every input)")
@@ -112,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=_compile)
     p = sub.add_parser("passes", help="list the passes and the default pipelines")
     p.set_defaults(func=_passes)
+    v = sub.add_parser("verify-artifact", help="run an exported bundle where it runs (arm64: under qemu) and compare "
+                                               "its outputs with the ones saved at export")
+    v.add_argument("directory")
+    v.add_argument("--root", help="the Debian arm64 root to emulate in (made there if missing; default: in the "
+                                  "user's cache directory)")
+    v.add_argument("--cpu", default="cortex-a72", help="the emulated CPU (qemu -cpu); default cortex-a72")
+    v.add_argument("--backends", help="comma-separated: ort,tvm (default: every runtime the bundle holds)")
+    v.set_defaults(func=_verify_artifact)
     ns = parser.parse_args(argv)
     try:
         return ns.func(ns)

@@ -37,12 +37,16 @@ def input_specs(graph: Graph) -> list[InputSpec]:
 
 class CompiledModule:
     def __init__(self, graph: Graph, executable: Executable, target: Target, backend: str,
-                 report: list[StepRecord]):
+                 report: list[StepRecord], passes: list[tuple[str, str]] = (),
+                 example: tuple[list[torch.Tensor], list[torch.Tensor]] = ((), ())):
         self.graph = graph                # the optimized IR (still runnable in PyTorch)
         self.executable = executable
         self.target = target
         self.backend = backend
         self.report = report              # one StepRecord per pass and for the backend
+        self.passes = list(passes)        # (name, phase) of each pass that ran, in order
+        # the example inputs (flat, copied) and the eager model's outputs on them: the bundle's reference data
+        self.example_inputs, self.model_outputs = [t.detach().clone() for t in example[0]], list(example[1])
         self.inputs = input_specs(graph)
         # most models take positional tensors: then the call skips flattening (see __call__)
         self._positional = graph.in_spec == pytree.tree_flatten((tuple(range(len(self.inputs))), {}))[1]
@@ -79,10 +83,17 @@ class CompiledModule:
         end), for monitoring. None otherwise."""
         return getattr(self.executable, "last_exits", None)
 
+    @property
+    def runs_here(self) -> bool:
+        """Whether this machine can call it (an arm64 TVM library cannot; its ONNX model can)."""
+        return getattr(self.executable, "vm", True) is not None
+
     def export(self, directory: str | Path) -> Path:
-        """Write the model as ONNX segment(s) and a manifest.json (versions, inputs, exits and thresholds,
-        checksums; no pickle) to `directory`; graphopt.load(directory) runs it without the model."""
-        from .runtime import export_bundle
+        """Write the folder a user ships to `directory`: ONNX segment(s) and their .ort, the TVM library where TVM
+        built it, the example inputs and this machine's outputs, run.py and manifest.json (versions, passes,
+        signature, exits, checksums; no pickle). graphopt.load(directory) runs its ONNX without the model;
+        `graphopt verify-artifact directory` runs it where it is meant to run (arm64: under emulation)."""
+        from .package import export_bundle
         return export_bundle(self, directory)
 
     def export_onnx(self, path: str | Path) -> Path:

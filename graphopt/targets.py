@@ -33,14 +33,14 @@ def host_cpu_features() -> frozenset[str]:
     return frozenset()
 
 
-def _host_arch() -> str:
+def host_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
 
 
 def _known() -> dict[str, Target]:
     return {
-        "cpu": Target("cpu", "cpu", _host_arch(), host_cpu_features()),
-        "cuda": Target("cuda", "cuda", _host_arch()),
+        "cpu": Target("cpu", "cpu", host_arch(), host_cpu_features()),
+        "cuda": Target("cuda", "cuda", host_arch()),
         "arm64": Target("arm64", "cpu", "aarch64"),
     }
 

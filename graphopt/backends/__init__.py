@@ -8,10 +8,15 @@ from .tvm import TvmBackend
 BACKENDS: dict[str, type] = {"ort": OrtBackend, "tvm": TvmBackend, "auto": AutoBackend}
 
 
+def default_backend(target) -> str:
+    """ONNX Runtime, except for arm64: 'auto' there ships both ONNX and TVM's library (see AutoBackend)."""
+    return "auto" if target.name == "arm64" else "ort"
+
+
 def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     return BACKENDS[name]()
 
 
-__all__ = ["AutoBackend", "BACKENDS", "Backend", "BuildInputs", "Executable", "OrtBackend", "TvmBackend", "get_backend"]
+__all__ = ["AutoBackend", "BACKENDS", "Backend", "BuildInputs", "Executable", "OrtBackend", "TvmBackend", "default_backend", "get_backend"]

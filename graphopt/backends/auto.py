@@ -1,4 +1,5 @@
-"""backend="auto": ONNX Runtime or tuned TVM, whichever measures faster on the example inputs.
+"""backend="auto": ONNX Runtime or tuned TVM, whichever measures faster on the example inputs; on arm64, where
+nothing can be timed from here, both (the ONNX model and TVM's cross-compiled library, shipped side by side).
 
 TVM is only a candidate when tuning is asked for (`tune=`; its records are reused from the
 database): with default schedules TVM on CPU is tens of times slower than ORT (ResNet-50: 6.6 s
@@ -34,16 +35,44 @@ class ChosenExecutable:
         return getattr(self.chosen, name)
 
 
+class BothExecutable:
+    """The ONNX model and TVM's library for a target this machine cannot run: `export(dir)` ships both and the
+    board's run.py runs either. Calls here run the ONNX model on this machine's CPU (the reference)."""
+    backend = "ort,tvm"
+
+    def __init__(self, ort_exe: Executable, tvm_exe: Executable):
+        self.ort, self.tvm = ort_exe, tvm_exe
+        self.disabled_optimizers = ort_exe.disabled_optimizers
+
+    def run(self, inputs):
+        return self.ort.run(inputs)
+
+    def artifact(self):
+        return self.ort.artifact()
+
+    def export_library(self, path):
+        return self.tvm.export_library(path)
+
+    def describe(self) -> list[str]:
+        return ([f"backend auto on {self.tvm.target}: built both, for the board to run either (nothing can be timed "
+                 "for it from here); calls here run the ONNX model on this machine's CPU"]
+                + self.ort.describe() + self.tvm.describe())
+
+
 class AutoBackend:
     name = "auto"
 
     def check(self, target: Target) -> None:
-        if target.name != "cpu":
-            raise InputError(f"backend='auto' chooses between ONNX Runtime and TVM on target 'cpu'; for {target} "
-                             "give backend='ort' or backend='tvm'")
+        if target.name not in ("cpu", "arm64"):
+            raise InputError(f"backend='auto' chooses between ONNX Runtime and TVM on target 'cpu' (and ships both "
+                             f"for arm64); for {target} give backend='ort' or backend='tvm'")
         OrtBackend().check(target)
+        if target.name == "arm64":
+            TvmBackend().check(target)
 
-    def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> ChosenExecutable:
+    def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> ChosenExecutable | BothExecutable:
+        if target.name == "arm64":
+            return BothExecutable(OrtBackend().build(graph, target, inputs), TvmBackend().build(graph, target, inputs))
         ort_exe = OrtBackend().build(graph, target, inputs)
         if inputs.tune is None:
             return ChosenExecutable(ort_exe, "ort", [(
