@@ -98,6 +98,17 @@ def test_cuda_builds_without_a_gpu(tmp_path):
         cm(*inputs)
 
 
+def test_cuda_kernel_a_dlight_rule_fails_on_falls_back_to_the_next_and_says_so():
+    # MobileNetV2's conv + bias + clip + next pad kernels make DLight's Matmul rule assert (TVM's own pipeline fails)
+    model, inputs = zoo.build("mobilenet_v2", size="tiny", batch=1)
+    cm = graphopt.compile(model, inputs, backend="tvm", target="cuda")
+    fallbacks = [line for line in cm.executable.describe() if line.startswith("DLight fallback")]
+    assert fallbacks and all("Matmul failed (AssertionError" in f and "scheduled by GeneralReduction" in f
+                             for f in fallbacks), fallbacks
+    backend_notes = cm.report[-1].notes
+    assert any(n.startswith("DLight schedules: Matmul") for n in backend_notes), backend_notes
+
+
 class TwoConvs(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -2,7 +2,7 @@
 
 Untuned CPU builds use TVM's default schedules, which are slow on CPU; `tune=graphopt.Tune(...)`
 searches schedules with MetaSchedule (backends/tvm_tune.py). CUDA builds use DLight's default
-schedules. Cross builds (cuda without a GPU, arm64) compile and export
+schedules, falling back rule by rule where one fails (tvm_cuda.py). Cross builds (cuda without a GPU, arm64) compile and export
 (`CompiledModule.export_library`) but cannot run on this machine."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ..errors import UnsupportedError
 from ..ir import Graph
 from ..targets import Target
 from .base import BuildInputs
+from .tvm_cuda import ScheduleLog, cuda_pipeline
 from .tvm_fast_math import fast_math
 from .tvm_tune import tune_and_compile
 
@@ -61,9 +62,11 @@ def tvm_target(target: Target):
 
 
 class TvmExecutable:
-    def __init__(self, executable, target: Target, tune_report=None, kernels: tuple[str, ...] = ()):
+    def __init__(self, executable, target: Target, tune_report=None, kernels: tuple[str, ...] = (),
+                 schedules: list[str] = ()):
         self.executable, self.target, self.tune_report = executable, target, tune_report
         self.kernels = kernels            # TIR kernels graphopt wrote for its ops (not scheduled by TVM)
+        self.schedules = list(schedules)  # CUDA: which DLight rule scheduled the kernels, and the fallbacks
         self.vm = None
         if target.name == "cpu" or (target.name == "cuda" and torch.cuda.is_available()):
             import tvm
@@ -87,7 +90,7 @@ class TvmExecutable:
     def describe(self) -> list[str]:
         own = [f"graphopt's own kernels: {', '.join(self.kernels)}"] if self.kernels else []
         if self.tune_report is None:
-            return [f"TVM Relax VM executable for {self.target} (untuned: default schedules)"] + own
+            return [f"TVM Relax VM executable for {self.target} (untuned: default schedules)"] + own + self.schedules
         return [f"TVM Relax VM executable for {self.target}"] + own + self.tune_report.lines()
 
     def export_library(self, path: str | Path) -> Path:
@@ -119,6 +122,10 @@ class TvmBackend:
             mod = fast_math(mod)
         kernels = tuple(sorted(gv.name_hint for gv, f in mod.functions.items() if f.attrs and
                                f.attrs.get("tir.is_scheduled", False)))
+        if inputs.tune is None and target.name == "cuda":
+            log = ScheduleLog()
+            built = tvm.compile(mod, target=tvm_target(target), relax_pipeline=cuda_pipeline(tvm_target(target), log))
+            return TvmExecutable(built, target, kernels=kernels, schedules=log.lines())
         if inputs.tune is None:
             return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target, kernels=kernels)
         if target.name != "cpu":
