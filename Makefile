@@ -1,8 +1,11 @@
 # One-command set-up on a fresh machine: `make demo` runs the main job, `make test` the tests.
 PY ?= python3
+SUDO := $(shell [ "$$(id -u)" != 0 ] && command -v sudo)
 STAMP := .install-stamp
 
 $(STAMP): pyproject.toml
+	@command -v dot >/dev/null || { $(SUDO) apt-get install -y -qq graphviz >/dev/null || \
+	  echo "graphviz could not be installed: dumps keep .dot pictures instead of .svg"; }
 	$(PY) -m pip install -q torch==2.13.0          # first and exactly: the local CPU wheel (others pull CUDA)
 	$(PY) -m pip install -q -e '.[dev,tvm]'
 	touch $(STAMP)

@@ -119,7 +119,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records,
                               [(p.name, getattr(p, "phase", "unknown")) for p in pipeline], (graph.flat_inputs(args, kwargs), eager))
     outputs = compiled(*args, **kwargs) if manager.measuring else None
-    manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe())
+    manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe(),
+                           getattr(executable, "tables", list)())
     return compiled
 
 

@@ -1,4 +1,4 @@
-"""`graphopt compile MODEL`, `graphopt passes` and `graphopt verify-artifact DIR`.
+"""`graphopt compile MODEL`, `graphopt passes`, `graphopt report DIR` and `graphopt verify-artifact DIR`.
 
 MODEL is `path/to/file.py` (calls its `build()`), `path/to/file.py:factory`, or `package.module:factory`.
 The factory takes no arguments and returns `(model, example_inputs)`."""
@@ -95,6 +95,19 @@ def _passes(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _report(ns: argparse.Namespace) -> int:
+    from .passes.report import render
+    folder = Path(ns.directory)
+    if not folder.is_dir():
+        raise InputError(f"{ns.directory!r} is not a folder; give a dump_dir a compile wrote")
+    path = render(folder)
+    print(f"wrote {path}")
+    if ns.open:
+        import webbrowser
+        webbrowser.open(path.resolve().as_uri())
+    return 0
+
+
 def _verify_artifact(ns: argparse.Namespace) -> int:
     from .errors import VerificationError
     from .package import verify_artifact
@@ -129,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=_compile)
     p = sub.add_parser("passes", help="list the passes and the default pipelines")
     p.set_defaults(func=_passes)
+    r = sub.add_parser("report", help="render a dump folder's report.html again from its report.json")
+    r.add_argument("directory")
+    r.add_argument("--open", action="store_true", help="open it in the default browser")
+    r.set_defaults(func=_report)
     v = sub.add_parser("verify-artifact", help="run an exported bundle where it runs (arm64: under qemu) and compare "
                                                "its outputs with the ones saved at export")
     v.add_argument("directory")

@@ -53,6 +53,9 @@ class BothExecutable:
     def export_library(self, path):
         return self.tvm.export_library(path)
 
+    def tables(self) -> list[dict]:
+        return self.ort.tables() + self.tvm.tables()
+
     def describe(self) -> list[str]:
         return ([f"backend auto on {self.tvm.target}: built both, for the board to run either (nothing can be timed "
                  "for it from here); calls here run the ONNX model on this machine's CPU"]

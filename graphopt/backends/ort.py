@@ -22,7 +22,8 @@ class OrtExecutable:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self.model = model
-        self.slow = cost.slow_fusions(model)   # ORT fusions whose kernels measured slower on this target
+        self.fusions = cost.fusion_timings(model)   # (ORT fusion, fused µs, unfused µs) measured on this target
+        self.slow = cost.slow_fusions(model)        # those whose kernels measured slower: disabled
         self.disabled_optimizers = [name for name, *_ in self.slow]
         # a target this machine cannot run (arm64): its ONNX model is portable and runs here on the CPU provider,
         # the reference its run on the board is compared with
@@ -42,6 +43,15 @@ class OrtExecutable:
 
     def artifact(self) -> onnx.ModelProto:
         return self.model
+
+    def tables(self) -> list[dict]:
+        if not self.fusions:
+            return []
+        slow = {name for name, *_ in self.slow}
+        return [{"title": "ONNX Runtime fusions: fused kernel vs the ops it replaces (µs, probe shapes on this machine)",
+                 "columns": ["fusion", "fused µs", "unfused µs", "choice"],
+                 "rows": [[n, f, u, "disabled (slower)" if n in slow else "kept"] for n, f, u in self.fusions],
+                 "bars": ["fused µs", "unfused µs"], "unit": " µs"}]
 
     def describe(self) -> list[str]:
         counts = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in self.model.graph.node)

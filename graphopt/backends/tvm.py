@@ -87,6 +87,9 @@ class TvmExecutable:
     def artifact(self):
         return self.executable
 
+    def tables(self) -> list[dict]:
+        return [self.tune_report.table()] if self.tune_report is not None and self.tune_report.progress else []
+
     def describe(self) -> list[str]:
         own = [f"graphopt's own kernels: {', '.join(self.kernels)}"] if self.kernels else []
         if self.tune_report is None:

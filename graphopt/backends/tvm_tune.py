@@ -57,6 +57,12 @@ class TuneReport:
     repairs: list[str] = field(default_factory=list)      # what check_database fixed before opening
     trials: int = 0
     seconds: float = 0.0
+    progress: list[list] = field(default_factory=list)   # per task tuned now, in order: name, trials, best µs, s
+
+    def table(self) -> dict:
+        return {"title": "MetaSchedule tuning per task, in the order tuned (costliest first)",
+                "columns": ["task", "trials", "best µs", "seconds"], "rows": self.progress,
+                "bars": ["best µs", "seconds"], "unit": ""}
 
     def lines(self) -> list[str]:
         return [f"tuning: {self.trials} trials in {self.seconds:.0f} s; {len(self.tuned)} tasks tuned now, "
@@ -196,6 +202,7 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path):
             report.untuned.append(f"{task.task_name} (no valid schedule found)")
         else:
             report.tuned.append(task.task_name)
+        report.progress.append([task.task_name, trials, best, round(time.perf_counter() - task_start, 1)])
         if tune.progress:
             left = max(0.0, deadline - time.perf_counter())
             found = f"best {best:.1f} µs" if best is not None else "no valid schedule"

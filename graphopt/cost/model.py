@@ -157,31 +157,31 @@ class CostModel:
         return self._verdict("int8_weight_max", (), check)
 
     # --- ORT's own fusions: kept only where their kernel is faster -------------------------------
-    def slow_fusions(self, model: onnx.ModelProto) -> tuple[tuple[str, float, float], ...]:
-        """(ORT optimizer name, fused µs, unfused µs) for each fusion to disable for `model` on this target:
-        ORT fuses patterns at session creation whether or not its fused kernel is faster (on this project's
-        x86-64 machine SkipLayerNormalization runs ~6× slower than the Add + LayerNormalization it replaces)."""
+    def fusion_timings(self, model: onnx.ModelProto) -> tuple[tuple[str, float, float], ...]:
+        """(ORT optimizer name, fused µs, unfused µs) for each ORT fusion that applies to `model`, measured on
+        this target's probes: ORT fuses patterns at session creation whether or not its fused kernel is faster
+        (on this project's x86-64 machine SkipLayerNormalization runs ~6× slower than the Add +
+        LayerNormalization it replaces)."""
         if self.target.name != "cpu":
             return ()
-        return self._verdict("slow_fusions", (), self._slow_fusions) + (
-            self._verdict("slow_int8_fusions", (), self._slow_int8_fusions) if _has_int8_matmul(model) else ())
+        return self._verdict("fusion_timings", (), self._fusion_timings) + (
+            self._verdict("int8_fusion_timings", (), self._int8_fusion_timings) if _has_int8_matmul(model) else ())
 
-    def _slow_fusions(self, margin: float = 1.1) -> tuple:
+    def slow_fusions(self, model: onnx.ModelProto, margin: float = 1.1) -> tuple[tuple[str, float, float], ...]:
+        """The fusions to disable for `model`: their fused kernel measured over `margin` × the unfused ops."""
+        return tuple(t for t in self.fusion_timings(model) if t[1] > margin * t[2])
+
+    def _fusion_timings(self) -> tuple:
         rng = np.random.default_rng(1)
         feeds = {n: rng.standard_normal((probes.ROWS, probes.HIDDEN)).astype(np.float32) for n in ("x", "s")}
-        slow = []
-        for name, (fused, unfused) in probes.fusion_pairs().items():
-            t_fused, t_unfused = (self.seconds(m, feeds, optimize=False, calls=100, rounds=5, warmup=20) * 1e6
-                                  for m in (fused, unfused))
-            if t_fused > margin * t_unfused:
-                slow.append((name, t_fused, t_unfused))
-        return tuple(slow)
+        return tuple((name, *(self.seconds(m, feeds, optimize=False, calls=100, rounds=5, warmup=20) * 1e6
+                              for m in (fused, unfused))) for name, (fused, unfused) in probes.fusion_pairs().items())
 
-    def _slow_int8_fusions(self, margin: float = 1.1) -> tuple:
+    def _int8_fusion_timings(self) -> tuple:
         model, feeds = probes.qdq_linear()
         fused, unfused = (self.seconds(model, feeds, calls=50, rounds=5, warmup=5, disabled=d) * 1e6
                           for d in ((), ("MatMulAddFusion",)))
-        return (("MatMulAddFusion", fused, unfused),) if fused > margin * unfused else ()
+        return (("MatMulAddFusion", fused, unfused),)
 
     # --- sparsity: block-sparse and N:M linears against dense ------------------------------------
     def sparse_linear_choice(self, rows: int, in_f: int, out_f: int, k: int, block: tuple[int, int]) -> tuple[float, float]:

@@ -1,12 +1,17 @@
 """DOT pictures of the IR (SVG too when graphviz's `dot` is installed).
 
 Weights are folded into their consumer's label to keep pictures of real models legible; nodes a
-pass created are drawn highlighted so a dump shows at a glance what the pass did."""
+pass created are drawn highlighted so a dump shows at a glance what the pass did. A graph too large to read
+whole (BERT-base: ~1,000 nodes) is drawn as the region a pass changed: those nodes and two steps around them,
+from the graph text before and after the pass (`region_dot`)."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
+
+import networkx as nx
 
 import torch.fx as fx
 
@@ -54,3 +59,55 @@ def write_picture(dot_text: str, folder: Path, stem: str = "graph", timeout_s: f
     except (subprocess.SubprocessError, OSError):
         return dot_path
     return svg_path
+
+
+WHOLE_LIMIT = 250          # nodes; larger graphs are drawn as the changed region
+_LINE = re.compile(r"^  %(\w+) = ([^(]+)\((.*)\) : (.*)$")
+
+
+def text_nodes(text: str) -> dict[str, tuple[str, str, list[str]]]:
+    """The node lines of a graph text (graph_text): name → (op, type, input node names)."""
+    nodes = {}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m:
+            name, op, args, typ = m.groups()
+            nodes[name] = (op, typ, re.findall(r"%(\w+)", args))
+    for line in text.splitlines():          # inputs: graph(%x: f32[..], ...)
+        if line.startswith("graph("):
+            for name, typ in re.findall(r"%(\w+): ([^,)]+(?:\[[^]]*\])?)", line):
+                nodes.setdefault(name, ("input", typ, []))
+    return nodes
+
+
+def region_dot(text: str, centre: set[str], title: str, hops: int = 2, limit: int = 400) -> str:
+    """The nodes of `centre` (highlighted) and those within `hops` edges of them, from a graph text; nodes with
+    edges leaving the region are dashed. With no centre, the first nodes in order (the input end)."""
+    nodes = text_nodes(text)
+    g = nx.Graph()
+    g.add_nodes_from(nodes)
+    g.add_edges_from((i, n) for n, (_, _, ins) in nodes.items() for i in ins if i in nodes)
+    centre = {c for c in centre if c in nodes}
+    if centre:
+        keep = set(centre)
+        frontier = set(centre)
+        for _ in range(hops):
+            frontier = {m for n in frontier for m in g[n]} - keep
+            keep |= frontier
+    else:
+        keep = set(list(nodes)[:limit // 3])
+    keep = set(sorted(keep, key=list(nodes).index)[:limit])
+    shown = f"{len(keep)} of {len(nodes)} nodes: " + (f"the {len(centre)} changed (orange) and {hops} steps around "
+                                                      "them" if centre else "the input end")
+    lines = ["digraph G {", f'  label="{title} — {shown}"; labelloc=t;',
+             "  node [shape=box, style=filled, fontname=Helvetica, fontsize=10];"]
+    for n in (n for n in nodes if n in keep):
+        op, typ, ins = nodes[n]
+        open_edge = any(m not in keep for m in g[n])
+        style = ', style="filled,dashed"' if open_edge else ""
+        fill = "#ffb347" if n in centre else _FILL.get("placeholder" if op == "input" else "", "#ffffff")
+        label = f"{n if op == 'input' else op}\\n{typ}".replace('"', "'")
+        lines.append(f'  "{n}" [label="{label}", fillcolor="{fill}"{style}];')
+        lines += [f'  "{i}" -> "{n}";' for i in ins if i in keep]
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -36,6 +36,14 @@ class PassResult:
     rewrites: int = 0                                 # how many places the pass changed
     notes: list[str] = field(default_factory=list)    # one line per rewrite, and per candidate skipped: why
     stats: dict[str, int] = field(default_factory=dict)
+    tables: list[dict] = field(default_factory=list)  # per-item decisions, drawn in the report (see `table`)
+
+    def table(self, title: str, columns: list[str], rows: list[list], bars: tuple[str, ...] = (),
+              unit: str = "") -> None:
+        """A decision per item (layer, conv, block, exit) for the report to draw: one row each, the numeric
+        `bars` columns drawn as bars side by side (each scaled to its own largest value)."""
+        self.tables.append({"title": title, "columns": list(columns), "rows": [list(r) for r in rows],
+                            "bars": list(bars), "unit": unit})
 
     @property
     def changed(self) -> bool:

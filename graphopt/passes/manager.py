@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import VerificationError
-from ..ir import Graph, graph_dot, graph_text, write_picture
+from ..ir import WHOLE_LIMIT, Graph, graph_dot, graph_text, region_dot, write_picture
 from .base import Pass, PassContext, PassResult
 from .drift import Drift, drift, flat_tensors
 from .report import write_report
@@ -36,6 +36,7 @@ class StepRecord:
                                         # against the quantized graph (None: not checked)
     folder: str | None = None
     files: list[str] = field(default_factory=list)   # in `folder`, the first one is the graph text
+    tables: list[dict] = field(default_factory=list) # per-item decisions (PassResult.table), drawn in the report
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -83,10 +84,11 @@ class PassManager:
             text = after_text
         return self.records
 
-    def record_backend(self, name: str, outputs, build_s: float, graph: Graph, notes: list[str]) -> StepRecord:
+    def record_backend(self, name: str, outputs, build_s: float, graph: Graph, notes: list[str],
+                       tables: list[dict] = ()) -> StepRecord:
         """The last step: the backend's outputs against eager, so a broken lowering is caught too."""
         n = sum(graph.op_counts().values())
-        rec = StepRecord(len(self.records), name, 0, build_s, n, n, {}, notes)
+        rec = StepRecord(len(self.records), name, 0, build_s, n, n, {}, notes, tables=list(tables))
         check = None
         if self.measuring:
             rec.drift = drift(outputs, self.reference)
@@ -106,7 +108,7 @@ class PassManager:
         counts = graph.op_counts()
         delta = {op: counts.get(op, 0) - before_counts.get(op, 0) for op in set(counts) | set(before_counts)}
         rec = StepRecord(index, name, result.rewrites, elapsed, sum(before_counts.values()), sum(counts.values()),
-                         {k: v for k, v in sorted(delta.items()) if v}, result.notes)
+                         {k: v for k, v in sorted(delta.items()) if v}, result.notes, tables=result.tables)
         check = None
         if self.measuring:
             outputs = graph.run(*ctx.example_args, **ctx.example_kwargs)
@@ -129,11 +131,24 @@ class PassManager:
                                             "before", "after", n=1)
                 (folder / "diff.txt").write_text("".join(diff) or "(no change)\n")
                 rec.files.append("diff.txt")
-            rec.files.append(write_picture(graph_dot(graph, touched, f"after {name}"), folder).name)
+            rec.files += self._pictures(graph, folder, index, name, before_text, after_text, touched)
             rec.folder = folder.name
             rec.files.append("stats.json")
             (folder / "stats.json").write_text(json.dumps({**rec.as_dict(), "op_counts": counts}, indent=1))
         self._finish(rec, folder)
+
+    @staticmethod
+    def _pictures(graph, folder, index, name, before_text, after_text, touched) -> list[str]:
+        """The whole graph, changed nodes highlighted; a large graph as the changed region before and after."""
+        if len(graph.fx.nodes) <= WHOLE_LIMIT:
+            return [write_picture(graph_dot(graph, touched, f"after {name}" if index else name), folder).name]
+        if index and not touched and before_text == after_text:
+            return []
+        files = [write_picture(region_dot(after_text, touched, f"after {name}" if index else name), folder).name]
+        if index:
+            changed = {n for n, _ in set(_node_lines(before_text).items()) - set(_node_lines(after_text).items())}
+            files.append(write_picture(region_dot(before_text, changed, f"before {name}"), folder, "before").name)
+        return files
 
     def _finish(self, rec: StepRecord, folder: Path | None) -> None:
         self.records.append(rec)

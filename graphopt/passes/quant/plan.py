@@ -106,9 +106,17 @@ class QuantizeAuto(Pass):
         plan_ms = _latency_ms(graph, ctx, plan) if any(v != "float" for v in plan.values()) else ms["float"]
         fitting = [m for m in uniform if uniform_err[m] <= self.budget and any(v != "float" for v in uniform[m].values())]
         best = min(fitting, key=lambda m: ms[m], default=None)
+        modes = [m for m in uniform]
+        rows = []
         for name, n in ((n.name, n) for n in layers(graph)):
             errs = ", ".join(f"{m} error {errors[name, m]:.1e} saves {saving[name, m]:.2f} ms" for m in options[name])
             result.notes.append(f"plan %{name} ({layer_name(n)}): {plan[name]}   [{errs}]")
+            rows.append([f"%{name} ({layer_name(n)})", plan[name]]
+                        + [errors.get((name, m)) for m in modes] + [saving.get((name, m)) for m in modes])
+        result.table("Quantization plan per layer: sensitivity (output error with the layer alone quantized) and "
+                     "ms saved, per precision", ["layer", "chosen"] + [f"{m} error" for m in modes]
+                     + [f"{m} saves ms" for m in modes], rows,
+                     bars=tuple(f"{m} error" for m in modes) + tuple(f"{m} saves ms" for m in modes))
         if self.sensitivity == "measured" and len(errors) > 2:
             result.notes.append(f"sensitivity measured per layer; the cheap proxy (layer-local noise) ranks the "
                                 f"layers with Spearman ρ = {rank_correlation([errors[k] for k in errors], [proxy[k] for k in errors]):.2f}")

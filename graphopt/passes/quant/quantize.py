@@ -16,6 +16,8 @@ the weight rounding causes (bias correction, measured on the calibration data), 
 outlier input channels move into its weights first (SmoothQuant)."""
 from __future__ import annotations
 
+import math
+
 import operator
 
 import torch
@@ -126,6 +128,7 @@ class Quantize(Pass):
         qparams, shift = self._calibrate(graph, batches, tensors, weights)
         x_scale = {n: qparams[n.args[0]][0] for n in layer_nodes}
         _rewire(graph, quantized, tensors, ends, qparams, result)
+        rows = []
         for n in layer_nodes:
             gemm_path, why = _gemm_path(n, ctx, self.qmax) if n.target is CONV and self.options.kernel_choice \
                 else (False, None)
@@ -134,10 +137,19 @@ class Quantize(Pass):
                 weights[n] = ((q.to(torch.int16) + SHIFT).to(torch.int8), s, torch.full_like(q[:, 0, 0, 0], SHIFT))
             if why:
                 result.notes.append(f"%{n.name}: weights given zero point {SHIFT if gemm_path else 0}: {why}")
+            w, (q, s, z) = graph.constant(n.args[1]).float(), weights[n]
+            noise = w - s.reshape(-1, *[1] * (w.dim() - 1)) * (q.float() - z.float().reshape(-1, *[1] * (w.dim() - 1)))
+            rows.append([f"%{n.name} ({layer_name(n)})", "conv" if n.target is CONV else "linear",
+                         "im2col + int8 GEMM" if gemm_path else "symmetric kernel" if n.target is CONV else "-",
+                         10 * math.log10(w.square().sum().item() / max(noise.square().sum().item(), 1e-30)),
+                         x_scale[n].item(), why or ""])
             self._quantize_layer(graph, n, weights[n], x_scale[n], shift.get(n))
             kind = "conv" if n.target is CONV else "linear"
             result.did(f"%{n.name} ({layer_name(n)}) → int8 {kind}, per-channel weights"
                        + (", bias corrected" if n in shift else ""))
+        result.table("int8 layers: weight SQNR (per-channel rounding), input scale, ORT conv path and why",
+                     ["layer", "kind", "int8 path", "weight SQNR dB", "input scale", "path measured"], rows,
+                     bars=("weight SQNR dB",), unit="")
         result.stats.update(quantized_layers=len(layer_nodes), quantized_tensors=len(tensors))
 
     def _calibrate(self, graph: Graph, batches, tensors: list[fx.Node], weights: dict) -> tuple[dict, dict]:

@@ -116,6 +116,12 @@ class EarlyExit(Pass):
             result.notes.append(f"  {k} | block {b} [{blocks[b].path}] ({cut.name}) | {costs[k]:.3f} | {t} | "
                                 f"{fractions[k]:.3f} | {err[k].mean().item():.4f}")
         result.notes.append(f"  end | last segment | {costs[-1]:.3f} | - | {fractions[-1]:.3f} | 0")
+        result.table("Exits: share of held-out samples leaving at each (the exit histogram), segment cost, loss if taken",
+                     ["exit", "share leaving", "segment ms", "threshold", "loss if taken"],
+                     [[f"{k} after block {b} [{blocks[b].path}]", fractions[k], costs[k],
+                       "never" if thresholds[k] == NEVER else thresholds[k], err[k].mean().item()]
+                      for k, (b, _) in enumerate(points)] + [["end", fractions[-1], costs[-1], "-", 0.0]],
+                     bars=("share leaving", "segment ms"))
         result.notes.append(f"held-out {self.metric} loss {loss:.5f} ≤ {self.budget:g}; expected cost "
                             f"{relative:.3f} of running every segment (×{1 / relative:.2f})")
 

@@ -67,6 +67,11 @@ class LayerSkip(Pass):
         result.notes.append(f"{len(blocks)} residual blocks; metric {self.metric}, budget {self.budget:g}; "
                             "latency measured by the cost model on the example inputs: "
                             + "; ".join(f"{k} {v:.3f} ms" for k, v in timing.items()))
+        result.table("Residual blocks: error with the block removed alone, ShortGPT block influence, ms saved",
+                     ["block", "kind", "error alone", "block influence", "ms saved", "dropped"],
+                     [[f"{b.index} {b.path}", b.kind, errors[b.index], influence[b.index], saved[b.index],
+                       "yes" if b.index in chosen else "no"] for b in blocks],
+                     bars=("error alone", "block influence", "ms saved"))
         result.notes.append("block | module | kind | error removed alone | block influence | ms saved | dropped")
         for b in blocks:
             result.notes.append(f"  {b.index:3d} | {b.path} | {b.kind} | {errors[b.index]:.5f} | "
