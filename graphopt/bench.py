@@ -49,3 +49,36 @@ def format_table(title: str, ms: dict[str, float], subject: str = "graphopt") ->
         ratio = "" if name == subject else f"   {subject} speedup ×{t / ms[subject]:.2f}"
         lines.append(f"  {name:<16} {t:9.2f} ms{ratio}")
     return lines
+
+
+def kernel_profile(model: bytes, feeds: dict, disabled: tuple[str, ...] = (), runs: int = 30) -> dict[str, float]:
+    """Milliseconds per run spent in each kernel type of an ONNX model as ONNX Runtime optimizes and runs it here
+    (its profiler's node events, summed by op type, over `runs` runs after a warm-up): where two graphs of the same
+    model differ in time, this says which kernels."""
+    import json
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(disabled))
+        for _ in range(5):
+            session.run(None, feeds)
+        path = session.end_profiling()      # the warm-up's events are in it too: restart the profile
+        options.profile_file_prefix = os.path.join(tmp, "measured")
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(disabled))
+        session.run(None, feeds)
+        for _ in range(runs):
+            session.run(None, feeds)
+        path = session.end_profiling()
+        events = json.load(open(path))
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"].get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / (runs + 1)
+    return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))

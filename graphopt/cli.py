@@ -57,6 +57,11 @@ def _one_line(e: BaseException) -> str:
 
 def _compile(ns: argparse.Namespace) -> int:
     from . import compile
+    from .artifacts import checked_path
+    if ns.onnx:                   # where the artifacts go is checked before any work
+        checked_path(ns.onnx, "--onnx")
+    if ns.export and Path(ns.export).exists() and not Path(ns.export).is_dir():
+        raise InputError(f"--export {ns.export!r} exists and is not a directory")
     built = call_factory(ns.model)
     if not (isinstance(built, tuple) and len(built) == 2):
         raise InputError(f"{ns.model} must return (model, example_inputs), got {type(built).__name__}")

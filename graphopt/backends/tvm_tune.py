@@ -41,6 +41,9 @@ class Tune:
                              "a finite number ≥ 0 (0: tune nothing, reuse the database)")
         if self.db is not None and not isinstance(self.db, (str, Path)):
             raise InputError(f"Tune(db={self.db!r}): give a directory path")
+        if self.db is not None and Path(self.db).exists() and not Path(self.db).is_dir():
+            raise InputError(f"Tune(db={str(self.db)!r}): exists and is not a directory; give a folder for the "
+                             "tuning records")
         object.__setattr__(self, "db", Path(self.db) if self.db is not None else default_db())
 
 

@@ -148,10 +148,13 @@ class ShrinkInert(Pass):
         from .detect import layer_sparsity, layers
         result = PassResult()
         before_macs, before_params = macs(graph), parameters(graph)
-        for n in layers(graph):
-            s = layer_sparsity(graph, n)
-            if s.density < 1:
-                result.notes.append(s.line((32, 32), (2, 4)))
+        sparse = [s for s in (layer_sparsity(graph, n) for n in layers(graph)) if s.density < 1]
+        result.notes.extend(s.line((32, 32), (2, 4)) for s in sparse)
+        if sparse:
+            result.table("Sparsity already in the weights, per layer (layers with any zero weight)",
+                         ["layer", "density", "32×32 block density", "2:4 groups", "zero outputs", "zero inputs"],
+                         [[s.name, s.density, s.block_density, s.nm_fraction, s.zero_rows, s.zero_cols] for s in sparse],
+                         bars=("density", "32×32 block density", "2:4 groups"))
         remove_inert(graph, result)
         after_macs, after_params = macs(graph), parameters(graph)
         result.stats.update(macs_before=before_macs, macs_after=after_macs, params_before=before_params,
