@@ -18,8 +18,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
-test-slow: $(STAMP)                             # real-size models, tuning, arm64 bundles under qemu (needs root once)
-	$(PY) -m pytest -q -n 2 -m slow
+test-slow: $(STAMP)   # tuning, a killed tuning run, arm64 bundles under qemu (root once): one at a time, as
+	$(PY) -m pytest -q -n 0 -m slow   # MetaSchedule's timed budget and the kill test need the cores to themselves
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m ''

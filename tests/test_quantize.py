@@ -4,6 +4,7 @@ the mixed-precision planner, calibration, errors, and the Relax lowering of the 
 Thresholds: CNN output SQNR ≥ 25 dB (int8); BERT token cosine ≥ 0.999 (int8 dynamic) / 0.98 (int4);
 MiniLM (real weights) sentence-embedding cosine ≥ 0.99 mean and pair-similarity Spearman ≥ 0.98."""
 import collections
+import re
 
 import onnx
 import onnxruntime as ort
@@ -253,3 +254,41 @@ def test_keep_float_and_smoothquant_switches():
         with torch.no_grad():
             ref = model(*x)
         assert (cm(*x) - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("gemm", [True, False])
+def test_int8_conv_path_forced_either_way_changes_the_encoding_not_the_numbers(resnet, gemm, monkeypatch):
+    """The cost model's per-shape choice between ORT's two int8 conv paths, forced each way: the weights' zero
+    point says which (−1: im2col + int8 GEMM, 0: the symmetric conv kernel), the outputs agree with the other way
+    and the notes say why."""
+    from graphopt.cost import CostModel
+    model, args = resnet
+    calibration = calibration_for(args)
+    monkeypatch.setattr(CostModel, "int8_conv_gemm_path", lambda self, *a, **k: (gemm, f"forced {gemm}"))
+    cm = graphopt.compile(model, args, quantize="int8", calibration=calibration)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in cm.executable.artifact().graph.initializer}
+    zero_points = [v for k, v in weights.items() if str(v.dtype) == "int8" and v.ndim == 1 and v.size > 1]  # per channel
+    assert zero_points and all(set(z.tolist()) == {-1 if gemm else 0} for z in zero_points), \
+        {tuple(set(z.tolist())) for z in zero_points}
+    notes = next(r for r in cm.report if r.name == "quantize").notes
+    assert sum(f"forced {gemm}" in n for n in notes) == 9                      # one per conv
+    monkeypatch.setattr(CostModel, "int8_conv_gemm_path", lambda self, *a, **k: (not gemm, "the other way"))
+    other = graphopt.compile(model, args, quantize="int8", calibration=calibration)
+    x = torch.randn_like(args[0])
+    assert sqnr_db(flat_tensors(cm(x))[0], flat_tensors(other(x))[0]) >= 30
+
+
+def test_auto_is_never_slower_than_the_best_uniform_plan_within_budget(monkeypatch):
+    """Latencies faked so every mixed plan measures slower than the uniform ones: what auto keeps measures no
+    slower than the fastest uniform plan within the budget (the greedy plan may be a uniform one itself)."""
+    from graphopt.passes.quant import plan as planner
+    model, args = zoo.build("bert", size="tiny", seq=16)
+    fake = {"int8": 0.5, "int8-dynamic": 0.4, "int4": 0.45}
+    monkeypatch.setattr(planner, "_latency_ms", lambda graph, ctx, p: 1.0 if not p or set(p.values()) == {"float"}
+                        else fake[next(iter(p.values()))] if len(set(p.values())) == 1 else 0.95)
+    cm = graphopt.compile(model, args, quantize="auto", calibration=calibration_for(args), accuracy_budget=0.5)
+    notes = next(r for r in cm.report if r.name == "quantize_auto").notes
+    chosen = next(n for n in notes if n.startswith("chosen plan"))
+    fitting = [m for m in fake if any(n.startswith(f"uniform {m}:") and "over budget" not in n for n in notes)]
+    chosen_ms = float(re.search(r"([\d.]+) ms", chosen).group(1))
+    assert fitting and chosen_ms <= min(fake[m] for m in fitting), (chosen, notes[-6:])
