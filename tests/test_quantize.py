@@ -292,3 +292,22 @@ def test_auto_is_never_slower_than_the_best_uniform_plan_within_budget(monkeypat
     fitting = [m for m in fake if any(n.startswith(f"uniform {m}:") and "over budget" not in n for n in notes)]
     chosen_ms = float(re.search(r"([\d.]+) ms", chosen).group(1))
     assert fitting and chosen_ms <= min(fake[m] for m in fitting), (chosen, notes[-6:])
+
+
+def test_int8_pads_fold_into_the_conv_that_reads_them(monkeypatch):
+    """MobileNetV2's TF-"same" pads (asymmetric) run on the int8 values in the IR; in ONNX, Pad → DequantizeLinear →
+    Conv becomes the Conv's own pads (ORT's PadFusion does not look through the DequantizeLinear), same numbers."""
+    model, args = zoo.build("mobilenet_v2", size="tiny")
+    calibration = calibration_for(args)
+    cm = graphopt.compile(model, args, quantize="int8", calibration=calibration)
+    ir_pads = sum(n.target is torch.ops.aten.constant_pad_nd.default for n in cm.graph.fx.nodes)
+    nodes = cm.executable.artifact().graph.node
+    asymmetric = [n for n in nodes if n.op_type == "Conv" for a in n.attribute if a.name == "pads"
+                  and list(a.ints[:2]) != list(a.ints[2:])]
+    assert ir_pads >= 4 and not [n for n in nodes if n.op_type == "Pad"] and len(asymmetric) == ir_pads
+    from graphopt.codegen import onnx as codegen_onnx
+    monkeypatch.setattr(codegen_onnx, "fold_int8_pads", lambda model: model)
+    unfolded = graphopt.compile(model, args, quantize="int8", calibration=calibration)
+    assert [n.op_type for n in unfolded.executable.artifact().graph.node].count("Pad") == ir_pads
+    for x in (torch.randn_like(args[0]) for _ in range(3)):          # ORT computes the same integers either way
+        assert sqnr_db(flat_tensors(unfolded(x))[0], flat_tensors(cm(x))[0]) >= 80

@@ -24,8 +24,56 @@ def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shape
                 opset_version=onnx_opset({n.target for n in graph.module.graph.nodes}))
     except Exception as e:  # the exporter raises its own hierarchy; all mean "cannot lower"
         raise export_error(e, graph) from e
-    model = program.model_proto
+    model = fold_int8_pads(program.model_proto)
     onnx.checker.check_model(model)
+    return model
+
+
+def fold_int8_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Pad(q, pads, zero point) → DequantizeLinear → Conv becomes DequantizeLinear(q) → Conv with the pads in its own
+    (possibly asymmetric) `pads`: padding the int8 values with the zero point is padding the floats with 0, which
+    Conv does itself. graphopt pads on the int8 values (a TF-"same" model's asymmetric pads cannot be in aten's
+    symmetric conv padding), and ORT's PadFusion does not look through the DequantizeLinear: MobileNetV2 ran 17
+    Pad kernels (0.45 of 7.8 ms) that ORT's own quantization tool, padding floats before it quantizes, does not."""
+    g = model.graph
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    values = {i.name: i for i in g.initializer}
+    values.update({n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant" and n.attribute
+                   and n.attribute[0].name == "value"})
+    dropped = set()
+    for pad in [n for n in g.node if n.op_type == "Pad" and len(n.input) >= 3]:
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        after = consumers.get(pad.output[0], [])
+        if mode != b"constant" or len(after) != 1 or after[0].op_type != "DequantizeLinear" or \
+                pad.input[1] not in values or pad.input[2] != after[0].input[2] or (len(pad.input) > 3 and pad.input[3]):
+            continue
+        dq = after[0]
+        convs = consumers.get(dq.output[0], [])
+        if not convs or any(c.op_type != "Conv" or c.input[0] != dq.output[0] or
+                            any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in c.attribute) for c in convs):
+            continue
+        pads = onnx.numpy_helper.to_array(values[pad.input[1]]).tolist()
+        rank = len(pads) // 2
+        if any(pads[i] or pads[rank + i] for i in (0, 1)) or any(p < 0 for p in pads):
+            continue                                              # pads batch or channels, or crops
+        spatial = pads[2:rank] + pads[rank + 2:]
+        for conv in convs:
+            old = next((a for a in conv.attribute if a.name == "pads"), None)
+            total = [a + b for a, b in zip(list(old.ints) if old else [0] * len(spatial), spatial)]
+            if old is not None:
+                conv.attribute.remove(old)
+            conv.attribute.append(onnx.helper.make_attribute("pads", total))
+        dq.input[0] = pad.input[0]
+        dropped.add(pad.output[0])
+        g.node.remove(pad)
+    if dropped:        # the DequantizeLinear outputs lost their padded shapes: let ONNX infer them again
+        stale = [v for v in g.value_info if v.name in dropped or any(v.name == d.output[0] for d in g.node
+                                                                    if d.op_type == "DequantizeLinear")]
+        for v in stale:
+            g.value_info.remove(v)
     return model
 
 
