@@ -177,3 +177,17 @@ def test_tune_database_defaults_to_the_user_cache(monkeypatch, tmp_path):
     assert graphopt.Tune().db == tmp_path / "graphopt" / "tuning"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert graphopt.Tune().db == Path.home() / ".cache" / "graphopt" / "tuning"
+
+
+@pytest.mark.slow   # the README's main job on ResNet-50 (base size): compile fp32 and int8, check, time, dump
+def test_demo_runs_and_checks_its_numbers(tmp_path):
+    import subprocess
+    import sys
+    demo = Path(__file__).parents[1] / "examples" / "demo.py"
+    done = subprocess.run([sys.executable, str(demo), "--models", "resnet", "--dump-root", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    err, cos = re.search(r"fp32 relative error vs eager ([\d.e+-]+), int8 output cosine ([\d.]+)", done.stdout).groups()
+    assert float(err) <= 1e-4 and float(cos) >= 0.99, done.stdout
+    assert re.search(r"graphopt fp32 speedup: ×[\d.]+ vs eager, ×[\d.]+ vs plain ORT", done.stdout)
+    assert (tmp_path / "resnet" / "report.html").is_file() and (tmp_path / "resnet" / "report.json").is_file()
