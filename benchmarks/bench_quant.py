@@ -77,13 +77,15 @@ def ort_tool(model, args, calibration, static: bool, recommended: bool) -> tuple
                 quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
         elif recommended:     # ORT's docs for transformers: export, optimize_model, then quantize_dynamic
             names = ["input_ids", "attention_mask"][:len(args)]
-            torch.onnx.export(Positional(model, names), args, str(fp32), dynamo=False, opset_version=17,
+            torch.onnx.export(Positional(model, names).eval(), args, str(fp32), dynamo=False, opset_version=17,
                               input_names=names)
             # opt_level 2: at its default, optimize_model's ORT pre-pass runs MatMulAddFusion and the final session
             # runs it again, colliding on its Reshape shape initializers (see bench_fusion.py)
             optimize_model(str(fp32), model_type="bert", num_heads=model.config.num_attention_heads,
                            hidden_size=model.config.hidden_size, opt_level=2).save_model_to_file(str(pre))
-            quantize_dynamic(pre, int8, weight_type=QuantType.QInt8)
+            # the optimizer's contrib ops defeat quantize_dynamic's shape inference; the option its error names
+            quantize_dynamic(pre, int8, weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         else:
             quantize_dynamic(fp32, int8)
         data = int8.read_bytes()

@@ -23,15 +23,7 @@ from graphopt.backends.tvm_tune import check_database
 from graphopt.cli import main as cli
 from graphopt.package import verify_artifact
 from graphopt.passes import Pass, PassResult
-
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(x).relu()
+from test_errors import Small
 
 
 class Noop(Pass):
