@@ -53,7 +53,7 @@ def format_table(title: str, ms: dict[str, float], subject: str = "graphopt") ->
 
 def kernel_profile(model: bytes, feeds: dict, disabled: tuple[str, ...] = (), runs: int = 30) -> dict[str, float]:
     """Milliseconds per run spent in each kernel type of an ONNX model as ONNX Runtime optimizes and runs it here
-    (its profiler's node events, summed by op type, over `runs` runs after a warm-up): where two graphs of the same
+    (its profiler's node events, summed by op type, over `runs` runs after 5 warm-up runs): where two graphs of the same
     model differ in time, this says which kernels."""
     import json
     import os
@@ -65,20 +65,16 @@ def kernel_profile(model: bytes, feeds: dict, disabled: tuple[str, ...] = (), ru
         options.log_severity_level = 3
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
                                        disabled_optimizers=list(disabled))
-        for _ in range(5):
+        for _ in range(5 + runs):
             session.run(None, feeds)
-        path = session.end_profiling()      # the warm-up's events are in it too: restart the profile
-        options.profile_file_prefix = os.path.join(tmp, "measured")
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
-                                       disabled_optimizers=list(disabled))
-        session.run(None, feeds)
-        for _ in range(runs):
-            session.run(None, feeds)
-        path = session.end_profiling()
-        events = json.load(open(path))
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    # the runs after the 5 warm-up ones: node events from the 6th model_run's start on
+    start = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")[5]
+    events = [e for e in events if e["ts"] >= start]
     by_op: dict[str, float] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             op = e["args"].get("op_name", "?")
-            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / (runs + 1)
+            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / runs
     return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))

@@ -47,7 +47,7 @@ class OrtExecutable:
     def tables(self) -> list[dict]:
         if not self.fusions:
             return []
-        slow = {name for name, *_ in self.slow}
+        slow = set(self.disabled_optimizers)
         return [{"title": "ONNX Runtime fusions: fused kernel vs the ops it replaces (µs, probe shapes on this machine)",
                  "columns": ["fusion", "fused µs", "unfused µs", "choice"],
                  "rows": [[n, f, u, "disabled (slower)" if n in slow else "kept"] for n, f, u in self.fusions],

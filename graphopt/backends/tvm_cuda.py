@@ -30,8 +30,9 @@ def cuda_pipeline(target, log: ScheduleLog):
     def schedule(mod, _ctx):
         return _schedule(mod, target, log)
 
-    legalize = [p for p in cuda.legalize_passes(target) if "ApplyDefaultSchedule" not in type(p).__name__]
-    if len(legalize) != len(cuda.legalize_passes(target)) - 1:
+    passes = cuda.legalize_passes(target)
+    legalize = [p for p in passes if "ApplyDefaultSchedule" not in type(p).__name__]
+    if len(legalize) != len(passes) - 1:
         raise RuntimeError("TVM's CUDA pipeline changed: no single ApplyDefaultSchedule to replace")
 
     @tvm.transform.module_pass(opt_level=0)

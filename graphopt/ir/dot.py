@@ -66,17 +66,14 @@ _LINE = re.compile(r"^  %(\w+) = ([^(]+)\((.*)\) : (.*)$")
 
 
 def text_nodes(text: str) -> dict[str, tuple[str, str, list[str]]]:
-    """The node lines of a graph text (graph_text): name → (op, type, input node names)."""
+    """The nodes of a graph text (graph_text), inputs first: name → (op, type, input node names)."""
     nodes = {}
     for line in text.splitlines():
-        m = _LINE.match(line)
-        if m:
+        if line.startswith("graph("):          # inputs: graph(%x: f32[..], ...)
+            nodes.update((name, ("input", typ, [])) for name, typ in re.findall(r"%(\w+): ([^,)]+(?:\[[^]]*\])?)", line))
+        elif m := _LINE.match(line):
             name, op, args, typ = m.groups()
             nodes[name] = (op, typ, re.findall(r"%(\w+)", args))
-    for line in text.splitlines():          # inputs: graph(%x: f32[..], ...)
-        if line.startswith("graph("):
-            for name, typ in re.findall(r"%(\w+): ([^,)]+(?:\[[^]]*\])?)", line):
-                nodes.setdefault(name, ("input", typ, []))
     return nodes
 
 
@@ -88,15 +85,8 @@ def region_dot(text: str, centre: set[str], title: str, hops: int = 2, limit: in
     g.add_nodes_from(nodes)
     g.add_edges_from((i, n) for n, (_, _, ins) in nodes.items() for i in ins if i in nodes)
     centre = {c for c in centre if c in nodes}
-    if centre:
-        keep = set(centre)
-        frontier = set(centre)
-        for _ in range(hops):
-            frontier = {m for n in frontier for m in g[n]} - keep
-            keep |= frontier
-    else:
-        keep = set(list(nodes)[:limit // 3])
-    keep = set(sorted(keep, key=list(nodes).index)[:limit])
+    near = nx.multi_source_dijkstra_path_length(g, centre, cutoff=hops) if centre else {}
+    keep = set([n for n in nodes if n in near][:limit] if centre else list(nodes)[:limit // 3])
     shown = f"{len(keep)} of {len(nodes)} nodes: " + (f"the {len(centre)} changed (orange) and {hops} steps around "
                                                       "them" if centre else "the input end")
     lines = ["digraph G {", f'  label="{title} — {shown}"; labelloc=t;',

@@ -95,7 +95,7 @@ def _write(directory: Path, name: str, data: bytes) -> dict:
 
 
 def _write_with(directory: Path, name: str, writer) -> dict:
-    path = write_atomically(directory / name, "export", lambda tmp: writer(tmp))
+    path = write_atomically(directory / name, "export", writer)
     return {"file": name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..passes.drift import sqnr_db
 from ..targets import host_arch
 from ..errors import InputError, UnsupportedError, VerificationError
 from .bundle import checked_file, read_manifest
@@ -109,8 +111,7 @@ def _compare(backend, where, name, board, here, model, lossy, reference) -> Chec
 
 
 def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
-    noise = float(((out.astype(np.float64) - ref) ** 2).sum())
-    return float("inf") if noise == 0 else 10 * np.log10(float((ref.astype(np.float64) ** 2).sum()) / noise)
+    return sqnr_db(torch.from_numpy(ref), torch.from_numpy(out))
 
 
 def _arrays(data: bytes) -> dict[str, np.ndarray]:

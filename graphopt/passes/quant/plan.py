@@ -106,7 +106,7 @@ class QuantizeAuto(Pass):
         plan_ms = _latency_ms(graph, ctx, plan) if any(v != "float" for v in plan.values()) else ms["float"]
         fitting = [m for m in uniform if uniform_err[m] <= self.budget and any(v != "float" for v in uniform[m].values())]
         best = min(fitting, key=lambda m: ms[m], default=None)
-        modes = [m for m in uniform]
+        modes = list(uniform)
         rows = []
         for name, n in ((n.name, n) for n in layers(graph)):
             errs = ", ".join(f"{m} error {errors[name, m]:.1e} saves {saving[name, m]:.2f} ms" for m in options[name])

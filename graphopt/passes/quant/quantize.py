@@ -16,8 +16,6 @@ the weight rounding causes (bias correction, measured on the calibration data), 
 outlier input channels move into its weights first (SmoothQuant)."""
 from __future__ import annotations
 
-import math
-
 import operator
 
 import torch
@@ -30,6 +28,7 @@ from ...ir import Graph, conv_args, is_call, linear_args, tensor_meta, zero_pad_
 from ...ops import quant
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe
+from ..drift import sqnr_db
 from .layers import (CONV, LINEAR, MODES, QuantOptions, activation_qparams, layer_name, quantize_weight, uniform_plan,
                      weight_max)
 from .observers import Observer
@@ -138,10 +137,10 @@ class Quantize(Pass):
             if why:
                 result.notes.append(f"%{n.name}: weights given zero point {SHIFT if gemm_path else 0}: {why}")
             w, (q, s, z) = graph.constant(n.args[1]).float(), weights[n]
-            noise = w - s.reshape(-1, *[1] * (w.dim() - 1)) * (q.float() - z.float().reshape(-1, *[1] * (w.dim() - 1)))
+            per_channel = (-1,) + (1,) * (w.dim() - 1)
             rows.append([f"%{n.name} ({layer_name(n)})", "conv" if n.target is CONV else "linear",
                          "im2col + int8 GEMM" if gemm_path else "symmetric kernel" if n.target is CONV else "-",
-                         10 * math.log10(w.square().sum().item() / max(noise.square().sum().item(), 1e-30)),
+                         sqnr_db(w, s.reshape(per_channel) * (q.float() - z.float().reshape(per_channel))),
                          x_scale[n].item(), why or ""])
             self._quantize_layer(graph, n, weights[n], x_scale[n], shift.get(n))
             kind = "conv" if n.target is CONV else "linear"
