@@ -16,6 +16,10 @@ from graphopt import zoo
 from conftest import assert_matches, need_module, need_tool
 
 tvm = need_module("tvm")
+from graphopt.backends import tvm as tvm_backend  # noqa: E402
+from graphopt.backends.tvm import host_cores, tvm_target  # noqa: E402
+from graphopt.backends.tvm_tune import target_folder  # noqa: E402
+from graphopt.targets import get_target  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "vit", "llama", "resnet", "mobilenet_v2"])
@@ -119,7 +123,7 @@ class TwoConvs(torch.nn.Module):
 
 
 @pytest.mark.slow   # MetaSchedule tuning: 95 s alone, several minutes on a loaded 2-core machine
-def test_tuning_database_is_reused_and_budget_respected(tmp_path, capsys):
+def test_tuning_database_is_reused_and_budget_respected(tmp_path, capsys, monkeypatch):
     model, x = TwoConvs().eval(), (torch.randn(1, 8, 16, 16),)
     db = tmp_path / "tuning-db"
     first = graphopt.compile(model, x, backend="tvm", tune=graphopt.Tune(trials=4, time_budget=600, db=db))
@@ -127,10 +131,19 @@ def test_tuning_database_is_reused_and_budget_respected(tmp_path, capsys):
     assert "tuning: 8 trials" in notes[1] and "2 tasks tuned now, 0 from the database" in notes[1], notes
     assert "[graphopt tune] 2/2 tasks" in capsys.readouterr().err          # the progress line
     assert_matches(first, model, x)
-    assert (db / "database_tuning_record.json").stat().st_size > 0
+    host = tvm_target(get_target("cpu"))
+    assert (target_folder(db, host) / "database_tuning_record.json").stat().st_size > 0
     second = graphopt.compile(model, x, backend="tvm", tune=graphopt.Tune(trials=4, time_budget=600, db=db))
     assert "tuning: 0 trials" in second.report[-1].notes[1] and "2 from the database" in second.report[-1].notes[1]
     assert_matches(second, model, x)
+    # the records are this target's: a machine with more cores finds none of them (its budget is spent, so it
+    # keeps TVM's defaults rather than the 2-core schedules; MetaSchedule alone would have applied those)
+    monkeypatch.setattr(tvm_backend, "host_cores", lambda: host_cores() + 2)
+    other = graphopt.compile(model, x, backend="tvm", tune=graphopt.Tune(trials=4, time_budget=0, db=db))
+    assert "0 from the database" in other.report[-1].notes[1] and "2 on default schedules" in other.report[-1].notes[1]
+    assert sorted(p.name for p in db.iterdir()) == sorted([target_folder(db, host).name,
+                                                         target_folder(db, tvm_target(get_target("cpu"))).name])
+    assert_matches(other, model, x)
     # a spent budget tunes nothing: every task keeps TVM's default schedule, and the numbers still hold
     broke = graphopt.compile(model, x, backend="tvm", tune=graphopt.Tune(trials=4, time_budget=0, db=tmp_path / "b"))
     assert "0 trials" in broke.report[-1].notes[1] and "2 on default schedules" in broke.report[-1].notes[1]
@@ -216,7 +229,7 @@ def test_killed_tuning_run_then_resumed_run_reuses_the_finished_tasks(tmp_path):
             break
     proc.kill()
     proc.wait()
-    records = db / "database_tuning_record.json"
+    records = target_folder(db, tvm_target(get_target("cpu"))) / "database_tuning_record.json"
     records.write_bytes(records.read_bytes() + b'[0, [["cut sh')           # what a kill mid-append leaves
     model, x = TwoConvs().eval(), (torch.randn(1, 8, 16, 16),)
     resumed = graphopt.compile(model, x, backend="tvm", tune=graphopt.Tune(trials=4, time_budget=600, db=db,
@@ -225,6 +238,17 @@ def test_killed_tuning_run_then_resumed_run_reuses_the_finished_tasks(tmp_path):
     assert any("dropped database_tuning_record.json's last line" in n for n in notes), notes
     assert "1 from the database" in notes[1] or "2 from the database" in notes[1], notes
     assert_matches(resumed, model, x)
+
+
+def test_each_target_tunes_into_a_folder_of_its_own():
+    """MetaSchedule's database matches records by workload alone: the key is the folder."""
+    import tvm
+    def folder(**config):
+        return target_folder(Path("db"), tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2} | config))
+    assert folder() == folder() and folder().name.startswith("llvm-znver3-2cores-")
+    assert len({folder(), folder(**{"num-cores": 16}), folder(mcpu="sapphirerapids"), folder(mattr=["+avx2"])}) == 4
+    gpu = target_folder(Path("db"), tvm_target(get_target("cuda")))
+    assert gpu.name.startswith("cuda-sm_") and gpu != target_folder(Path("db"), tvm_target(get_target("arm64")))
 
 
 def test_tuning_budget_is_shared_between_tasks():

@@ -1,7 +1,9 @@
 """Kernel tuning for the TVM backend: MetaSchedule, with a persistent database.
 
 Tasks already in the database for this target are not tuned again, so a second compile of the
-same model does zero trials. Tasks are tuned costliest first (FLOPs × calls); the time budget is
+same model does zero trials. Each target tunes into a folder of its own inside the database directory
+(`target_folder`): MetaSchedule matches records by workload alone, so one database shared between a
+2-core and a 16-core machine, or a CPU and a GPU, would apply one's schedules to the other. Tasks are tuned costliest first (FLOPs × calls); the time budget is
 planned between tasks from the seconds per trial so far: when `trials` for every task left no longer
 fits, each gets an even share (at least MIN_TRIALS), and a task that gets no trials keeps TVM's default
 schedule. Builder workers skip importing TVM's tensor intrinsics
@@ -9,6 +11,7 @@ schedule. Builder workers skip importing TVM's tensor intrinsics
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -50,6 +53,17 @@ class Tune:
 def default_db() -> Path:
     """Where tuning records go when the user names no directory: the XDG cache directory."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphopt" / "tuning"
+
+
+def target_folder(db: Path, target) -> Path:
+    """The database folder of one TVM target: its kind, CPU or GPU arch and cores in the name for people, a hash
+    of its whole configuration for exactness. Copy it to another machine with the same target to reuse it there
+    (MetaSchedule's QueryTuningRecord ignores its target argument, so the key cannot live in the records)."""
+    config = target.export()
+    model = config.get("mcpu") or config.get("arch") or config.get("mtriple") or "generic"
+    cores = f"-{config['num-cores']}cores" if config.get("num-cores") else ""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(db) / f"{config['kind']}-{model}{cores}-{digest}"
 
 
 @dataclass
@@ -142,7 +156,7 @@ def tune_and_compile(mod, target, tune: Tune):
     """Tune what the database lacks, then compile with the best records applied: (executable, report). One
     process at a time per database: a second one waits for the first, then reuses what it tuned (two
     processes appending at once could interleave their lines and cut each other's records)."""
-    work_dir = Path(tune.db)
+    work_dir = target_folder(tune.db, target)
     work_dir.mkdir(parents=True, exist_ok=True)
     with open(work_dir / ".lock", "a") as lock:
         try:
@@ -172,7 +186,7 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path):
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
 
     def best_us(task) -> float | None:
-        """The database's best latency for this task on this target (records are keyed by both)."""
+        """The database's best latency for this task (the folder holds this target's records only)."""
         record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
         secs = [s.value for s in record.run_secs] if record is not None and record.run_secs else []
         return sum(secs) / len(secs) * 1e6 if secs else None
