@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..codegen.relax import to_relax
-from ..errors import UnsupportedError
+from ..codegen.relax import size_limits, to_relax
+from ..errors import InputError, UnsupportedError
 from ..ir import Graph
 from ..targets import Target
 from .base import BuildInputs
@@ -63,8 +63,9 @@ def tvm_target(target: Target):
 
 class TvmExecutable:
     def __init__(self, executable, target: Target, tune_report=None, kernels: tuple[str, ...] = (),
-                 schedules: list[str] = ()):
+                 schedules: list[str] = (), limits: list[tuple[int, int, int]] = ()):
         self.executable, self.target, self.tune_report = executable, target, tune_report
+        self.limits = list(limits)        # (input, dim, highest size): TVM planned its memory for those
         self.kernels = kernels            # TIR kernels graphopt wrote for its ops (not scheduled by TVM)
         self.schedules = list(schedules)  # CUDA: which DLight rule scheduled the kernels, and the fallbacks
         self.vm = None
@@ -78,6 +79,10 @@ class TvmExecutable:
         if self.vm is None:
             raise UnsupportedError(f"this module was built for {self.target}, which this machine cannot run; "
                                    "use export_library(path) and load it there")
+        for i, d, highest in self.limits:
+            if inputs[i].shape[d] > highest:
+                raise InputError(f"input {i} has size {inputs[i].shape[d]} in dim {d}; this model was compiled for at "
+                                 f"most {highest} there (torch.export's bound: the model's own tensors end there)")
         import tvm
         # DLPack both ways: no copies, and dtypes numpy lacks (bfloat16) pass through
         out = self.vm["main"](*[tvm.runtime.from_dlpack(t.detach().to(self.target.device).contiguous()) for t in inputs])
@@ -125,13 +130,14 @@ class TvmBackend:
             mod = fast_math(mod)
         kernels = tuple(sorted(gv.name_hint for gv, f in mod.functions.items() if f.attrs and
                                f.attrs.get("tir.is_scheduled", False)))
+        limits = size_limits(mod)
         if inputs.tune is None and target.name == "cuda":
             log = ScheduleLog()
             built = tvm.compile(mod, target=tvm_target(target), relax_pipeline=cuda_pipeline(tvm_target(target), log))
-            return TvmExecutable(built, target, kernels=kernels, schedules=log.lines())
+            return TvmExecutable(built, target, kernels=kernels, schedules=log.lines(), limits=limits)
         if inputs.tune is None:
-            return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target, kernels=kernels)
+            return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target, kernels=kernels, limits=limits)
         if target.name != "cpu":
             raise UnsupportedError(f"tuning is implemented for target 'cpu' only, not {target}")
         executable, report = tune_and_compile(mod, tvm_target(target), inputs.tune)
-        return TvmExecutable(executable, target, report, kernels)
+        return TvmExecutable(executable, target, report, kernels, limits=limits)

@@ -21,13 +21,125 @@ def to_relax(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shap
         # from a batch-1 example TVM built a broadcast it then rejected (topi broadcast_to, a Whisper encoder)
         args = tuple(torch.cat([a, a]) if isinstance(spec, dict) and 0 in spec and a.shape[0] == 1 else a
                      for a, spec in zip(args, dynamic_shapes))
-    with quiet(stdout=True), dynamic_export(dynamic_shapes):
-        ep = torch.export.export(graph.module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+    ep = _export(graph, args, kwargs, dynamic_shapes)
     values = {**dict(ep.named_parameters()), **dict(ep.named_buffers()), **ep.constants}
     constants = {s.arg.name: values[s.target] for s in ep.graph_signature.input_specs if s.target in values}
     try:
-        return from_exported_program(ep, custom_convert_map=relax_convert_map(target, constants.get))
+        converters = {**relax_convert_map(target, constants.get), **{op: shape_keeping(method) for op, method in SHAPE_LOSING.items()},
+                      "cumsum.default": cumsum}
+        return shapes_within_bounds(from_exported_program(ep, custom_convert_map=converters))
     except (AssertionError, KeyError, ValueError, NotImplementedError) as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise UnsupportedError(f"TVM Relax import failed: {first[:300]}. Remove the pass that introduced the "
                                "op, or compile with backend='ort'.") from e
+
+
+# the TVM converters (importer methods) that give dynamically shaped results no shape (ndim only)
+SHAPE_LOSING = {"index.Tensor": "_index_tensor"}
+
+
+def shape_keeping(method: str):
+    """TVM's converter `method`, its result cast to the shape torch.export recorded for the node where TVM's own
+    inference has none. GPT-2's causal mask indexes the [b, s] attention mask by [b, 1, s, 1] indices: Relax gave
+    the result no shape, and R.where on it then crashed the process (a segfault in TVM's shape inference).
+    R.match_cast also checks the shape when the module runs."""
+    def convert(node, importer):
+        from tvm import relax
+        value = getattr(importer, method)(node)
+        meta = node.meta.get("val")
+        shape = value.ty.shape if isinstance(value.ty, relax.TensorType) else None
+        if shape is not None or meta is None:
+            return value
+        sizes = {str(v): v for p in importer.env.values() if isinstance(p, relax.Var)
+                 and isinstance(p.ty, relax.TensorType) and p.ty.shape is not None
+                 for v in relax.analysis.tir_vars_in_type(p.ty)}
+        dims = [int(d) if str(d).lstrip("-").isdigit() else sizes.get(str(d)) for d in meta.shape]
+        if None in dims:   # a size expression (s0*s1) or one no input has: leave it to TVM
+            return value
+        return importer.block_builder.match_cast(value, relax.TensorType(dims, value.ty.dtype))
+    return convert
+
+
+def cumsum(node, importer):
+    """torch.cumsum with torch's result type: a cumulative sum of bools or integers is int64. TVM's converter
+    kept bool (GPT-2's mask counts its padding with a cumsum of bools), which LLVM codegen then rejected."""
+    from tvm import relax
+    x, axis = importer.env[node.args[0]], node.args[1]
+    dtype = str(node.meta["val"].dtype).removeprefix("torch.")
+    return importer.block_builder.emit(relax.op.cumsum(x, axis, dtype=dtype))
+
+
+def _export(graph: Graph, args: tuple, kwargs: dict | None, dynamic_shapes: Any):
+    """The graph re-exported for TVM's frontend. Dynamic sizes are first reasoned about as torch.export does by
+    default, which records the bounds the model implies (BERT's sequence ≤ its 512 positions) for TVM's frontend
+    to pass on as tir_var_upper_bound; size-obliviously (no bounds) only where that fails."""
+    try:
+        with quiet(stdout=True):
+            return torch.export.export(graph.module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception:  # noqa: BLE001 - torch raises many types; the size-oblivious export below has the last word
+        if dynamic_shapes is None:
+            raise
+    with quiet(stdout=True), dynamic_export(dynamic_shapes):
+        return torch.export.export(graph.module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def size_bounds(func) -> dict:
+    """{symbolic size var: its highest value or None} of a Relax function's inputs, from its bounds attribute
+    (TVM plans memory for the highest: a call beyond it must be refused)."""
+    from tvm import relax
+    upper = (func.attrs or {}).get("tir_var_upper_bound", {})
+    return {v: int(upper[v.name]) if v.name in upper else None
+            for p in func.params for v in relax.analysis.definable_tir_vars_in_type(p.ty)}
+
+
+def size_limits(mod) -> list[tuple[int, int, int]]:
+    """(input, dim, highest size) for each dynamic input size with an upper bound."""
+    func = mod["main"]
+    highest = {v: hi for v, hi in size_bounds(func).items() if hi is not None}
+    return [(i, d, highest[size]) for i, p in enumerate(func.params) for d, size in enumerate(p.ty.shape.values)
+            if size in highest]
+
+
+def shapes_within_bounds(mod):
+    """Sizes simplified by the bounds of the dynamic ones (at least 1, at most what torch.export proved), and slices
+    marked in bounds where those prove it. BERT slices its 512 position ids to the sequence length s: Relax gives
+    that min(s, 512) elements, cannot show that the add with the [b, s] embeddings broadcasts, and gives the sum no
+    shape (ndim only), which TVM's TE lowering rejects. torch.export proved s ≤ 512; with that bound the slice has
+    s elements and the shapes stay known (GPT-2's mask: min(1, s) is 1)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import PyExprMutator, expr_functor
+    from tvm.sym.analyzer import Analyzer, ConstIntBound
+
+    func = mod["main"]
+    bounds = size_bounds(func)
+    if not bounds:
+        return mod
+    analyzer = Analyzer()
+    for var, hi in bounds.items():   # from 1, not torch.export's 2: a batch of 1 is a batch
+        analyzer.update(var, ConstIntBound(1, ConstIntBound.POS_INF if hi is None else hi))
+
+    def same_shape(a, b) -> bool:
+        return (isinstance(a, relax.ShapeExpr) and isinstance(b, relax.ShapeExpr) and len(a.values) == len(b.values)
+                and all(analyzer.can_prove_equal(x, y) for x, y in zip(a.values, b.values)))
+
+    @expr_functor.mutator
+    class InBounds(PyExprMutator):
+        def visit_shape_expr_(self, shape):   # the frontend's reshape targets spell the slice's min(s, 512) too
+            return relax.ShapeExpr([analyzer.simplify(v) for v in shape.values])
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.strided_slice"
+                    and not call.attrs.assume_inbound):
+                return call
+            sliced = self.builder_.normalize(call)
+            x, axes, *rest = call.args
+            ndim = x.ty.ndim   # TOPI's in-bounds slice takes no negative axis
+            axes = [int(a.value) % ndim for a in (axes.fields if isinstance(axes, relax.Tuple) else axes.values)]
+            inbound = self.builder_.normalize(relax.op.strided_slice(x, axes, *rest, assume_inbound=True))
+            return inbound if same_shape(sliced.ty.shape, inbound.ty.shape) else sliced
+
+    mutator = InBounds(mod)
+    mutator.builder_.update_func(mod.get_global_var("main"), mutator.visit_expr(func))
+    return mutator.builder_.get()
