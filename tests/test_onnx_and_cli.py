@@ -1,4 +1,5 @@
 """The ONNX artifact, the graphopt-op seam into the exporter, and the command line."""
+import json
 import re
 from pathlib import Path
 
@@ -102,6 +103,15 @@ def test_cli_quantizes_with_calibration_from_a_factory(tmp_path, capsys):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert cli.main(["compile", example + ":tiny", "--quantize", "int8"]) == 2
     assert "needs calibration data" in capsys.readouterr().err
+
+
+def test_cli_accuracy_budget_reaches_the_planner(tmp_path, capsys):
+    example = str(Path(__file__).parents[1] / "examples" / "quantize.py")
+    assert cli.main(["compile", example + ":tiny", "--quantize", "auto", "--calibration",
+                     example + ":calibration_tiny", "--accuracy-budget", "0.05", "--dump-dir", str(tmp_path)]) == 0
+    steps = json.loads((tmp_path / "report.json").read_text())["steps"]
+    plan = next(s for s in steps if s["name"] == "quantize_auto")
+    assert any("(budget 0.05)" in n for n in plan["notes"]), plan["notes"]
 
 
 TINY_MODULE = '''
