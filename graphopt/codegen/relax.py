@@ -94,10 +94,12 @@ def size_bounds(func) -> dict:
 
 def size_limits(mod) -> list[tuple[int, int, int]]:
     """(input, dim, highest size) for each dynamic input size with an upper bound."""
+    from tvm import relax
     func = mod["main"]
     highest = {v: hi for v, hi in size_bounds(func).items() if hi is not None}
-    return [(i, d, highest[size]) for i, p in enumerate(func.params) for d, size in enumerate(p.ty.shape.values)
-            if size in highest]
+    shapes = [p.ty.shape.values if isinstance(getattr(p.ty, "shape", None), relax.ShapeExpr) else []
+              for p in func.params]
+    return [(i, d, highest[size]) for i, shape in enumerate(shapes) for d, size in enumerate(shape) if size in highest]
 
 
 def shapes_within_bounds(mod):
