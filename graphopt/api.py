@@ -26,12 +26,16 @@ from .runtime import build_early_exit, has_cond, lower_conds, mixed
 from .targets import Target, get_target
 
 
+PRECISIONS = ("fp32", "fp16")
+
+
 def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target = "cpu", backend: str | None = None,
             passes: str | Sequence[str | Pass] = "default", dump_dir: str | Path | None = None,
             verify: bool = False, tolerance: float = 1e-4, dynamic_shapes: Any = None,
             tune: Tune | None = None, quantize: str | None = None, calibration: Any = None,
             accuracy_budget: float | None = None, layer_skip: LayerSkip | None = None,
-            early_exit: EarlyExit | None = None, sparsity: Sparsity | None = None) -> CompiledModule:
+            early_exit: EarlyExit | None = None, sparsity: Sparsity | None = None,
+            precision: str = "fp32") -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
@@ -52,6 +56,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     confident, the graph compiled as segments run by a host dispatcher (`cm.last_exits`); captured with a
     dynamic batch dim. Both need `calibration`; their budget is the allowed quality loss on it.
 
+    precision: "fp32", or "fp16" (TVM): convs and matmuls in half precision with fp32 accumulation, the rest as
+    Relax's mixed-precision rewrite decides; the inputs and outputs stay fp32. For GPUs (tensor cores); lossy, so
+    verify reports the backend step without checking it.
+
     sparsity: graphopt.Sparsity() removes channels, heads and FFN units already all zero in the weights (exact);
     Sparsity("structured", ratio=... | budget=...) prunes them, Sparsity("block", ratio=0.9) prunes linears to
     block-sparse weights (run by a block-sparse kernel where measured faster), Sparsity("2:4") to N:M; pruning
@@ -66,6 +74,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     if tune is not None and tgt.name != "cpu":
         raise InputError(f"tune= on target {tgt}: MetaSchedule tunes where the code runs, and this machine cannot "
                          f"run {tgt} code; give no tune=")
+    if precision not in PRECISIONS:
+        raise InputError(f"precision={precision!r}: choose one of {', '.join(map(repr, PRECISIONS))}")
+    if precision != "fp32" and (be.name != "tvm" or early_exit is not None):
+        raise UnsupportedError(f"precision={precision!r} is implemented on backend='tvm' (Relax's mixed-precision "
+                               "rewrite), without early_exit=; for ONNX Runtime use quantize= instead")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
             or tolerance <= 0:
         raise InputError(f"tolerance={tolerance!r}: give a finite number > 0, the allowed drift relative to the "
@@ -107,11 +120,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     elif has_cond(graph):
         executable = lower_conds(
             graph, graph.flat_inputs(args, kwargs),
-            build=lambda g, example: be.build(g, tgt, BuildInputs(tuple(example), {}, None, tune)),
+            build=lambda g, example: be.build(g, tgt, BuildInputs(tuple(example), {}, None, tune, precision)),
             optimize=lambda g, example: PassManager(pipeline).run(g, PassContext(tgt, tuple(example), {}, [], ctx.cost)),
             backend=be.name)
     else:
-        inputs = BuildInputs(args, kwargs, dynamic_shapes, tune)
+        inputs = BuildInputs(args, kwargs, dynamic_shapes, tune, precision)
         executable = be.build(graph, tgt, inputs)
         if be.name == "auto" and mixed.worth_trying(graph, tgt, inputs):
             executable = mixed.with_tvm_kernels(graph, tgt, inputs, executable)
@@ -120,7 +133,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
                               [(p.name, getattr(p, "phase", "unknown")) for p in pipeline], (graph.flat_inputs(args, kwargs), eager))
     outputs = compiled(*args, **kwargs) if manager.measuring else None
     manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe(),
-                           getattr(executable, "tables", list)())
+                           getattr(executable, "tables", list)(), rounds=None if precision == "fp32" else precision)
     return compiled
 
 

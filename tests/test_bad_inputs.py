@@ -172,6 +172,8 @@ CASES = [
     Case("api", "tune-trials-bool", lambda env: graphopt.Tune(trials=True), match=r"Tune\(trials=True\)"),
     Case("api", "tune-budget-negative", lambda env: graphopt.Tune(time_budget=-1), match=r"time_budget=-1"),
     Case("api", "tune-budget-nan", lambda env: graphopt.Tune(time_budget=math.nan), match=r"time_budget=nan"),
+    Case("api", "precision-unknown", compile_(precision="int8"), match="precision='int8': choose one of"),
+    Case("api", "precision-fp16-on-ort", compile_(precision="fp16"), UnsupportedError, "precision='fp16' is implemented on backend='tvm'"),
     Case("api", "tune-db-a-number", lambda env: graphopt.Tune(db=3), match=r"Tune\(db=3\)"),
     # --- compile(): layer skipping and sparsity ------------------------------------------------------------
     Case("api", "layer-skip-a-number", compile_(layer_skip=0.01, calibration=[(X,)]), match="graphopt.LayerSkip"),

@@ -141,6 +141,37 @@ def test_cuda_kernel_a_dlight_rule_fails_on_falls_back_to_the_next_and_says_so()
     assert any(n.startswith("DLight schedules: Matmul") for n in backend_notes), backend_notes
 
 
+@pytest.mark.parametrize("name", ["resnet", "bert"])
+def test_fp16_precision_computes_in_half_and_stays_close(name):
+    """precision="fp16": Relax's mixed-precision rewrite, fp32 in and out; verify reports the step, unchecked."""
+    model, inputs = zoo.build(name, size="tiny", batch=2)
+    half = graphopt.compile(model, inputs, backend="tvm", precision="fp16", verify=True)
+    full = graphopt.compile(model, inputs, backend="tvm")
+    want = model(*inputs)
+    want = want if isinstance(want, torch.Tensor) else want[0]
+    got, exact = (m(*inputs) for m in (half, full))
+    got, exact = (o if isinstance(o, torch.Tensor) else o[0] for o in (got, exact))
+    assert got.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+    assert cosine > 0.999, cosine
+    assert (got - want).abs().max() > 10 * (exact - want).abs().max()     # it did round: fp32's error is far smaller
+    step = half.report[-1]
+    assert "precision fp16: convs and matmuls in half precision, accumulating in fp32" in step.notes
+    assert "not verified: the backend computes in fp16, lossy by design" in step.notes and step.checked is None
+
+
+def test_cuda_build_replays_kernel_launches_as_cuda_graphs():
+    """Batch-1 GPU inference is launch-bound: with static shapes the VM captures its launches once (built here
+    without a GPU: the VM program calls TVM's CUDA-graph builtins); with dynamic shapes it cannot."""
+    model, inputs = zoo.build("resnet", size="tiny", batch=1)
+    static = graphopt.compile(model, inputs, backend="tvm", target="cuda", precision="fp16")
+    assert "vm.builtin.cuda_graph.run_or_capture" in static.executable.executable.as_text()
+    assert "CUDA graphs: the kernel launches are captured once and replayed" in static.report[-1].notes
+    dynamic = graphopt.compile(model, inputs, backend="tvm", target="cuda", dynamic_shapes="batch")
+    assert "cuda_graph" not in dynamic.executable.executable.as_text()
+    assert "CUDA graphs: not used (dynamic shapes)" in dynamic.report[-1].notes
+
+
 class TwoConvs(torch.nn.Module):
     def __init__(self):
         super().__init__()

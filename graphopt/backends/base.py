@@ -17,6 +17,7 @@ class BuildInputs:
     kwargs: dict = field(default_factory=dict)
     dynamic_shapes: Any = None
     tune: Any = None          # backends.tvm_tune.Tune, for the TVM backend
+    precision: str = "fp32"   # "fp16": TVM computes in half precision (Relax ToMixedPrecision, fp32 accumulation)
 
 
 class Executable(Protocol):

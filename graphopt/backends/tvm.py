@@ -63,8 +63,8 @@ def tvm_target(target: Target):
 
 class TvmExecutable:
     def __init__(self, executable, target: Target, tune_report=None, kernels: tuple[str, ...] = (),
-                 schedules: list[str] = (), limits: list[tuple[int, int, int]] = ()):
-        self.executable, self.target, self.tune_report = executable, target, tune_report
+                 schedules: list[str] = (), limits: list[tuple[int, int, int]] = (), precision: str = "fp32"):
+        self.executable, self.target, self.tune_report, self.precision = executable, target, tune_report, precision
         self.limits = list(limits)        # (input, dim, highest size): TVM planned its memory for those
         self.kernels = kernels            # TIR kernels graphopt wrote for its ops (not scheduled by TVM)
         self.schedules = list(schedules)  # CUDA: which DLight rule scheduled the kernels, and the fallbacks
@@ -96,10 +96,12 @@ class TvmExecutable:
         return [self.tune_report.table()] if self.tune_report is not None and self.tune_report.progress else []
 
     def describe(self) -> list[str]:
+        head = f"TVM Relax VM executable for {self.target}" + (" (untuned: default schedules)" if self.tune_report is None
+                                                                else "")
+        half = ["precision fp16: convs and matmuls in half precision, accumulating in fp32"] \
+            if self.precision == "fp16" else []
         own = [f"graphopt's own kernels: {', '.join(self.kernels)}"] if self.kernels else []
-        if self.tune_report is None:
-            return [f"TVM Relax VM executable for {self.target} (untuned: default schedules)"] + own + self.schedules
-        return [f"TVM Relax VM executable for {self.target}"] + own + self.tune_report.lines()
+        return [head] + half + own + (self.schedules if self.tune_report is None else self.tune_report.lines())
 
     def export_library(self, path: str | Path) -> Path:
         cc = CROSS_CC.get(self.target.name)
@@ -126,6 +128,9 @@ class TvmBackend:
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> TvmExecutable:
         import tvm
         mod = to_relax(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes, target.name)
+        if inputs.precision == "fp16":   # before fast_math, whose TE-built kernels the rewrite does not take
+            from tvm import relax
+            mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
         if target.name != "cuda":   # LLVM CPU targets scalarize exp/tanh/erf; CUDA has fast intrinsics of its own
             mod = fast_math(mod)
         kernels = tuple(sorted(gv.name_hint for gv, f in mod.functions.items() if f.attrs and
@@ -133,11 +138,19 @@ class TvmBackend:
         limits = size_limits(mod)
         if inputs.tune is None and target.name == "cuda":
             log = ScheduleLog()
-            built = tvm.compile(mod, target=tvm_target(target), relax_pipeline=cuda_pipeline(tvm_target(target), log))
-            return TvmExecutable(built, target, kernels=kernels, schedules=log.lines(), limits=limits)
+            # batch-1 inference is launch-bound: the VM's kernel launches replayed as CUDA graphs (static shapes)
+            graphs = inputs.dynamic_shapes is None
+            with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": graphs}):
+                built = tvm.compile(mod, target=tvm_target(target),
+                                    relax_pipeline=cuda_pipeline(tvm_target(target), log))
+            launches = ["CUDA graphs: the kernel launches are captured once and replayed" if graphs else
+                        "CUDA graphs: not used (dynamic shapes)"]
+            return TvmExecutable(built, target, kernels=kernels, schedules=launches + log.lines(), limits=limits,
+                                 precision=inputs.precision)
         if inputs.tune is None:
-            return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target, kernels=kernels, limits=limits)
+            return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target, kernels=kernels, limits=limits,
+                                 precision=inputs.precision)
         if target.name != "cpu":
             raise UnsupportedError(f"tuning is implemented for target 'cpu' only, not {target}")
         executable, report = tune_and_compile(mod, tvm_target(target), inputs.tune)
-        return TvmExecutable(executable, target, report, kernels, limits=limits)
+        return TvmExecutable(executable, target, report, kernels, limits=limits, precision=inputs.precision)
