@@ -66,10 +66,10 @@ class CompiledModule:
     def _check(self, value, want: InputSpec) -> None:
         if not isinstance(value, torch.Tensor):
             raise InputError(f"input {want.name}: expected a tensor, got {type(value).__name__}")
-        if value.device.type != "cpu":
-            raise InputError(f"input {want.name}: a tensor on device {value.device}; graphopt's executables take "
-                             "host tensors (call .cpu() first" + (")" if value.device.type != "meta" else
-                                                                 "; a meta tensor has no data to run on)"))
+        if value.device.type not in ("cpu", self.target.device):   # host tensors, or already on the target's device
+            raise InputError(f"input {want.name}: a tensor on device {value.device}; this module takes tensors on the "
+                             f"host or on {self.target.device} (call .cpu() first" +
+                             (")" if value.device.type != "meta" else "; a meta tensor has no data to run on)"))
         ok = value.dtype == want.dtype and value.dim() == len(want.shape) and all(
             w is None or w == d for w, d in zip(want.shape, value.shape))
         if not ok:

@@ -1,0 +1,150 @@
+"""Issue 15's GPU checks, run by benchmarks/gpu.sh on a machine with a CUDA GPU (TVM from the .gpu bundle).
+
+--zoo:    every zoo model (tiny) compiled for target="cuda" on TVM, run on the GPU and compared with eager on the
+          GPU in fp32 (TF32 off on both): max error relative to the output scale, NaN/inf, and the first call's
+          outputs unchanged after a second call with other inputs (CUDA graphs replay into cached buffers).
+--bench:  ResNet-50 and BERT-base, batch 1 fp32 (TF32 off): eager, torch.compile (default and
+          mode="reduce-overhead", its CUDA graphs) and graphopt TVM (DLight schedules, CUDA graphs); batch 32:
+          eager fp16 (model.half()) against graphopt precision="fp16". Median ms over interleaved rounds,
+          synchronized; cosine to eager fp32 beside the fp16 rows.
+--smoke:  the same code on the CPU with tiny models and few runs (target "cpu", no torch.compile), to check the
+          script itself where there is no GPU.
+
+    python benchmarks/bench_gpu.py --zoo --bench
+"""
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import graphopt
+from graphopt import zoo
+
+ZOO = ("bert", "gpt2", "t5_encoder", "llama", "vit", "resnet", "mobilenet_v2", "convnext", "efficientnet", "swin")
+
+
+def first(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "values"):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    return first(out[0])
+
+
+def on(device, inputs):
+    return tuple(t.to(device) for t in inputs)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12)).item()
+
+
+def check_zoo(device: str, target: str) -> bool:
+    print(f"\nzoo on {target} (TVM, fp32; error = max |graphopt − eager| / max |eager|, limit 1e-3):", flush=True)
+    ok = True
+    for name in ZOO:
+        t0 = time.perf_counter()
+        try:
+            model, inputs = zoo.build(name, size="tiny", batch=2)
+            cm = graphopt.compile(model, inputs, backend="tvm", target=target)
+            model = model.to(device)
+            x, other = on(device, inputs), on(device, tuple(t.flip(-1) for t in inputs))   # other pixels/tokens
+            with torch.no_grad():
+                want, want_other = first(model(*x)), first(model(*other))
+            got = first(cm(*x)).clone()
+            kept = first(cm(*x))                                  # the buffer a second call could overwrite
+            got_other = first(cm(*other))
+            err, err_other = relative_error(got, want), relative_error(got_other, want_other)
+            stale = not torch.equal(kept, got)
+            finite = bool(torch.isfinite(got).all() and torch.isfinite(got_other).all())
+            good = finite and max(err, err_other) <= 1e-3 and not stale
+            print(f"  {name:<13} {'ok  ' if good else 'FAIL'} error {err:.1e} / {err_other:.1e} (other inputs)"
+                  f"{'' if finite else '  NaN or inf'}{'  first outputs overwritten by the second call' if stale else ''}"
+                  f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001 - one model's failure is reported, the others still run
+            good = False
+            print(f"  {name:<13} FAIL {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}", flush=True)
+        ok &= good
+    return ok
+
+
+def timed(fn, x, device: str) -> float:
+    """One call's ms: the call, then a device sync."""
+    t0 = time.perf_counter()
+    fn(*x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def side_by_side(systems: dict, x, device: str, rounds: int, runs: int) -> dict:
+    """Median ms per call, the systems interleaved round by round (each warmed up first)."""
+    for fn in systems.values():
+        for _ in range(3):
+            timed(fn, x, device)
+    times = {k: [] for k in systems}
+    for _ in range(rounds):
+        for k, fn in systems.items():
+            times[k].extend(timed(fn, x, device) for _ in range(runs))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench(device: str, target: str, smoke: bool) -> None:
+    size, rounds, runs = ("tiny", 2, 3) if smoke else ("base", 5, 20)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # fp32 against fp32
+    for name in ("resnet", "bert"):
+        print(f"\n{name} ({size}) on {target}, median ms per call, interleaved rounds", flush=True)
+        for batch, half in ((1, False), (32, True)):
+            model, inputs = zoo.build(name, size=size, batch=batch, **({} if name == "resnet" else {"seq": 128}))
+            t0 = time.perf_counter()
+            ours = graphopt.compile(model, inputs, backend="tvm", target=target, precision="fp16" if half else "fp32")
+            eager = copy.deepcopy(model).to(device)
+            x = on(device, inputs)
+            with torch.no_grad():
+                reference = first(eager(*x)).float()
+            if half:
+                systems = {"eager fp16": lambda *a, m=eager.half(): m(*(t.half() if t.is_floating_point() else t
+                                                                          for t in a)),
+                           "graphopt fp16": ours}
+            else:
+                systems = {"eager": eager}
+                if not smoke:
+                    systems["torch.compile"] = torch.compile(copy.deepcopy(eager))
+                    systems["torch.compile reduce-overhead"] = torch.compile(copy.deepcopy(eager),
+                                                                             mode="reduce-overhead")
+                systems["graphopt"] = ours
+            with torch.no_grad():
+                ms = side_by_side(systems, x, device, rounds, runs)
+                print(f"  batch {batch} (built and warmed up in {time.perf_counter() - t0:.0f} s):", flush=True)
+                base = ms["eager fp16" if half else "eager"]
+                for label, t in ms.items():
+                    cos = F.cosine_similarity(first(systems[label](*x)).float().flatten(), reference.flatten(),
+                                              dim=0).item()
+                    print(f"    {label:<30} {t:8.3f} ms   ×{base / t:5.2f} vs {'eager fp16' if half else 'eager'}"
+                          f"   cosine to eager fp32 {cos:.5f}", flush=True)
+            systems.clear()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", action="store_true")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="on the CPU, tiny models: checks the script itself")
+    ns = ap.parse_args()
+    device, target = ("cpu", "cpu") if ns.smoke else ("cuda", "cuda")
+    if not ns.smoke and not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py: no CUDA device here (use --smoke to check the script on the CPU)")
+    print(f"torch {torch.__version__}" + ("" if ns.smoke else f", {torch.cuda.get_device_name(0)}"), flush=True)
+    ok = check_zoo(device, target) if ns.zoo else True
+    if ns.bench:
+        bench(device, target, ns.smoke)
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
