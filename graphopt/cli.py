@@ -70,7 +70,8 @@ def _compile(ns: argparse.Namespace) -> int:
     calibration = call_factory(ns.calibration) if ns.calibration else None
     cm = compile(model, example, target=ns.target, backend=ns.backend, passes=passes, dump_dir=ns.dump_dir,
                  verify=ns.verify, tolerance=ns.tolerance, dynamic_shapes="batch" if ns.dynamic_batch else None,
-                 quantize=ns.quantize, calibration=calibration, accuracy_budget=ns.accuracy_budget)
+                 quantize=ns.quantize, calibration=calibration, accuracy_budget=ns.accuracy_budget,
+                 precision=ns.precision)
     for rec in cm.report:
         drift = f"drift {rec.drift.rel:.2e}" if rec.drift else ""
         print(f"{rec.index:>2} {rec.name:<16} {rec.rewrites:>4} rewrites  {rec.nodes_before:>5} → {rec.nodes_after:<5} ops"
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--quantize", help="int8 | int8-dynamic | int4-weight | auto")
     c.add_argument("--calibration", help="file.py:function (or package.module:function) returning a list of batches")
     c.add_argument("--accuracy-budget", type=float, help="with --quantize auto: allowed mean (1 - cosine) output error")
+    c.add_argument("--precision", default="fp32", help="fp32 | fp16 (with --backend tvm: half-precision convs and "
+                                                       "matmuls, fp32 accumulation)")
     c.set_defaults(func=_compile)
     p = sub.add_parser("passes", help="list the passes and the default pipelines")
     p.set_defaults(func=_passes)

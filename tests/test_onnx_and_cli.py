@@ -136,8 +136,11 @@ def test_cli_model_forms_and_flags(tmp_path, monkeypatch, capsys):
     assert steps == ["captured", "dce", "backend-ort"]
     # file.py (its build()), --backend tvm
     need_module("tvm")
-    assert cli.main(["compile", str(tmp_path / "tiny_models.py"), "--backend", "tvm"]) == 0
+    assert cli.main(["compile", str(tmp_path / "tiny_models.py"), "--backend", "tvm", "--precision", "fp16",
+                     "--dump-dir", str(tmp_path / "d")]) == 0
     assert "backend-tvm" in capsys.readouterr().out
+    backend_step = json.loads((tmp_path / "d" / "report.json").read_text())["steps"][-1]
+    assert "precision fp16: convs and matmuls in half precision, accumulating in fp32" in backend_step["notes"]
 
 
 @pytest.mark.parametrize("source,message", [

@@ -134,7 +134,7 @@ class TvmBackend:
         if target.name != "cuda":   # LLVM CPU targets scalarize exp/tanh/erf; CUDA has fast intrinsics of its own
             mod = fast_math(mod)
         kernels = tuple(sorted(gv.name_hint for gv, f in mod.functions.items() if f.attrs and
-                               f.attrs.get("tir.is_scheduled", False)))
+                               f.attrs.get("tirx.is_scheduled", False)))
         limits = size_limits(mod)
         if inputs.tune is None and target.name == "cuda":
             log = ScheduleLog()

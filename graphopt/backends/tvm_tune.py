@@ -180,9 +180,9 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path):
     with target:
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")])(mod)
-    # kernels graphopt wrote itself (tir.is_scheduled) have no schedule space: MetaSchedule would only fail on them
+    # kernels graphopt wrote itself (tirx.is_scheduled) have no schedule space: MetaSchedule would only fail on them
     tasks = [task for task in ms.relax_integration.extract_tasks(mod, target)
-             if not task.dispatched[0]["main"].attrs.get("tir.is_scheduled", False)]
+             if not task.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)]
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
 
     def best_us(task) -> float | None:

@@ -116,7 +116,7 @@ def source(batch, channels: int, length: int, n: int, start: int, out_len: int, 
     sc.emit(f"def {name}(x_h: T.handle, pq: T.Buffer(({pairs}, 4, {n}), 'float32'), "
             f"tw: T.Buffer(({len(tw)},), 'float32'), y_h: T.handle):")
     sc.indent = 4
-    sc.emit(f"T.func_attr({{'global_symbol': '{name}', 'tir.noalias': True, 'tir.is_scheduled': True}})")
+    sc.emit(f"T.func_attr({{'global_symbol': '{name}', 'tir.noalias': True, 'tirx.is_scheduled': True}})")
     if batch is None:
         sc.emit("B = T.int64()")
     sc.emit(f"x = T.match_buffer(x_h, ({b_dim}, {channels}, {length}), 'float32')")
