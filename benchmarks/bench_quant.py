@@ -1,7 +1,8 @@
 """Issue 5 benchmark: quantized inference side by side in one process, with accuracy columns.
 
-Systems: eager PyTorch fp32, plain ONNX Runtime fp32, ONNX Runtime's own quantization tool at the configuration
-its documentation recommends on x86 — CNNs: quant_pre_process, then quantize_static QDQ, per-channel, U8S8
+Systems: eager PyTorch fp32, torch.compile fp32 (default mode; inductor's CPU int8 path needs PT2E quantization
+with the x86 inductor quantizer, a different flow), plain ONNX Runtime fp32, ONNX Runtime's own quantization tool
+at the configuration its documentation recommends on x86 — CNNs: quant_pre_process, then quantize_static QDQ, per-channel, U8S8
 (uint8 activations, int8 weights); transformers: the TorchScript export, onnxruntime.transformers' optimizer,
 then quantize_dynamic (int8 weights) — and the tool at its library defaults as a second line (static: S8S8 QDQ
 without pre-processing; dynamic: on the plain export), graphopt int8 (static, calibrated), graphopt int8-dynamic
@@ -151,7 +152,8 @@ def main():
             held_out = inputs_for(name, model, args, 4, seed=2)
         cnn = name in CNNS
         tool, tool_model = ort_tool(model, args, calibration, static=cnn, recommended=True)
-        systems = {"eager fp32": bench.eager(model), "ORT fp32": bench.plain_ort(model, args), TOOL: tool,
+        systems = {"eager fp32": bench.eager(model), "torch.compile fp32": bench.torch_compiled(model),
+                   "ORT fp32": bench.plain_ort(model, args), TOOL: tool,
                    "ORT tool defaults": ort_tool(model, args, calibration, static=cnn, recommended=False)[0]}
         compile_s = {}
         for label, mode in [("graphopt int8", "int8")] + ([] if cnn else [("graphopt int8-dyn", "int8-dynamic")]) \
@@ -166,8 +168,9 @@ def main():
             acc = "" if label == "eager fp32" else (accuracy_minilm(model, systems[label], held_out) if name == "minilm"
                                                      else accuracy_cnn_bert(name, model, systems[label], held_out))
             extra = f"   (compile {compile_s[label]:.0f} s)" if label in compile_s else ""
-            print(f"  {label:<18} {t:8.2f} ms   ×{ms['eager fp32'] / t:5.2f} eager  ×{ms['ORT fp32'] / t:5.2f} ORT fp32"
-                  f"  ×{ms[TOOL] / t:5.2f} ORT tool   {acc}{extra}", flush=True)
+            print(f"  {label:<18} {t:8.2f} ms   ×{ms['eager fp32'] / t:5.2f} eager  ×{ms['torch.compile fp32'] / t:5.2f}"
+                  f" torch.compile  ×{ms['ORT fp32'] / t:5.2f} ORT fp32  ×{ms[TOOL] / t:5.2f} ORT tool   {acc}{extra}",
+                  flush=True)
         best = min((t, k) for k, t in ms.items() if k.startswith("graphopt int8"))
         summary.append(f"  {name:<13} {best[1]}: ×{ms[TOOL] / best[0]:.2f} vs {TOOL.strip()}, "
                        f"×{ms['eager fp32'] / best[0]:.2f} vs eager fp32; auto ×{ms[TOOL] / ms['graphopt auto']:.2f}"
