@@ -5,8 +5,9 @@
           outputs unchanged after a second call with other inputs (CUDA graphs replay into cached buffers).
 --bench:  ResNet-50 and BERT-base, batch 1 fp32 (TF32 off): eager, torch.compile (default and
           mode="reduce-overhead", its CUDA graphs) and graphopt TVM (DLight schedules, CUDA graphs); batch 32:
-          eager fp16 (model.half()) against graphopt precision="fp16". Median ms over interleaved rounds,
-          synchronized; cosine to eager fp32 beside the fp16 rows.
+          eager fp16 (model.half()) against graphopt precision="fp16". Median ms per call (each call waits for
+          the GPU) over graphopt's rotated interleaved rounds (`bench.time_side_by_side`); cosine to eager fp32
+          beside every row.
 --smoke:  the same code on the CPU with tiny models and few runs (target "cpu", no torch.compile), to check the
           script itself where there is no GPU.
 
@@ -14,24 +15,20 @@
 """
 import argparse
 import copy
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 import graphopt
-from graphopt import zoo
+from graphopt import bench, zoo
+from graphopt.passes.drift import flat_tensors
 
 ZOO = ("bert", "gpt2", "t5_encoder", "llama", "vit", "resnet", "mobilenet_v2", "convnext", "efficientnet", "swin")
 
 
 def first(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) or hasattr(out, "values"):
-        return next(v for v in out.values() if isinstance(v, torch.Tensor))
-    return first(out[0])
+    return flat_tensors(out)[0]
 
 
 def on(device, inputs):
@@ -71,29 +68,15 @@ def check_zoo(device: str, target: str) -> bool:
     return ok
 
 
-def timed(fn, x, device: str) -> float:
-    """One call's ms: the call, then a device sync."""
-    t0 = time.perf_counter()
-    fn(*x)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
+def synced(fn, device: str):
+    """`fn`, each call waiting for the GPU: what a caller of a batch-1 model waits for."""
+    if device != "cuda":
+        return fn
+    return lambda *a: (fn(*a), torch.cuda.synchronize())[0]
 
 
-def side_by_side(systems: dict, x, device: str, rounds: int, runs: int) -> dict:
-    """Median ms per call, the systems interleaved round by round (each warmed up first)."""
-    for fn in systems.values():
-        for _ in range(3):
-            timed(fn, x, device)
-    times = {k: [] for k in systems}
-    for _ in range(rounds):
-        for k, fn in systems.items():
-            times[k].extend(timed(fn, x, device) for _ in range(runs))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def bench(device: str, target: str, smoke: bool) -> None:
-    size, rounds, runs = ("tiny", 2, 3) if smoke else ("base", 5, 20)
+def benchmark(device: str, target: str, smoke: bool) -> None:
+    size, rounds = ("tiny", 2) if smoke else ("base", 7)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # fp32 against fp32
     for name in ("resnet", "bert"):
         print(f"\n{name} ({size}) on {target}, median ms per call, interleaved rounds", flush=True)
@@ -117,7 +100,7 @@ def bench(device: str, target: str, smoke: bool) -> None:
                                                                              mode="reduce-overhead")
                 systems["graphopt"] = ours
             with torch.no_grad():
-                ms = side_by_side(systems, x, device, rounds, runs)
+                ms = bench.time_side_by_side({k: synced(f, device) for k, f in systems.items()}, x, rounds=rounds)
                 print(f"  batch {batch} (built and warmed up in {time.perf_counter() - t0:.0f} s):", flush=True)
                 base = ms["eager fp16" if half else "eager"]
                 for label, t in ms.items():
@@ -142,7 +125,7 @@ def main():
     print(f"torch {torch.__version__}" + ("" if ns.smoke else f", {torch.cuda.get_device_name(0)}"), flush=True)
     ok = check_zoo(device, target) if ns.zoo else True
     if ns.bench:
-        bench(device, target, ns.smoke)
+        benchmark(device, target, ns.smoke)
     raise SystemExit(0 if ok else 1)
 
 

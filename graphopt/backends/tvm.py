@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -135,7 +135,7 @@ class TvmBackend:
             mod = fast_math(mod)
         kernels = tuple(sorted(gv.name_hint for gv, f in mod.functions.items() if f.attrs and
                                f.attrs.get("tirx.is_scheduled", False)))
-        limits = size_limits(mod)
+        made = partial(TvmExecutable, target=target, kernels=kernels, limits=size_limits(mod), precision=inputs.precision)
         if inputs.tune is None and target.name == "cuda":
             log = ScheduleLog()
             # batch-1 inference is launch-bound: the VM's kernel launches replayed as CUDA graphs (static shapes)
@@ -145,12 +145,10 @@ class TvmBackend:
                                     relax_pipeline=cuda_pipeline(tvm_target(target), log))
             launches = ["CUDA graphs: the kernel launches are captured once and replayed" if graphs else
                         "CUDA graphs: not used (dynamic shapes)"]
-            return TvmExecutable(built, target, kernels=kernels, schedules=launches + log.lines(), limits=limits,
-                                 precision=inputs.precision)
+            return made(built, schedules=launches + log.lines())
         if inputs.tune is None:
-            return TvmExecutable(tvm.compile(mod, target=tvm_target(target)), target, kernels=kernels, limits=limits,
-                                 precision=inputs.precision)
+            return made(tvm.compile(mod, target=tvm_target(target)))
         if target.name != "cpu":
             raise UnsupportedError(f"tuning is implemented for target 'cpu' only, not {target}")
         executable, report = tune_and_compile(mod, tvm_target(target), inputs.tune)
-        return TvmExecutable(executable, target, report, kernels, limits=limits, precision=inputs.precision)
+        return made(executable, tune_report=report)

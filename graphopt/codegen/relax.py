@@ -25,8 +25,8 @@ def to_relax(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shap
     values = {**dict(ep.named_parameters()), **dict(ep.named_buffers()), **ep.constants}
     constants = {s.arg.name: values[s.target] for s in ep.graph_signature.input_specs if s.target in values}
     try:
-        converters = {**relax_convert_map(target, constants.get), **{op: shape_keeping(method) for op, method in SHAPE_LOSING.items()},
-                      "cumsum.default": cumsum}
+        converters = {**relax_convert_map(target, constants.get), "cumsum.default": cumsum,
+                      **{op: shape_keeping(method) for op, method in SHAPE_LOSING.items()}}
         return shapes_within_bounds(from_exported_program(ep, custom_convert_map=converters))
     except (AssertionError, KeyError, ValueError, NotImplementedError) as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -50,9 +50,8 @@ def shape_keeping(method: str):
         shape = value.ty.shape if isinstance(value.ty, relax.TensorType) else None
         if shape is not None or meta is None:
             return value
-        sizes = {str(v): v for p in importer.env.values() if isinstance(p, relax.Var)
-                 and isinstance(p.ty, relax.TensorType) and p.ty.shape is not None
-                 for v in relax.analysis.tir_vars_in_type(p.ty)}
+        sizes = {v.name: v for n, p in importer.env.items() if n.op == "placeholder"   # the inputs define them
+                 for v in relax.analysis.definable_tir_vars_in_type(p.ty)}
         dims = [int(d) if str(d).lstrip("-").isdigit() else sizes.get(str(d)) for d in meta.shape]
         if None in dims:   # a size expression (s0*s1) or one no input has: leave it to TVM
             return value
