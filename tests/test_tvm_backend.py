@@ -141,6 +141,30 @@ def test_cuda_kernel_a_dlight_rule_fails_on_falls_back_to_the_next_and_says_so()
     assert any(n.startswith("DLight schedules: Matmul") for n in backend_notes), backend_notes
 
 
+class Powers(torch.nn.Module):
+    def forward(self, x):   # GPT-2's GELU cubes, Llama's and T5's RMSNorms square
+        return x.pow(2), x ** 3, torch.pow(x, -2), x.pow(0), x.pow(0.5)
+
+
+def cuda_source(cm) -> str:
+    def modules(m):
+        yield m
+        for imported in m.imports:
+            yield from modules(imported)
+    return "".join(m.inspect_source() for m in modules(cm.executable.executable.mod) if m.kind == "cuda")
+
+
+def test_whole_powers_are_products_which_cuda_fast_math_keeps_finite():
+    """TVM compiles CUDA with --use_fast_math, where powf(x, n) is exp2(n · log2 x): NaN for every negative x (GPT-2
+    and Llama returned NaN on an H200). Whole powers are products, exact on negative inputs; x ** 0.5 stays a pow."""
+    model, x = Powers().eval(), -torch.rand(4, 8) - 0.5
+    cm = graphopt.compile(model, (x,), backend="tvm")
+    for got, want in zip(cm(x), model(x)):
+        torch.testing.assert_close(got, want, equal_nan=True)
+    source = cuda_source(graphopt.compile(model, (x,), backend="tvm", target="cuda"))
+    assert source.count("powf(") == 1, re.findall(r".*powf\(.*", source)   # x ** 0.5 (NaN there in eager too)
+
+
 @pytest.mark.parametrize("name", ["resnet", "bert"])
 def test_fp16_precision_computes_in_half_and_stays_close(name):
     """precision="fp16": Relax's mixed-precision rewrite, fp32 in and out; verify reports the step, unchecked."""

@@ -27,7 +27,7 @@ def to_relax(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shap
     try:
         converters = {**relax_convert_map(target, constants.get), "cumsum.default": cumsum,
                       **{op: shape_keeping(method) for op, method in SHAPE_LOSING.items()}}
-        return shapes_within_bounds(from_exported_program(ep, custom_convert_map=converters))
+        return integer_powers_as_products(shapes_within_bounds(from_exported_program(ep, custom_convert_map=converters)))
     except (AssertionError, KeyError, ValueError, NotImplementedError) as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise UnsupportedError(f"TVM Relax import failed: {first[:300]}. Remove the pass that introduced the "
@@ -80,6 +80,38 @@ def _export(graph: Graph, args: tuple, kwargs: dict | None, dynamic_shapes: Any)
             raise
     with quiet(stdout=True), dynamic_export(dynamic_shapes):
         return torch.export.export(graph.module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def integer_powers_as_products(mod):
+    """x ** n for a whole n as products by repeated squaring (1 / that for a negative n, ones for 0). TVM compiles
+    CUDA with --use_fast_math, where powf(x, n) is exp2(n · log2 x): NaN for every negative x, which made GPT-2
+    (its GELU cubes) and Llama and T5 (their RMSNorms square) return NaN on the GPU. Exact for squares and cubes,
+    and cheaper than powf on every target."""
+    import numpy as np
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    base, exponent = wildcard(), is_const()
+
+    def products(call, matches):
+        n = matches[exponent].value.numpy()
+        if n.size != 1 or not float(n).is_integer() or abs(float(n)) >= 2 ** 31:
+            return call
+        x, power, result, k = matches[base], None, None, abs(int(n))
+        if k == 0:
+            return relax.op.ones_like(x)
+        while k:   # square-and-multiply: x ** 13 is x · x⁴ · x⁸, five multiplications
+            power = x if power is None else relax.op.multiply(power, power)
+            if k & 1:
+                result = power if result is None else relax.op.multiply(result, power)
+            k >>= 1
+        return result if int(n) > 0 else relax.op.divide(relax.const(np.ones((), n.dtype)), result)
+
+    pattern = is_op("relax.power")(base, exponent)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, products, func)
+    return mod
 
 
 def size_bounds(func) -> dict:
