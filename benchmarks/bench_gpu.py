@@ -8,13 +8,17 @@
           eager fp16 (model.half()) against graphopt precision="fp16". Median ms per call (each call waits for
           the GPU) over graphopt's rotated interleaved rounds (`bench.time_side_by_side`); cosine to eager fp32
           beside every row.
+--tune:   MetaSchedule on the GPU for ResNet (tiny) within a minute, into a fresh database; then a second compile
+          with Tune(time_budget=0) must reuse every record (0 trials); each build checked against eager and timed
+          against the untuned (DLight) build.
 --smoke:  the same code on the CPU with tiny models and few runs (target "cpu", no torch.compile), to check the
           script itself where there is no GPU.
 
-    python benchmarks/bench_gpu.py --zoo --bench
+    python benchmarks/bench_gpu.py --zoo --bench --tune
 """
 import argparse
 import copy
+import tempfile
 import time
 
 import torch
@@ -113,10 +117,39 @@ def benchmark(device: str, target: str, smoke: bool) -> None:
                 torch.cuda.empty_cache()
 
 
+def tune(device: str, target: str, smoke: bool) -> bool:
+    budget = 10 if smoke else 60
+    print(f"\nMetaSchedule on {target}: ResNet (tiny, batch 1), a {budget} s budget into a fresh database", flush=True)
+    model, inputs = zoo.build("resnet", size="tiny", batch=1)
+    x = on(device, inputs)
+    with torch.no_grad():
+        want = first(model.to(device)(*x))
+    with tempfile.TemporaryDirectory() as db:
+        t0 = time.perf_counter()
+        builds = {"untuned": graphopt.compile(model.cpu(), inputs, backend="tvm", target=target),
+                  "tuned": graphopt.compile(model.cpu(), inputs, backend="tvm", target=target,
+                                            tune=graphopt.Tune(trials=16, time_budget=budget, db=db, progress=False))}
+        builds["reused"] = graphopt.compile(model.cpu(), inputs, backend="tvm", target=target,
+                                            tune=graphopt.Tune(time_budget=0, db=db, progress=False))
+        print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)
+        ms = bench.time_side_by_side({k: synced(cm, device) for k, cm in builds.items()}, x, rounds=3 if smoke else 7)
+        ok = True
+        for label, cm in builds.items():
+            err = relative_error(first(cm(*x)), want)
+            summary = next((n for n in cm.report[-1].notes if n.startswith("tuning:")), "")
+            ok &= err <= 1e-3
+            print(f"  {label:<17} {ms[label]:8.3f} ms  error {err:.1e}  {summary}", flush=True)
+        reused = next(n for n in builds["reused"].report[-1].notes if n.startswith("tuning:"))
+        ok &= reused.startswith("tuning: 0 trials") and " 0 from the database" not in reused
+    print(f"  {'ok' if ok else 'FAIL'}: tuned and reused builds match eager; the reuse measured nothing", flush=True)
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--zoo", action="store_true")
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--tune", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="on the CPU, tiny models: checks the script itself")
     ns = ap.parse_args()
     device, target = ("cpu", "cpu") if ns.smoke else ("cuda", "cuda")
@@ -126,6 +159,12 @@ def main():
     ok = check_zoo(device, target) if ns.zoo else True
     if ns.bench:
         benchmark(device, target, ns.smoke)
+    if ns.tune:
+        try:
+            ok &= tune(device, target, ns.smoke)
+        except Exception as e:  # noqa: BLE001 - reported like a zoo model's failure
+            ok = False
+            print(f"  FAIL {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", flush=True)
     raise SystemExit(0 if ok else 1)
 
 

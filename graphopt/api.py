@@ -71,9 +71,13 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     pipeline = resolve(passes, tgt)
     if tune is not None and (be.name not in ("tvm", "auto") or not isinstance(tune, Tune)):
         raise InputError("tune= takes a graphopt.Tune and needs backend='tvm' or 'auto'")
-    if tune is not None and tgt.name != "cpu":
+    if tune is not None and tgt.name == "arm64":
         raise InputError(f"tune= on target {tgt}: MetaSchedule tunes where the code runs, and this machine cannot "
                          f"run {tgt} code; give no tune=")
+    if tune is not None and tgt.name == "cuda" and tune.time_budget > 0 and not torch.cuda.is_available():
+        raise UnsupportedError("tune= on target cuda measures kernels on the GPU, and this machine has none: tune "
+                               "on a GPU machine, copy the database folder here and pass graphopt.Tune(db=that "
+                               "folder, time_budget=0) to reuse its records")
     if precision not in PRECISIONS:
         raise InputError(f"precision={precision!r}: choose one of {', '.join(map(repr, PRECISIONS))}")
     if precision != "fp32" and (be.name != "tvm" or early_exit is not None):

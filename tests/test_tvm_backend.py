@@ -165,6 +165,39 @@ def test_whole_powers_are_products_which_cuda_fast_math_keeps_finite():
     assert source.count("powf(") == 1, re.findall(r".*powf\(.*", source)   # x ** 0.5 (NaN there in eager too)
 
 
+def serially_on_the_cpu(mod):
+    """A CUDA-scheduled module's kernels for the CPU: loops bound to GPU threads made serial, shared memory local.
+    What the schedules compute, without the GPU's own lowering (warp shuffles, barriers) or its fast math."""
+    def serial(func):
+        text = re.sub(r'T\.thread_binding\(([^=]*?), thread="[^"]*"(, annotations=\{[^}]*\})?\)', r"T.serial(\1\2)",
+                      func.script())
+        return tvm.script.from_source(re.sub(r'scope="(shared|shared\.dyn|warp)"', 'scope="local"', text))
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tvm.tirx.PrimFunc):
+            mod[gv] = serial(func)
+    return tvm.relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+
+
+CUDA_ZOO = ["gpt2"] + [pytest.param(name, marks=pytest.mark.slow) for name in zoo.MODELS if name != "gpt2"]
+
+
+@pytest.mark.parametrize("name", CUDA_ZOO)
+def test_cuda_schedules_compute_what_eager_does(name):
+    """Every kernel of the CUDA build as DLight (or its fallback rule: MobileNetV2, EfficientNet) scheduled it, run
+    with its GPU loops serial on the CPU, gives eager's outputs: the schedules are right where no GPU is lent.
+    GPT-2 fast: its softmax is a cross-thread reduction, its GELU a cube."""
+    from graphopt.backends.tvm_cuda import ScheduleLog, scheduled
+    from graphopt.codegen.relax import to_relax
+    model, inputs = zoo.build(name, size="tiny", batch=2)
+    cm = graphopt.compile(model, inputs, backend="tvm", target="cuda")
+    mod = scheduled(to_relax(cm.graph, inputs, target="cuda"), tvm_target(get_target("cuda")), ScheduleLog())
+    out = serially_on_the_cpu(mod)["main"](*[tvm.runtime.from_dlpack(t.contiguous()) for t in inputs])
+    got = torch.from_dlpack(out if isinstance(out, tvm.runtime.Tensor) else out[0])
+    want = model(*inputs)
+    want = want if isinstance(want, torch.Tensor) else want[0]
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
 @pytest.mark.parametrize("name", ["resnet", "bert"])
 def test_fp16_precision_computes_in_half_and_stays_close(name):
     """precision="fp16": Relax's mixed-precision rewrite, fp32 in and out; verify reports the step, unchecked."""
@@ -333,6 +366,40 @@ def test_each_target_tunes_into_a_folder_of_its_own():
     assert len({folder(), folder(**{"num-cores": 16}), folder(mcpu="sapphirerapids"), folder(mattr=["+avx2"])}) == 4
     gpu = target_folder(Path("db"), tvm_target(get_target("cuda")))
     assert gpu.name.startswith("cuda-sm_") and gpu != target_folder(Path("db"), tvm_target(get_target("arm64")))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_cuda_reuses_a_database_tuned_on_a_gpu_machine_without_a_gpu(tmp_path):
+    """Tune once on the GPU machine, reuse anywhere: with time_budget=0 a CUDA build measures nothing, takes the
+    records the database has (DLight schedules one kernel fewer) and DLight schedules the rest. The record stands
+    for one a GPU machine's tuning leaves: its schedule a point of MetaSchedule's own CUDA design space for the
+    task, its latency made up (this machine cannot measure). Tuning itself (time_budget > 0) needs the GPU."""
+    from tvm.s_tir import meta_schedule as ms
+    from graphopt.codegen.relax import to_relax
+    model, inputs = zoo.build("resnet", size="tiny", batch=1)
+    reuse = graphopt.Tune(time_budget=0, db=tmp_path, progress=False)
+    with pytest.raises(graphopt.UnsupportedError, match="measures kernels on the GPU.*time_budget=0"):
+        graphopt.compile(model, inputs, backend="tvm", target="cuda", tune=graphopt.Tune(db=tmp_path))
+
+    def dlight_kernels(cm) -> int:
+        line = next(n for n in cm.report[-1].notes if n.startswith("DLight schedules: "))
+        return sum(int(count) for count in re.findall(r" (\d+)", line))
+    untuned = graphopt.compile(model, inputs, backend="tvm", target="cuda", tune=reuse)
+    assert any(n.startswith("tuning: 0 trials") and "0 from the database" in n for n in untuned.report[-1].notes)
+
+    target = tvm_target(get_target("cuda"))
+    with target:
+        mod = tvm.transform.Sequential([tvm.relax.transform.DecomposeOpsForInference(), tvm.relax.get_pipeline("zero")])(
+            to_relax(untuned.graph, inputs, target="cuda"))
+    task = next(t for t in ms.relax_integration.extract_tasks(mod, target) if "conv2d" in t.task_name)
+    space = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                           task_name=task.task_name).generate_design_space()[0]
+    database = ms.database.JSONDatabase(work_dir=str(target_folder(tmp_path, target)))
+    database.commit_tuning_record(ms.database.TuningRecord(space.trace, database.commit_workload(task.dispatched[0]),
+                                                           run_secs=[1e-5], target=target))
+    reused = graphopt.compile(model, inputs, backend="tvm", target="cuda", tune=reuse)
+    notes = reused.report[-1].notes
+    assert f"from database: {task.task_name}" in notes and dlight_kernels(reused) == dlight_kernels(untuned) - 1, notes
 
 
 def test_tuning_budget_is_shared_between_tasks():

@@ -57,7 +57,10 @@ def tvm_target(target: Target):
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
             arch = f"sm_{major}{minor}"
-        return tvm.target.Target({"kind": "cuda", "arch": arch or "sm_80"}, host={"kind": "llvm"})
+        # the limits every GPU since sm_50 has; MetaSchedule's CUDA rules need them stated
+        return tvm.target.Target({"kind": "cuda", "arch": arch or "sm_80", "max_threads_per_block": 1024,
+                                  "max_shared_memory_per_block": 49152, "thread_warp_size": 32,
+                                  "registers_per_block": 65536}, host={"kind": "llvm"})
     return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
 
 
@@ -101,7 +104,8 @@ class TvmExecutable:
         half = ["precision fp16: convs and matmuls in half precision, accumulating in fp32"] \
             if self.precision == "fp16" else []
         own = [f"graphopt's own kernels: {', '.join(self.kernels)}"] if self.kernels else []
-        return [head] + half + own + (self.schedules if self.tune_report is None else self.tune_report.lines())
+        tuned = self.tune_report.lines() if self.tune_report is not None else []
+        return [head] + half + own + tuned + self.schedules
 
     def export_library(self, path: str | Path) -> Path:
         cc = CROSS_CC.get(self.target.name)
@@ -136,19 +140,27 @@ class TvmBackend:
         kernels = tuple(sorted(gv.name_hint for gv, f in mod.functions.items() if f.attrs and
                                f.attrs.get("tirx.is_scheduled", False)))
         made = partial(TvmExecutable, target=target, kernels=kernels, limits=size_limits(mod), precision=inputs.precision)
-        if inputs.tune is None and target.name == "cuda":
-            log = ScheduleLog()
-            # batch-1 inference is launch-bound: the VM's kernel launches replayed as CUDA graphs (static shapes)
-            graphs = inputs.dynamic_shapes is None
-            with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": graphs}):
-                built = tvm.compile(mod, target=tvm_target(target),
-                                    relax_pipeline=cuda_pipeline(tvm_target(target), log))
-            launches = ["CUDA graphs: the kernel launches are captured once and replayed" if graphs else
-                        "CUDA graphs: not used (dynamic shapes)"]
-            return made(built, schedules=launches + log.lines())
+        if target.name == "cuda":
+            return self._build_cuda(mod, target, inputs, made)
         if inputs.tune is None:
             return made(tvm.compile(mod, target=tvm_target(target)))
         if target.name != "cpu":
-            raise UnsupportedError(f"tuning is implemented for target 'cpu' only, not {target}")
+            raise UnsupportedError(f"tuning is implemented for targets 'cpu' and 'cuda', not {target}")
         executable, report = tune_and_compile(mod, tvm_target(target), inputs.tune)
         return made(executable, tune_report=report)
+
+    @staticmethod
+    def _build_cuda(mod, target: Target, inputs: BuildInputs, made) -> TvmExecutable:
+        """DLight schedules the kernels a tuning database has no record for (all of them untuned); batch-1
+        inference is launch-bound, so with static shapes the VM's kernel launches are replayed as CUDA graphs."""
+        import tvm
+        log, graphs, report = ScheduleLog(), inputs.dynamic_shapes is None, None
+        pipeline = cuda_pipeline(tvm_target(target), log)
+        with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": graphs}):
+            if inputs.tune is None:
+                built = tvm.compile(mod, target=tvm_target(target), relax_pipeline=pipeline)
+            else:
+                built, report = tune_and_compile(mod, tvm_target(target), inputs.tune, pipeline)
+        launches = ["CUDA graphs: the kernel launches are captured once and replayed" if graphs else
+                    "CUDA graphs: not used (dynamic shapes)"]
+        return made(built, tune_report=report, schedules=launches + log.lines())

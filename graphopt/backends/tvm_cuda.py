@@ -21,26 +21,30 @@ class ScheduleLog:
 
 
 def cuda_pipeline(target, log: ScheduleLog):
-    """The CUDA relax pipeline of TVM 0.27 (relax/backend/cuda/pipeline.py) with `_schedule` in place of
-    dl.ApplyDefaultSchedule."""
+    """The CUDA relax pipeline of TVM 0.27 (relax/backend/cuda/pipeline.py) with `scheduled` in place of its
+    legalization and dl.ApplyDefaultSchedule."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
-    @tvm.transform.module_pass(opt_level=0, name="GraphoptDLightWithFallback")
-    def schedule(mod, _ctx):
-        return _schedule(mod, target, log)
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        mod = scheduled(mod, target, log)
+        with target:
+            return tvm.transform.Sequential(cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))(mod)
+    return _pipeline
 
+
+def scheduled(mod, target, log: ScheduleLog):
+    """`mod` legalized as TVM's CUDA pipeline does, each kernel then scheduled by the first DLight rule that
+    applies without failing."""
+    import tvm
+    from tvm.relax.backend.cuda import pipeline as cuda
     passes = cuda.legalize_passes(target)
     legalize = [p for p in passes if "ApplyDefaultSchedule" not in type(p).__name__]
     if len(legalize) != len(passes) - 1:
         raise RuntimeError("TVM's CUDA pipeline changed: no single ApplyDefaultSchedule to replace")
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod, _ctx):
-        with target:
-            return tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize + [schedule]
-                                            + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))(mod)
-    return _pipeline
+    with target:
+        return _schedule(tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize)(mod), target, log)
 
 
 def _schedule(mod, target, log: ScheduleLog):

@@ -152,7 +152,7 @@ def trials_for(wanted: int, seconds_left: float, tasks_left: int, seconds_per_tr
     return trials if trials * seconds_per_trial <= seconds_left else 0
 
 
-def tune_and_compile(mod, target, tune: Tune):
+def tune_and_compile(mod, target, tune: Tune, pipeline=None):
     """Tune what the database lacks, then compile with the best records applied: (executable, report). One
     process at a time per database: a second one waits for the first, then reuses what it tuned (two
     processes appending at once could interleave their lines and cut each other's records)."""
@@ -166,10 +166,10 @@ def tune_and_compile(mod, target, tune: Tune):
                 print(f"[graphopt tune] another process is tuning into {work_dir}; waiting for it to finish",
                       file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        return _tune_and_compile(mod, target, tune, work_dir)
+        return _tune_and_compile(mod, target, tune, work_dir, pipeline)
 
 
-def _tune_and_compile(mod, target, tune: Tune, work_dir: Path):
+def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline):
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
@@ -227,6 +227,6 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path):
                   f"{found} in {trials} trials  {left:.0f} s of budget left", file=sys.stderr, flush=True)
     with target:
         mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
-    executable = tvm.compile(mod, target=target)
+    executable = tvm.compile(mod, target=target, relax_pipeline=pipeline or "default")
     report.seconds = time.perf_counter() - start
     return executable, report
