@@ -135,7 +135,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     build_s = time.perf_counter() - t0
     compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records,
                               [(p.name, getattr(p, "phase", "unknown")) for p in pipeline], (graph.flat_inputs(args, kwargs), eager))
-    outputs = compiled(*args, **kwargs) if manager.measuring else None
+    outputs = compiled(*args, **kwargs) if manager.measuring and compiled.runs_here else None
     manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe(),
                            getattr(executable, "tables", list)(), rounds=None if precision == "fp32" else precision)
     return compiled

@@ -85,8 +85,9 @@ class CompiledModule:
 
     @property
     def runs_here(self) -> bool:
-        """Whether this machine can call it (an arm64 TVM library cannot; its ONNX model can)."""
-        return getattr(self.executable, "vm", True) is not None
+        """Whether this machine can call it (an arm64 TVM library cannot, its ONNX model can; a cuda build cannot
+        without a GPU)."""
+        return getattr(self.executable, "runs_here", True)
 
     def export(self, directory: str | Path) -> Path:
         """Write the folder a user ships to `directory`: ONNX segment(s) and their .ort, the TVM library where TVM

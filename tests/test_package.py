@@ -171,3 +171,22 @@ def test_arm64_bundle_matches_under_emulation(name, tmp_path):
     assert {c.backend for c in checks} == {"ort", "tvm"} and all(c.ok for c in checks)
     assert all("emulated aarch64 (cortex-a72)" in c.line for c in checks)
     print("\n".join(c.line for c in checks))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+def test_a_cuda_build_exports_here_and_runs_only_on_a_gpu(backend, tmp_path):
+    """ORT (onnxruntime-gpu's CUDA provider) and TVM build for cuda without a GPU: the bundle is written, the module
+    and run.py refuse to run rather than fall back to the CPU, and verify says the backend step went unchecked."""
+    if backend == "tvm":
+        need_module("tvm")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 8)
+    cm = graphopt.compile(model, (x,), target="cuda", backend=backend, verify=True)
+    assert not cm.runs_here and "not verified: built for a target this machine cannot run" in cm.report[-1].notes
+    with pytest.raises(graphopt.UnsupportedError, match="built for cuda"):
+        cm(x)
+    folder = cm.export(tmp_path / "bundle")
+    assert json.loads((folder / "manifest.json").read_text())["target"] == "cuda"
+    done = run_py(folder)
+    assert done.returncode == 2 and "built for cuda" in done.stderr, done.stderr

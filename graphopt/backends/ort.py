@@ -21,22 +21,31 @@ class OrtExecutable:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        self.model = model
+        self.model, self.target = model, cost.target
         self.fusions = cost.fusion_timings(model)   # (ORT fusion, fused µs, unfused µs) measured on this target
         self.slow = cost.slow_fusions(model)        # those whose kernels measured slower: disabled
         self.disabled_optimizers = [name for name, *_ in self.slow]
-        # a target this machine cannot run (arm64): its ONNX model is portable and runs here on the CPU provider,
-        # the reference its run on the board is compared with
-        self.session = ort.InferenceSession(model.SerializeToString(), options,
-                                            providers=list(cost.providers) or ["CPUExecutionProvider"],
-                                            disabled_optimizers=self.disabled_optimizers)
+        # cuda without onnxruntime-gpu or a GPU: built, exported, not run here (never silently on the CPU provider).
+        # arm64: its ONNX model is portable and runs here on the CPU provider, the reference a board run is compared with
+        self.cannot_run = _cannot_run(cost)
+        self.session = None if self.cannot_run else ort.InferenceSession(
+            model.SerializeToString(), options, providers=list(cost.providers) or ["CPUExecutionProvider"],
+            disabled_optimizers=self.disabled_optimizers)
         # the exporter keeps every user input, in the flattened order graphopt feeds them
-        self.names = [i.name for i in self.session.get_inputs()]
+        weights = {w.name for w in model.graph.initializer}
+        self.names = [i.name for i in model.graph.input if i.name not in weights]
         if len(self.names) != n_inputs:
             raise UnsupportedError(f"the ONNX model has {len(self.names)} inputs for the model's {n_inputs}")
         self.device = cost.target.device
 
+    @property
+    def runs_here(self) -> bool:
+        return self.session is not None
+
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.session is None:
+            raise UnsupportedError(f"this module was built for {self.target}, which this machine cannot run "
+                                   f"({self.cannot_run}); export(dir) writes the folder to run there")
         feeds = {name: _numpy(t) for name, t in zip(self.names, inputs)}
         outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds)]
         return outs if self.device == "cpu" else [o.to(self.device) for o in outs]
@@ -56,10 +65,19 @@ class OrtExecutable:
     def describe(self) -> list[str]:
         counts = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in self.model.graph.node)
         ops = ", ".join(f"{op} {k}" for op, k in counts.most_common())
-        return [f"ONNX graph: {sum(counts.values())} nodes ({ops})",
-                f"ONNX Runtime providers: {', '.join(self.session.get_providers())}"] + [
+        providers = f"none here ({self.cannot_run})" if self.session is None else ", ".join(self.session.get_providers())
+        return [f"ONNX graph: {sum(counts.values())} nodes ({ops})", f"ONNX Runtime providers: {providers}"] + [
                 f"ORT's {name} disabled: its kernel measured {fused:.0f} µs vs {unfused:.0f} µs unfused on this machine"
                 for name, fused, unfused in self.slow]
+
+
+def _cannot_run(cost: CostModel) -> str | None:
+    """Why ONNX Runtime cannot run this target's build here (None: it can)."""
+    if cost.target.name != "cuda":
+        return None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime has no CUDAExecutionProvider: pip install -e '.[gpu]' (onnxruntime-gpu)"
+    return None if torch.cuda.is_available() else "torch sees no CUDA GPU on this machine"
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -70,12 +88,8 @@ class OrtBackend:
     name = "ort"
 
     def check(self, target: Target) -> None:
-        if target.name == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UnsupportedError("target 'cuda' needs onnxruntime-gpu (this onnxruntime has only "
-                                       f"{', '.join(ort.get_available_providers())}); pip install onnxruntime-gpu")
-            if not torch.cuda.is_available():
-                raise UnsupportedError("target 'cuda' needs a CUDA GPU, and torch sees none on this machine")
+        pass   # every target builds; one this machine cannot run (cuda without a GPU) says so when called
+
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> OrtExecutable:
         model = to_onnx(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes)

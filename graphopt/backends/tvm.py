@@ -78,6 +78,10 @@ class TvmExecutable:
             self.device = tvm.cpu() if target.name == "cpu" else tvm.cuda()
             self.vm = relax.VirtualMachine(executable, self.device)
 
+    @property
+    def runs_here(self) -> bool:
+        return self.vm is not None
+
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.vm is None:
             raise UnsupportedError(f"this module was built for {self.target}, which this machine cannot run; "

@@ -56,7 +56,13 @@ def ort_runner(folder: Path, manifest: dict, threads: int, prefer_ort_format: bo
     if entry is not segment:       # already optimized at export for this target; ORT must not redo it
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.load_model_format", "ORT")
-    session = ort.InferenceSession(checked_bytes(folder, entry), options, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if manifest["target"] == "cuda":   # on the GPU or not at all: ORT would fall back to its CPU provider silently
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BundleError("this bundle was built for cuda and this onnxruntime has no CUDAExecutionProvider: "
+                              "pip install onnxruntime-gpu")
+        providers = ["CUDAExecutionProvider"] + providers   # CPU for the few ops the CUDA provider lacks
+    session = ort.InferenceSession(checked_bytes(folder, entry), options, providers=providers)
     names = [i.name for i in session.get_inputs()]
     return entry["file"], lambda arrays: session.run(None, dict(zip(names, arrays)))
 
@@ -67,10 +73,13 @@ def tvm_runner(folder: Path, manifest: dict, threads: int):
     from tvm import relax
     library = manifest["library"]
     checked_bytes(folder, library)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / library["file"])), tvm.cpu())
+    device = tvm.cuda() if manifest["target"] == "cuda" else tvm.cpu()
+    if not device.exist:
+        raise BundleError("this bundle was built for cuda and TVM finds no CUDA GPU here")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / library["file"])), device)
 
     def run(arrays):
-        out = vm["main"](*[tvm.runtime.tensor(a) for a in arrays])
+        out = vm["main"](*[tvm.runtime.tensor(a, device) for a in arrays])
         return [o.numpy() for o in ([out] if hasattr(out, "numpy") else out)]
     return library["file"], run
 

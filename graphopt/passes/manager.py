@@ -87,11 +87,14 @@ class PassManager:
     def record_backend(self, name: str, outputs, build_s: float, graph: Graph, notes: list[str],
                        tables: list[dict] = (), rounds: str | None = None) -> StepRecord:
         """The last step: the backend's outputs against eager, so a broken lowering is caught too; `rounds` names
-        the lower precision the backend computes in, whose drift is reported, not checked."""
+        the lower precision the backend computes in, whose drift is reported, not checked; no `outputs`: the build
+        cannot run on this machine."""
         n = sum(graph.op_counts().values())
         rec = StepRecord(len(self.records), name, 0, build_s, n, n, {}, notes, tables=list(tables))
         check = None
-        if self.measuring:
+        if self.measuring and outputs is None:
+            rec.notes.append("not verified: built for a target this machine cannot run")
+        elif self.measuring:
             rec.drift = drift(outputs, self.reference)
             if rounds is not None:
                 rec.notes.append(f"not verified: the backend computes in {rounds}, lossy by design")
