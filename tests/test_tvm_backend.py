@@ -372,8 +372,10 @@ def test_each_target_tunes_into_a_folder_of_its_own():
 def test_cuda_reuses_a_database_tuned_on_a_gpu_machine_without_a_gpu(tmp_path):
     """Tune once on the GPU machine, reuse anywhere: with time_budget=0 a CUDA build measures nothing, takes the
     records the database has (DLight schedules one kernel fewer) and DLight schedules the rest. The record stands
-    for one a GPU machine's tuning leaves: its schedule a point of MetaSchedule's own CUDA design space for the
-    task, its latency made up (this machine cannot measure). Tuning itself (time_budget > 0) needs the GPU."""
+    for one a GPU machine's tuning leaves: a schedule trace for one conv kernel (DLight's Matmul rule's: MetaSchedule's
+    own design space costs this machine minutes to import), its latency made up (this machine cannot measure).
+    Tuning itself (time_budget > 0) needs the GPU."""
+    from tvm.s_tir import dlight as dl
     from tvm.s_tir import meta_schedule as ms
     from graphopt.codegen.relax import to_relax
     model, inputs = zoo.build("resnet", size="tiny", batch=1)
@@ -392,10 +394,9 @@ def test_cuda_reuses_a_database_tuned_on_a_gpu_machine_without_a_gpu(tmp_path):
         mod = tvm.transform.Sequential([tvm.relax.transform.DecomposeOpsForInference(), tvm.relax.get_pipeline("zero")])(
             to_relax(untuned.graph, inputs, target="cuda"))
     task = next(t for t in ms.relax_integration.extract_tasks(mod, target) if "conv2d" in t.task_name)
-    space = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
-                           task_name=task.task_name).generate_design_space()[0]
+    trace = dl.gpu.Matmul().apply(task.dispatched[0]["main"], target, False).trace
     database = ms.database.JSONDatabase(work_dir=str(target_folder(tmp_path, target)))
-    database.commit_tuning_record(ms.database.TuningRecord(space.trace, database.commit_workload(task.dispatched[0]),
+    database.commit_tuning_record(ms.database.TuningRecord(trace, database.commit_workload(task.dispatched[0]),
                                                            run_secs=[1e-5], target=target))
     reused = graphopt.compile(model, inputs, backend="tvm", target="cuda", tune=reuse)
     notes = reused.report[-1].notes

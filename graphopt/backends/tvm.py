@@ -158,13 +158,12 @@ class TvmBackend:
         """DLight schedules the kernels a tuning database has no record for (all of them untuned); batch-1
         inference is launch-bound, so with static shapes the VM's kernel launches are replayed as CUDA graphs."""
         import tvm
-        log, graphs, report = ScheduleLog(), inputs.dynamic_shapes is None, None
-        pipeline = cuda_pipeline(tvm_target(target), log)
+        log, graphs, report, gpu = ScheduleLog(), inputs.dynamic_shapes is None, None, tvm_target(target)
         with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": graphs}):
             if inputs.tune is None:
-                built = tvm.compile(mod, target=tvm_target(target), relax_pipeline=pipeline)
+                built = tvm.compile(mod, target=gpu, relax_pipeline=cuda_pipeline(gpu, log))
             else:
-                built, report = tune_and_compile(mod, tvm_target(target), inputs.tune, pipeline)
+                built, report = tune_and_compile(mod, gpu, inputs.tune, cuda_pipeline(gpu, log))
         launches = ["CUDA graphs: the kernel launches are captured once and replayed" if graphs else
                     "CUDA graphs: not used (dynamic shapes)"]
         return made(built, tune_report=report, schedules=launches + log.lines())

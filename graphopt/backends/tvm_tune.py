@@ -1,4 +1,4 @@
-"""Kernel tuning for the TVM backend: MetaSchedule, with a persistent database.
+"""Kernel tuning for the TVM backend: MetaSchedule, with a persistent database (CPU, or CUDA on the GPU).
 
 Tasks already in the database for this target are not tuned again, so a second compile of the
 same model does zero trials. Each target tunes into a folder of its own inside the database directory
@@ -153,7 +153,8 @@ def trials_for(wanted: int, seconds_left: float, tasks_left: int, seconds_per_tr
 
 
 def tune_and_compile(mod, target, tune: Tune, pipeline=None):
-    """Tune what the database lacks, then compile with the best records applied: (executable, report). One
+    """Tune what the database lacks, then compile with the best records applied by `pipeline` (TVM's default;
+    for CUDA, one where DLight schedules the kernels without a record): (executable, report). One
     process at a time per database: a second one waits for the first, then reuses what it tuned (two
     processes appending at once could interleave their lines and cut each other's records)."""
     work_dir = target_folder(tune.db, target)
