@@ -73,59 +73,33 @@ class Quantize(Pass):
         static = [nodes[n] for n, m in chosen.items() if m == "int8"]
         if static:
             self._static(graph, ctx, static, result)
-        dynamic: dict[fx.Node, list[fx.Node]] = {}   # int8-dynamic linears by the tensor they read
         for name, m in chosen.items():
             if m in ("int8-dynamic", "int4"):
                 node = nodes[name]
                 if node.target is not LINEAR:
                     result.skipped(f"%{name}: {m} covers linears only")
-                elif m == "int4":
-                    self._int4(graph, node)
-                    result.did(f"%{name} ({layer_name(node)}) → int4")
-                else:
-                    dynamic.setdefault(linear_args(node)[0], []).append(node)
-        for group in dynamic.values():
-            self._dynamic(graph, group)
-            merged = f", one GEMM with {', '.join(f'%{n.name}' for n in group[1:])}" if len(group) > 1 else ""
-            result.did(f"%{group[0].name} ({layer_name(group[0])}) → int8-dynamic{merged}")
+                    continue
+                self._weight_only(graph, node, m)
+                result.did(f"%{name} ({layer_name(node)}) → {m}")
         return result
 
-    # --- int8 dynamic / int4 weight-only ---------------------------------------------------------
-    def _dynamic(self, graph: Graph, group: list[fx.Node]) -> None:
-        """One dynamic_linear for the linears that read one tensor (attention's Q, K and V): the activation is
-        quantized once for a GEMM as wide as all of them, the outputs sliced apart. Exact: the activation's scale
-        depends on the activation alone, each weight column keeps its own."""
-        first, x = group[0], linear_args(group[0])[0]
-        weights = [quantize_weight(graph.constant(linear_args(n)[1]).float(), self.qmax) for n in group]
-        biases = [linear_args(n)[2] for n in group]
-        name = linear_args(first)[1].target + (f"_and_{len(group) - 1}" if len(group) > 1 else "")
-        if len(group) == 1:
-            bias = biases[0]
-        elif all(b is None for b in biases):
-            bias = None
-        else:
-            bias = graph.add_constant(torch.cat([graph.constant(b).float() if b is not None else torch.zeros(len(s))
-                                                 for b, (_, s, _) in zip(biases, weights)]), f"{name}_bias", before=first)
-        w_t = torch.cat([q for q, _, _ in weights]).t().contiguous()
-        new = graph.call(gop.dynamic_linear.default,
-                         (x, graph.add_constant(w_t, f"{name}_int8", before=first),
-                          graph.add_constant(torch.cat([s for _, s, _ in weights]), f"{name}_scale", before=first), bias),
-                         before=first)
-        ends = torch.tensor([len(s) for _, s, _ in weights]).cumsum(0).tolist()
-        outs = [new] if len(group) == 1 else [graph.call(torch.ops.aten.slice.Tensor, (new, -1, end - len(s), end),
-                                                         before=first) for (_, s, _), end in zip(weights, ends)]
-        for node, out in zip(group, outs):
-            node.replace_all_uses_with(out)
-            graph.fx.erase_node(node)
-
-    def _int4(self, graph: Graph, node: fx.Node) -> None:
+    # --- int8 dynamic / int4 weight-only: one op per linear -------------------------------------
+    def _weight_only(self, graph: Graph, node: fx.Node, mode: str) -> None:
         x, w_node, b_node = linear_args(node)
-        w, name = graph.constant(w_node).float(), w_node.target
-        packed, scales, zps = quant.pack_int4(w)
-        new = graph.call(gop.int4_linear.default,
-                         (x, *(graph.add_constant(t, f"{name}_{s}", before=node)
-                               for t, s in ((packed, "int4"), (scales, "scales"), (zps, "zero_points"))),
-                          b_node, w.shape[1], quant.INT4_BLOCK), before=node)
+        w = graph.constant(w_node).float()
+        name = w_node.target
+        if mode == "int8-dynamic":
+            w_q, scale, _ = quantize_weight(w, self.qmax)
+            args = (x, graph.add_constant(w_q.t().contiguous(), f"{name}_int8", before=node),
+                    graph.add_constant(scale, f"{name}_scale", before=node), b_node)
+            op = gop.dynamic_linear.default
+        else:
+            packed, scales, zps = quant.pack_int4(w)
+            args = (x, *(graph.add_constant(t, f"{name}_{s}", before=node)
+                         for t, s in ((packed, "int4"), (scales, "scales"), (zps, "zero_points"))),
+                    b_node, w.shape[1], quant.INT4_BLOCK)
+            op = gop.int4_linear.default
+        new = graph.call(op, args, before=node)
         node.replace_all_uses_with(new)
         graph.fx.erase_node(node)
 
