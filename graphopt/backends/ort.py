@@ -27,7 +27,7 @@ class OrtExecutable:
         self.disabled_optimizers = [name for name, *_ in self.slow]
         # cuda without onnxruntime-gpu or a GPU: built, exported, not run here (never silently on the CPU provider).
         # arm64: its ONNX model is portable and runs here on the CPU provider, the reference a board run is compared with
-        self.cannot_run = _cannot_run(cost)
+        self.cannot_run = cost.unmeasurable if cost.target.name == "cuda" else None
         self.session = None if self.cannot_run else ort.InferenceSession(
             model.SerializeToString(), options, providers=list(cost.providers) or ["CPUExecutionProvider"],
             disabled_optimizers=self.disabled_optimizers)
@@ -69,15 +69,6 @@ class OrtExecutable:
         return [f"ONNX graph: {sum(counts.values())} nodes ({ops})", f"ONNX Runtime providers: {providers}"] + [
                 f"ORT's {name} disabled: its kernel measured {fused:.0f} µs vs {unfused:.0f} µs unfused on this machine"
                 for name, fused, unfused in self.slow]
-
-
-def _cannot_run(cost: CostModel) -> str | None:
-    """Why ONNX Runtime cannot run this target's build here (None: it can)."""
-    if cost.target.name != "cuda":
-        return None
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "this onnxruntime has no CUDAExecutionProvider: pip install -e '.[gpu]' (onnxruntime-gpu)"
-    return None if torch.cuda.is_available() else "torch sees no CUDA GPU on this machine"
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -40,7 +40,12 @@ class CostModel:
         if not self.providers:
             return f"target {self.target} does not run on this machine"
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
-        return f"ONNX Runtime here lacks {', '.join(missing)}" if missing else None
+        if missing:
+            gpu = " (pip install -e '.[gpu]': onnxruntime-gpu)" if "CUDAExecutionProvider" in missing else ""
+            return f"ONNX Runtime here lacks {', '.join(missing)}{gpu}"
+        if self.target.name == "cuda" and not torch.cuda.is_available():   # ORT would run on its CPU provider
+            return "torch sees no CUDA GPU on this machine"
+        return None
 
     def _verdict(self, name: str, args: tuple, compute: Callable[[], object]):
         key = (self.key, name, args)
