@@ -37,6 +37,7 @@ from onnxruntime.transformers.optimizer import optimize_model
 
 import graphopt
 from graphopt import bench, zoo
+from graphopt.cost.clock import median_run_seconds
 from graphopt.passes.drift import rank_correlation, sqnr_db
 from graphopt.quiet import quiet
 
@@ -128,6 +129,46 @@ def accuracy_minilm(model, run, batches) -> str:
     return f"cosine {cos:.4f}  Spearman {rho:.4f}"
 
 
+def int8_gemm_rate(n: int = 2048) -> float:
+    """GMAC/s of MLAS's int8 GEMM here on a large square problem (near its best): an n³ MatMulInteger (uint8 ×
+    int8) in ONNX Runtime, the yardstick for the MAC rate of the graphs' int8 kernels."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+        [numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    seconds = median_run_seconds(model.SerializeToString(), {"a": rng.integers(0, 256, (n, n), dtype=np.uint8)},
+                                 calls=3, rounds=5)
+    return n ** 3 / seconds / 1e9
+
+
+def print_profile(profiles: dict[str, list], peak: float) -> None:
+    """Per kernel type the time of each graph (ONNX Runtime's profiler), then its int8 convs and matmuls by kind
+    with their MAC rate against MLAS's own int8 GEMM rate here: how much a faster graph could still gain."""
+    by_op = [{} for _ in profiles]
+    for totals, nodes in zip(by_op, profiles.values()):
+        for n in nodes:
+            totals[n.op] = totals.get(n.op, 0.0) + n.ms
+    print("  per kernel type, ms per run (ONNX Runtime's profiler): "
+          + ", ".join(f"{label.strip()} {sum(t.values()):.2f}" for label, t in zip(profiles, by_op)))
+    for op in sorted(set().union(*by_op), key=lambda o: -max(t.get(o, 0) for t in by_op))[:10]:
+        print(f"    {op:<28}" + "".join(f" {t.get(op, 0):7.2f}" for t in by_op))
+    print(f"  int8 convs and matmuls by kind: ms per run, GMAC/s (% of MLAS's int8 GEMM here, 2048³: {peak:.0f} GMAC/s)")
+    print(f"    {'':<16}" + "   ".join(f"{label.strip():>31}" for label in profiles))
+    kinds = sorted({n.kind for nodes in profiles.values() for n in nodes if n.kind})
+    for kind in kinds + ["all int8"]:
+        cells = []
+        for nodes in profiles.values():
+            chosen = [n for n in nodes if n.kind == kind or (kind == "all int8" and n.kind)]
+            ms, macs = sum(n.ms for n in chosen), sum(n.macs for n in chosen)
+            rate = macs / ms / 1e6 if ms else 0.0
+            cells.append(f"{ms:7.2f} ms {rate:5.0f} GMAC/s ({rate / peak:4.0%})")
+        print(f"    {kind:<16}" + "   ".join(cells))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet,mobilenet_v2,bert,minilm")
@@ -139,6 +180,7 @@ def main():
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.get_num_threads()} threads; "
           "median ms per call, interleaved rounds")
     summary = []
+    peak = int8_gemm_rate() if ns.profile else None
     for name in ns.models.split(","):
         if name == "minilm":
             model, tok = zoo.minilm()
@@ -181,12 +223,9 @@ def main():
             feeds = {i.name: t.numpy() for i, t in zip(ours.session.get_inputs(), args)}
             tool_feeds = {n: t.numpy() for n, t in zip([i.name for i in onnx.load_from_string(tool_model).graph.input],
                                                         args)}
-            a = bench.kernel_profile(ours.model.SerializeToString(), feeds, tuple(ours.disabled_optimizers))
-            b = bench.kernel_profile(tool_model, tool_feeds)
-            print(f"  per kernel type, ms per run (ONNX Runtime's profiler): {best[1]} {sum(a.values()):.2f}, "
-                  f"{TOOL.strip()} {sum(b.values()):.2f}")
-            for op in sorted(set(a) | set(b), key=lambda o: -max(a.get(o, 0), b.get(o, 0)))[:14]:
-                print(f"    {op:<28} {a.get(op, 0):7.2f} {b.get(op, 0):7.2f}")
+            print_profile({best[1]: bench.node_profile(ours.model.SerializeToString(), feeds,
+                                                       tuple(ours.disabled_optimizers)),
+                           TOOL: bench.node_profile(tool_model, tool_feeds)}, peak)
     print("\nsummary:\n" + "\n".join(summary))
 
 

@@ -3,8 +3,14 @@ Runtime), and the table they print. The clock is graphopt.cost.clock, the one ev
 decision uses too; ratios are what to read, absolute milliseconds on a shared machine are noise."""
 from __future__ import annotations
 
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
 from typing import Callable
 
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -51,17 +57,32 @@ def format_table(title: str, ms: dict[str, float], subject: str = "graphopt") ->
     return lines
 
 
-def kernel_profile(model: bytes, feeds: dict, disabled: tuple[str, ...] = (), runs: int = 30) -> dict[str, float]:
-    """Milliseconds per run spent in each kernel type of an ONNX model as ONNX Runtime optimizes and runs it here
-    (its profiler's node events, summed by op type, over `runs` runs after 5 warm-up runs): where two graphs of the same
-    model differ in time, this says which kernels."""
-    import json
-    import os
-    import tempfile
+@dataclass
+class NodeTime:
+    """One node of a graph as ONNX Runtime optimized it here: milliseconds per run in its kernel, and for an int8
+    conv or matmul its multiply-accumulates per run and its kind (depthwise, 1×1, k×k conv; matmul)."""
+    name: str
+    op: str
+    ms: float
+    macs: int = 0
+    kind: str = ""
+
+
+# int8 ops that multiply-accumulate: the input index of their constant weight
+INT8_MAC_OPS = {"QLinearConv": 3, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1, "MatMulInteger": 1,
+                "QLinearMatMul": 3}
+
+
+def node_profile(model: bytes, feeds: dict, disabled: tuple[str, ...] = (), runs: int = 30) -> list[NodeTime]:
+    """Each kernel of an ONNX model as ONNX Runtime optimizes and runs it here (its profiler's node events over `runs`
+    runs after 5 warm-up runs), with the work of its int8 convs and matmuls read off the optimized graph: where two
+    graphs of the same model differ in time this says which kernels, and their MAC rate says how near each kernel
+    runs to what the machine's int8 units can do."""
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tmp, "profile")
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         options.log_severity_level = 3
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
                                        disabled_optimizers=list(disabled))
@@ -69,12 +90,26 @@ def kernel_profile(model: bytes, feeds: dict, disabled: tuple[str, ...] = (), ru
             session.run(None, feeds)
         with open(session.end_profiling()) as f:
             events = json.load(f)
+        optimized = onnx.load(options.optimized_model_filepath)
     # the runs after the 5 warm-up ones: node events from the 6th model_run's start on
     start = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")[5]
-    events = [e for e in events if e["ts"] >= start]
-    by_op: dict[str, float] = {}
+    nodes: dict[str, NodeTime] = {}
+    outputs: dict[str, list[int]] = {}
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            op = e["args"].get("op_name", "?")
-            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / runs
-    return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+        if e["ts"] >= start and e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            name = e["name"].removesuffix("_kernel_time")
+            node = nodes.setdefault(name, NodeTime(name, e["args"].get("op_name", "?"), 0.0))
+            node.ms += e["dur"] / 1e3 / runs
+            outputs[name] = next(iter(e["args"]["output_type_shape"][0].values()), [])
+    weights = {i.name: list(i.dims) for i in optimized.graph.initializer}
+    for n in optimized.graph.node:
+        if n.name in nodes and n.op_type in INT8_MAC_OPS and n.input[INT8_MAC_OPS[n.op_type]] in weights:
+            w, out = weights[n.input[INT8_MAC_OPS[n.op_type]]], outputs[n.name]
+            if n.op_type == "QLinearConv":   # weight (out channels, in channels / group, kh, kw)
+                nodes[n.name].macs = math.prod(out) * math.prod(w[1:])
+                group = next((a.i for a in n.attribute if a.name == "group"), 1)
+                nodes[n.name].kind = ("depthwise conv" if group > 1 and w[1] == 1 else
+                                      "1×1 conv" if math.prod(w[2:]) == 1 else "k×k conv")
+            else:                            # weight (K, N)
+                nodes[n.name].macs, nodes[n.name].kind = math.prod(out) * w[0], "matmul"
+    return list(nodes.values())

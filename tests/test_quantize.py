@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import graphopt
 from conftest import need_module
-from graphopt import InputError, UnsupportedError, VerificationError, get_target, zoo
+from graphopt import InputError, UnsupportedError, VerificationError, bench, get_target, zoo
 from graphopt.passes import Pass, PassResult
 from graphopt.passes.drift import cosine_error, flat_tensors
 from graphopt.passes.pipelines import default_pipeline
@@ -55,18 +55,34 @@ def test_static_int8_cnn_runs_integer_kernels_with_25db(resnet, tmp_path):
     kernels = ort_kernels(cm, tmp_path)
     assert kernels["QLinearConv"] == 9 and kernels["Conv"] == 0, kernels     # every conv runs in int8
     assert kernels["QLinearAdd"] >= 1, kernels                                # residual adds too
+    # the benchmarks' kernel profile reads each int8 conv's work off ORT's optimized graph: the model's own MACs
+    macs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: macs.append(o.numel() * m.weight[0].numel()))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    name = cm.executable.session.get_inputs()[0].name
+    convs = [n for n in bench.node_profile(cm.executable.artifact().SerializeToString(), {name: x.numpy()},
+                                           tuple(cm.executable.disabled_optimizers), runs=2) if n.kind]
+    assert sorted(n.macs for n in convs) == sorted(macs) and all(n.ms > 0 for n in convs), convs
+    assert {n.kind for n in convs} == {"1×1 conv", "k×k conv"}, convs
     # ORT computes what the IR says, up to rounding: its integer kernels round accumulators where the IR rounds
     # floats, and a flipped step cascades through 9 layers (measured 30-39 dB here with ORT 1.31 and 1.32)
     assert sqnr_db(flat_tensors(cm.graph.run(x))[0], out[0]) >= 25
 
 
-def test_dynamic_int8_and_int4_linears():
+def test_dynamic_int8_and_int4_linears(tmp_path):
     model, args = zoo.build("bert", size="tiny", seq=16)
     ref = model(*args).last_hidden_state
-    for mode, kernel, min_cos in [("int8-dynamic", "DynamicQuantizeMatMul", 0.999), ("int4-weight", "MatMulNBits", 0.98)]:
+    for mode, kernel, min_cos in [("int8-dynamic", "MatMulIntegerToFloat", 0.999), ("int4-weight", "MatMulNBits", 0.98)]:
         cm = graphopt.compile(model, args, quantize=mode)
         ops = collections.Counter(n.op_type for n in cm.executable.artifact().graph.node)
         assert ops[kernel] == 12 and ops["MatMul"] == 0, ops
+        if mode == "int8-dynamic":   # each layer's Q, K, V read one tensor, quantized once as ORT's tool does;
+            assert ops["DynamicQuantizeLinear"] == 2 * 4, ops    # its O, FFN-in, FFN-out one each
+            ran = ort_kernels(cm, tmp_path)                     # ORT fuses those with one reader
+            assert ran["DynamicQuantizeMatMul"] == 2 * 3 and ran["MatMulIntegerToFloat"] == 2 * 3, ran
         cos = F.cosine_similarity(cm(*args).last_hidden_state.reshape(-1, 64), ref.reshape(-1, 64)).mean()
         assert cos >= min_cos, (mode, cos)
 

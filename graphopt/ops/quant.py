@@ -7,7 +7,7 @@
 
 quantize/dequantize lower to ONNX QuantizeLinear/DequantizeLinear: placed around a conv, matmul or add,
 ONNX Runtime fuses the group into its integer kernels (QLinearConv, QGemm, QLinearAdd...). The
-other two lower to ORT's DynamicQuantizeMatMul and MatMulNBits. On TVM all four become Relax's
+other two lower to ORT's DynamicQuantizeLinear + MatMulIntegerToFloat and MatMulNBits. On TVM all four become Relax's
 quantize/dequantize or the integer arithmetic written out (slower than ORT: TVM has no tuned int8
 kernels without tensorization)."""
 from __future__ import annotations
@@ -86,8 +86,13 @@ def _dynamic_linear_fake(x, w_t, w_scale, bias):
 
 
 def _dynamic_linear_onnx(x, w_t, w_scale, bias):
+    """ORT's unfused form, as its own quantization tool writes it: the exporter's CSE leaves one
+    DynamicQuantizeLinear for the linears reading one tensor (attention's Q, K, V: quantized once, as the tool does),
+    and ORT fuses each one read by a single linear into DynamicQuantizeMatMul."""
+    q, x_scale, x_zero_point = op.DynamicQuantizeLinear(x)
     zero = op.CastLike(op.Constant(value_int=0), w_t)
-    return contrib_op("DynamicQuantizeMatMul")(x, w_t, w_scale, op.Expand(zero, op.Shape(w_scale)), bias)
+    return contrib_op("MatMulIntegerToFloat")(q, w_t, x_scale, w_scale, x_zero_point,
+                                              op.Expand(zero, op.Shape(w_scale)), bias)
 
 
 def _dynamic_linear_relax(node, importer):
