@@ -18,7 +18,6 @@ from onnxruntime.transformers.optimizer import optimize_model
 
 import graphopt
 from graphopt import bench, zoo
-from graphopt.passes.drift import flat_tensors
 from graphopt.quiet import quiet
 
 MODELS = {   # CLI name → (zoo name, sequence length; unused by the vision models)
@@ -65,13 +64,8 @@ def ort_optimizer(model: torch.nn.Module, args: tuple, model_type: str, dynamo: 
     return bench.ort_runner(opt.model.SerializeToString()), fused
 
 
-def first_output(out) -> torch.Tensor:
-    """First output tensor of any system: ORT gives a list of arrays, the others (nested) tensors."""
-    return flat_tensors(out)[0] if flat_tensors(out) else torch.as_tensor(out[0])
-
-
 def rel_error(out, reference: torch.Tensor) -> float:
-    got = first_output(out).double()
+    got = bench.main_output(out).double()
     if got.shape != reference.shape:
         return float("inf")
     return ((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
@@ -128,7 +122,7 @@ def main():
             print(f"  {key}: skipped (needs both eager and graphopt)")
             continue
         with torch.inference_mode():
-            reference = first_output(model(*args)).double()
+            reference = bench.main_output(model(*args)).double()
         errors = {n: rel_error(fn(*args), reference) for n, fn in systems.items() if n != "eager"}
         ms = bench.time_side_by_side(systems, args, rounds=ns.rounds)
         title = "  rel. error vs eager: " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items())

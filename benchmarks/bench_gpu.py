@@ -26,13 +26,8 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import bench, zoo
-from graphopt.passes.drift import flat_tensors
 
 ZOO = ("bert", "gpt2", "t5_encoder", "llama", "vit", "resnet", "mobilenet_v2", "convnext", "efficientnet", "swin")
-
-
-def first(out) -> torch.Tensor:
-    return flat_tensors(out)[0]
 
 
 def on(device, inputs):
@@ -54,10 +49,10 @@ def check_zoo(device: str, target: str) -> bool:
             model = model.to(device)
             x, other = on(device, inputs), on(device, tuple(t.flip(-1) for t in inputs))   # other pixels/tokens
             with torch.no_grad():
-                want, want_other = first(model(*x)), first(model(*other))
-            got = first(cm(*x)).clone()
-            kept = first(cm(*x))                                  # the buffer a second call could overwrite
-            got_other = first(cm(*other))
+                want, want_other = bench.main_output(model(*x)), bench.main_output(model(*other))
+            got = bench.main_output(cm(*x)).clone()
+            kept = bench.main_output(cm(*x))                                  # the buffer a second call could overwrite
+            got_other = bench.main_output(cm(*other))
             err, err_other = relative_error(got, want), relative_error(got_other, want_other)
             stale = not torch.equal(kept, got)
             finite = bool(torch.isfinite(got).all() and torch.isfinite(got_other).all())
@@ -91,7 +86,7 @@ def benchmark(device: str, target: str, smoke: bool) -> None:
             eager = copy.deepcopy(model).to(device)
             x = on(device, inputs)
             with torch.no_grad():
-                reference = first(eager(*x)).float()
+                reference = bench.main_output(eager(*x)).float()
             if half:
                 systems = {"eager fp16": lambda *a, m=eager.half(): m(*(t.half() if t.is_floating_point() else t
                                                                           for t in a)),
@@ -108,7 +103,7 @@ def benchmark(device: str, target: str, smoke: bool) -> None:
                 print(f"  batch {batch} (built and warmed up in {time.perf_counter() - t0:.0f} s):", flush=True)
                 base = ms["eager fp16" if half else "eager"]
                 for label, t in ms.items():
-                    cos = F.cosine_similarity(first(systems[label](*x)).float().flatten(), reference.flatten(),
+                    cos = F.cosine_similarity(bench.main_output(systems[label](*x)).float().flatten(), reference.flatten(),
                                               dim=0).item()
                     print(f"    {label:<30} {t:8.3f} ms   ×{base / t:5.2f} vs {'eager fp16' if half else 'eager'}"
                           f"   cosine to eager fp32 {cos:.5f}", flush=True)
@@ -123,7 +118,7 @@ def tune(device: str, target: str, smoke: bool) -> bool:
     model, inputs = zoo.build("resnet", size="tiny", batch=1)
     x = on(device, inputs)
     with torch.no_grad():
-        want = first(model.to(device)(*x))
+        want = bench.main_output(model.to(device)(*x))
     with tempfile.TemporaryDirectory() as db:
         t0 = time.perf_counter()
         builds = {"untuned": graphopt.compile(model.cpu(), inputs, backend="tvm", target=target),
@@ -135,7 +130,7 @@ def tune(device: str, target: str, smoke: bool) -> bool:
         ms = bench.time_side_by_side({k: synced(cm, device) for k, cm in builds.items()}, x, rounds=3 if smoke else 7)
         ok = True
         for label, cm in builds.items():
-            err = relative_error(first(cm(*x)), want)
+            err = relative_error(bench.main_output(cm(*x)), want)
             summary = next((n for n in cm.report[-1].notes if n.startswith("tuning:")), "")
             ok &= err <= 1e-3
             print(f"  {label:<17} {ms[label]:8.3f} ms  error {err:.1e}  {summary}", flush=True)

@@ -27,15 +27,9 @@ from graphopt.cost import CostModel
 from graphopt.passes.drift import cosine_error, flat_tensors, rank_correlation
 
 
-def main_output(out) -> torch.Tensor:
-    out = out[0] if isinstance(out, (list, tuple)) else out.last_hidden_state if hasattr(out, "last_hidden_state") \
-        else out
-    return torch.as_tensor(out)
-
-
 def cosine(model, run, held_out) -> float:
     with torch.no_grad():
-        pairs = [(main_output(model(*b)), main_output(run(*b))) for b in held_out]
+        pairs = [(bench.main_output(model(*b)), bench.main_output(run(*b))) for b in held_out]
     return sum(F.cosine_similarity(r.reshape(len(r), -1), o.reshape(len(o), -1)).mean().item()
                for r, o in pairs) / len(pairs)
 
@@ -99,7 +93,7 @@ def budget(ns):
     quality, notes = {}, {}
 
     def embed(run, b):
-        return zoo.mean_pool(main_output(run(*b)), b[1])
+        return zoo.mean_pool(bench.main_output(run(*b)), b[1])
     with torch.no_grad():
         ref = torch.cat([embed(model, b) for b in held_out])
         ref_outputs = [t for b in held_out for t in flat_tensors(model(*b))]

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import torch
 
 from .cost.clock import time_side_by_side, time_single_calls  # noqa: F401  (the benchmarks' clock)
+from .passes.drift import flat_tensors
 from .quiet import quiet
 
 
@@ -46,6 +47,13 @@ def ort_runner(model: bytes | str) -> Callable:
     def run(*inputs):
         return session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
     return run
+
+
+def main_output(out) -> torch.Tensor:
+    """The first output tensor of any system: ONNX Runtime's runners return a list of numpy arrays, the others
+    tensors or (nested) model outputs, whose first leaf is the last hidden state or the logits."""
+    tensors = flat_tensors(out)
+    return tensors[0] if tensors else torch.as_tensor(out[0])
 
 
 def format_table(title: str, ms: dict[str, float], subject: str = "graphopt") -> list[str]:
