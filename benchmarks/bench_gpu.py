@@ -51,7 +51,7 @@ def check_zoo(device: str, target: str) -> bool:
             with torch.no_grad():
                 want, want_other = bench.main_output(model(*x)), bench.main_output(model(*other))
             got = bench.main_output(cm(*x)).clone()
-            kept = bench.main_output(cm(*x))                                  # the buffer a second call could overwrite
+            kept = bench.main_output(cm(*x))                      # the buffer a second call could overwrite
             got_other = bench.main_output(cm(*other))
             err, err_other = relative_error(got, want), relative_error(got_other, want_other)
             stale = not torch.equal(kept, got)
@@ -103,8 +103,8 @@ def benchmark(device: str, target: str, smoke: bool) -> None:
                 print(f"  batch {batch} (built and warmed up in {time.perf_counter() - t0:.0f} s):", flush=True)
                 base = ms["eager fp16" if half else "eager"]
                 for label, t in ms.items():
-                    cos = F.cosine_similarity(bench.main_output(systems[label](*x)).float().flatten(), reference.flatten(),
-                                              dim=0).item()
+                    got = bench.main_output(systems[label](*x)).float()
+                    cos = F.cosine_similarity(got.flatten(), reference.flatten(), dim=0).item()
                     print(f"    {label:<30} {t:8.3f} ms   ×{base / t:5.2f} vs {'eager fp16' if half else 'eager'}"
                           f"   cosine to eager fp32 {cos:.5f}", flush=True)
             systems.clear()

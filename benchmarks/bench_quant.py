@@ -144,7 +144,7 @@ def int8_gemm_rate(n: int = 2048, rounds: int = 7) -> float:
     return n ** 3 / best / 1e9
 
 
-def print_profile(profiles: dict[str, list], peak: float) -> None:
+def print_profile(profiles: dict[str, list], gemm_gmacs: float) -> None:
     """Per kernel type the time of each graph (ONNX Runtime's profiler), then its int8 convs and matmuls by kind
     with their MAC rate against MLAS's own int8 GEMM rate here: how much a faster graph could still gain."""
     by_op = [{} for _ in profiles]
@@ -156,7 +156,7 @@ def print_profile(profiles: dict[str, list], peak: float) -> None:
     for op in sorted(set().union(*by_op), key=lambda o: -max(t.get(o, 0) for t in by_op))[:10]:
         print(f"    {op:<28}" + "".join(f" {t.get(op, 0):7.2f}" for t in by_op))
     print("  int8 convs and matmuls by kind: ms per run, GMAC/s (% of MLAS's int8 GEMM here, 2048³, best of 7: "
-          f"{peak:.0f} GMAC/s)")
+          f"{gemm_gmacs:.0f} GMAC/s)")
     print(f"    {'':<16}" + "   ".join(f"{label.strip():>31}" for label in profiles))
     kinds = sorted({n.kind for nodes in profiles.values() for n in nodes if n.kind})
     for kind in kinds + ["all int8"]:
@@ -165,7 +165,7 @@ def print_profile(profiles: dict[str, list], peak: float) -> None:
             chosen = [n for n in nodes if n.kind == kind or (kind == "all int8" and n.kind)]
             ms, macs = sum(n.ms for n in chosen), sum(n.macs for n in chosen)
             rate = macs / ms / 1e6 if ms else 0.0
-            cells.append(f"{ms:7.2f} ms {rate:5.0f} GMAC/s ({rate / peak:4.0%})")
+            cells.append(f"{ms:7.2f} ms {rate:5.0f} GMAC/s ({rate / gemm_gmacs:4.0%})")
         print(f"    {kind:<16}" + "   ".join(cells))
 
 
