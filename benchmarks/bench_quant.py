@@ -39,6 +39,7 @@ import graphopt
 from graphopt import bench, zoo
 from graphopt.passes.drift import rank_correlation, sqnr_db
 from graphopt.quiet import quiet
+from graphopt.sessions import ort_session
 
 CNNS = ("resnet", "mobilenet_v2")
 TOOL = "ORT tool (docs)"
@@ -133,7 +134,7 @@ def int8_gemm_rate(n: int = 2048, rounds: int = 7) -> float:
         [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
         [numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort_session(model.SerializeToString())
     feeds = {"a": rng.integers(0, 256, (n, n), dtype=np.uint8)}
     session.run(None, feeds)
     best = float("inf")

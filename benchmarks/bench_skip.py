@@ -139,7 +139,8 @@ def digits(rounds: int) -> list[str]:
                                                                layer_skip=graphopt.LayerSkip(0.01, metric="top1")))
     ee = graphopt.EarlyExit(0.01, metric="top1")
     early = timed("early exit 1%", lambda: graphopt.compile(model, (xt,), early_exit=ee, calibration=calibration))
-    cond = CondExits(model, ee.plan).eval()
+    plan = early.plans["early_exit"]
+    cond = CondExits(model, plan).eval()
     with quiet(stdout=True):
         program = torch.onnx.export(cond, (xt[:1],), dynamo=True, verbose=False,
                                     dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
@@ -147,10 +148,10 @@ def digits(rounds: int) -> list[str]:
     if_ort = bench.ort_runner(program.model_proto.SerializeToString())
 
     early(xt)
-    shares = torch.bincount(early.last_exits, minlength=len(ee.plan.thresholds) + 1).tolist()
+    shares = torch.bincount(early.last_exits, minlength=len(plan.thresholds) + 1).tolist()
     lines = [f"(b) DigitsResNet, 8 residual blocks × 32 channels, trained here in {train_s:.0f} s; "
-             f"test split {len(yt)} images; exits after blocks {ee.plan.after} at thresholds "
-             f"{[round(t, 3) for t in ee.plan.thresholds]}; test samples leaving at each exit / the end: {shares}"]
+             f"test split {len(yt)} images; exits after blocks {plan.after} at thresholds "
+             f"{[round(t, 3) for t in plan.thresholds]}; test samples leaving at each exit / the end: {shares}"]
     cond_batch = timed("graphopt torch.cond", lambda: graphopt.compile(cond, (xt,)))
     throughput = {"eager": bench.eager(model), "torch.compile": bench.torch_compiled(model),
                   "plain ORT": bench.plain_ort(model, (xt,)), "graphopt": full, "graphopt torch.cond": cond_batch,

@@ -10,19 +10,19 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .artifacts import writable_dir
-from .backends import BuildInputs, default_backend, get_backend
+from .backends import BuildInputs, get_backend
 from .backends.tvm_tune import Tune
 from .capture import batch_dynamic_shapes, capture
 from .compiled import CompiledModule
 from .errors import InputError, UnsupportedError
-from .cost import CostModel
-from .passes import Pass, PassContext, PassManager, resolve
+from .options import Option, check_calibration
+from .passes import Pass, PassContext, PassManager, resolve, with_options
 from .passes.calibration import check_batches
 from .passes.drift import flat_tensors
-from .passes.quant.plan import with_quantization
-from .passes.skip import EarlyExit, LayerSkip, check_skippable, with_skipping
-from .passes.sparsity import Sparsity, with_sparsity
-from .runtime import build_early_exit, has_cond, lower_conds, mixed
+from .passes.quant.options import Quantization, quantization
+from .passes.skip import EarlyExit, LayerSkip
+from .passes.sparsity import Sparsity
+from .runtime import build_program, has_cond
 from .targets import Target, get_target
 
 
@@ -32,24 +32,29 @@ PRECISIONS = ("fp32", "fp16")
 def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target = "cpu", backend: str | None = None,
             passes: str | Sequence[str | Pass] = "default", dump_dir: str | Path | None = None,
             verify: bool = False, tolerance: float = 1e-4, dynamic_shapes: Any = None,
-            tune: Tune | None = None, quantize: str | None = None, calibration: Any = None,
+            tune: Tune | None = None, quantize: str | Quantization | None = None, calibration: Any = None,
             accuracy_budget: float | None = None, layer_skip: LayerSkip | None = None,
             early_exit: EarlyExit | None = None, sparsity: Sparsity | None = None,
             precision: str = "fp32") -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
-    backend: "ort", "tvm" or "auto"; by default ONNX Runtime, and on arm64 "auto": both the ONNX model and TVM's
-    cross-compiled library, for `export(dir)` to ship (nothing can be timed here to choose between them).
+    backend: "ort", "tvm" or "auto". By default "auto" (on cuda "ort"): ONNX Runtime, with graphopt's TVM kernels
+    between ORT segments where that measures faster (depthwise FFT convolutions), tuned TVM where `tune=` is given
+    and measures faster; on arm64 both the ONNX model and TVM's cross-compiled library, for `export(dir)` to ship
+    (nothing can be timed here to choose between them). Every measured decision of the passes is timed on the
+    backend that runs the model (TVM builds for backend="tvm").
 
     dump_dir: write per-pass dumps and report.html there.  verify: raise VerificationError at the first
     pass whose output drift (relative to output scale) exceeds `tolerance`.  dynamic_shapes: a
     torch.export spec, or "batch" to let dim 0 of every input vary.  tune: graphopt.Tune(...) searches
     kernel schedules for the TVM backend, keeping what it finds in a database directory.
 
-    quantize: "int8" (static; needs `calibration`, a list of batches shaped like example_inputs),
-    "int8-dynamic", "int4-weight" (linears), or "auto": per layer float/int8/int4, the fastest plan whose
-    mean (1 − cosine) output error on the calibration batches stays within `accuracy_budget` (0.01).
+    The families' options are graphopt.Option objects (graphopt/options.py), each checked before any work:
+    quantize: graphopt.Quantization("int8" | "int8-dynamic" | "int4-weight" | "auto", budget=...) or the mode's
+    name; "int8" (static) and "auto" need `calibration`, a list of batches shaped like example_inputs; "auto" is
+    per layer float/int8/int4, the fastest plan whose mean (1 − cosine) output error on the calibration batches
+    stays within the budget (`accuracy_budget`, 0.01).
 
     layer_skip: graphopt.LayerSkip(budget=...) drops the residual blocks that save most time within the budget.
     early_exit: graphopt.EarlyExit(budget=...) lets each sample leave after a block when an exit head is
@@ -63,21 +68,17 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     sparsity: graphopt.Sparsity() removes channels, heads and FFN units already all zero in the weights (exact);
     Sparsity("structured", ratio=... | budget=...) prunes them, Sparsity("block", ratio=0.9) prunes linears to
     block-sparse weights (run by a block-sparse kernel where measured faster), Sparsity("2:4") to N:M; pruning
-    needs `calibration` (importance, reconstruction of the next layer, and the budget are measured on it)."""
+    needs `calibration` (importance, reconstruction of the next layer, and the budget are measured on it).
+
+    What planning passes decided (quantize="auto"'s per-layer plan, early exit's exits) is in `cm.plans`."""
     # 1. everything the user gave is checked before any work
     tgt = get_target(target)
-    be = get_backend(backend if backend is not None else default_backend(tgt))
-    be.check(tgt)
-    pipeline = resolve(passes, tgt)
-    if tune is not None and (be.name not in ("tvm", "auto") or not isinstance(tune, Tune)):
-        raise InputError("tune= takes a graphopt.Tune and needs backend='tvm' or 'auto'")
-    if tune is not None and tgt.name == "arm64":
-        raise InputError(f"tune= on target {tgt}: MetaSchedule tunes where the code runs, and this machine cannot "
-                         f"run {tgt} code; give no tune=")
-    if tune is not None and tgt.name == "cuda" and tune.time_budget > 0 and not torch.cuda.is_available():
-        raise UnsupportedError("tune= on target cuda measures kernels on the GPU, and this machine has none: tune "
-                               "on a GPU machine, copy the database folder here and pass graphopt.Tune(db=that "
-                               "folder, time_budget=0) to reuse its records")
+    be = get_backend(backend, tgt)
+    options = [_option("sparsity", sparsity, Sparsity), quantization(quantize, accuracy_budget),
+               _option("layer_skip", layer_skip, LayerSkip), _option("early_exit", early_exit, EarlyExit)]
+    options = [o for o in options if o is not None]
+    be.check(tgt, tune)
+    pipeline = with_options(resolve(passes, tgt), options)
     if precision not in PRECISIONS:
         raise InputError(f"precision={precision!r}: choose one of {', '.join(map(repr, PRECISIONS))}")
     if precision != "fp32" and (be.name != "tvm" or early_exit is not None):
@@ -92,53 +93,51 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         if dynamic_shapes != "batch":
             raise InputError(f"dynamic_shapes={dynamic_shapes!r}: give 'batch' or a torch.export dynamic_shapes spec")
         dynamic_shapes = batch_dynamic_shapes(args, kwargs)
-    pipeline = with_quantization(pipeline, quantize, accuracy_budget, model)
+    for option in options:
+        option.check(model, tgt, be.name)
     if be.name in ("ort", "auto") and torch.bfloat16 in _dtypes(model, args, kwargs):
         raise UnsupportedError("the model or its inputs are bfloat16, and ONNX Runtime's CPU provider has no bfloat16 "
                                "kernels for most ops (Add, Conv, MatMul): use backend='tvm', or model.float()")
     calibration = check_batches(calibration, args, kwargs)
-    pipeline = with_sparsity(pipeline, sparsity, model, calibration)
-    pipeline = with_skipping(pipeline, layer_skip, early_exit, calibration)
-    if early_exit is not None and dynamic_shapes is None:   # segments run on the samples still going
+    check_calibration(options, calibration)
+    needy = [p.name for p in pipeline if p.needs_calibration]
+    if needy and not calibration:
+        raise InputError(f"pass {needy[0]} needs calibration data: pass calibration=[batch, ...] with a few "
+                         "representative inputs shaped like example_inputs")
+    if any(o.dynamic_batch for o in options) and dynamic_shapes is None:
         dynamic_shapes = batch_dynamic_shapes(args, kwargs)
-    if any(p.needs_calibration for p in pipeline) and not calibration:
-        raise InputError(f"quantize={quantize!r} needs calibration data: pass calibration=[batch, ...] with a few "
-                         "representative inputs shaped like example_inputs, or use quantize='int8-dynamic'")
     if dump_dir is not None:
         dump_dir = writable_dir(dump_dir, "dump_dir")
 
     eager = flat_tensors(_run_eager(model, args, kwargs))   # inputs the model rejects fail here, before any work
     reference = eager if verify or dump_dir is not None else None
 
-    # 2. capture → passes → backend
+    # 2. capture → passes → build
     graph = capture(model, args, kwargs, dynamic_shapes)
-    check_skippable(graph, layer_skip, early_exit)
+    for option in options:
+        option.check_graph(graph)
     if has_cond(graph):
         _check_cond_options(pipeline, dynamic_shapes)
-    ctx = PassContext(tgt, args, kwargs, calibration, CostModel(tgt))
+    cost = be.cost_model(tgt)            # every measured decision, timed as this backend runs the model
     manager = PassManager(pipeline, dump_dir, verify, tolerance, reference)
-    manager.run(graph, ctx)
+    manager.run(graph, PassContext(tgt, args, kwargs, calibration, cost))
     t0 = time.perf_counter()
-    if early_exit is not None:
-        executable = build_early_exit(early_exit.plan, be, tgt, pipeline[pipeline.index(early_exit) + 1:], tune)
-    elif has_cond(graph):
-        executable = lower_conds(
-            graph, graph.flat_inputs(args, kwargs),
-            build=lambda g, example: be.build(g, tgt, BuildInputs(tuple(example), {}, None, tune, precision)),
-            optimize=lambda g, example: PassManager(pipeline).run(g, PassContext(tgt, tuple(example), {}, [], ctx.cost)),
-            backend=be.name)
-    else:
-        inputs = BuildInputs(args, kwargs, dynamic_shapes, tune, precision)
-        executable = be.build(graph, tgt, inputs)
-        if be.name == "auto" and mixed.worth_trying(graph, tgt, inputs):
-            executable = mixed.with_tvm_kernels(graph, tgt, inputs, executable)
+    inputs = BuildInputs(args, kwargs, dynamic_shapes, tune, precision, cost)
+    executable = build_program(graph, be, tgt, inputs, pipeline, manager.plans)
     build_s = time.perf_counter() - t0
     compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records,
-                              [(p.name, getattr(p, "phase", "unknown")) for p in pipeline], (graph.flat_inputs(args, kwargs), eager))
+                              [(p.name, p.phase) for p in pipeline], (graph.flat_inputs(args, kwargs), eager),
+                              manager.plans)
     outputs = compiled(*args, **kwargs) if manager.measuring and compiled.runs_here else None
     manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe(),
                            getattr(executable, "tables", list)(), rounds=None if precision == "fp32" else precision)
     return compiled
+
+
+def _option(keyword: str, value, cls: type[Option]) -> Option | None:
+    if value is not None and not isinstance(value, cls):
+        raise InputError(f"{keyword}= takes a graphopt.{cls.__name__}(...), got {type(value).__name__}")
+    return value
 
 
 def _run_eager(model: torch.nn.Module, args: tuple, kwargs: dict):

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import onnx
-import onnxruntime as ort
 import torch
 
 from .cost.clock import time_side_by_side, time_single_calls  # noqa: F401  (the benchmarks' clock)
 from .passes.drift import flat_tensors
 from .quiet import quiet
+from .sessions import ort_session
 
 
 def eager(model: torch.nn.Module) -> Callable:
@@ -39,9 +39,10 @@ def plain_ort(model: torch.nn.Module, args: tuple) -> Callable:
 
 
 def ort_runner(model: bytes | str) -> Callable:
-    """An ONNX model (bytes or a path) in an ONNX Runtime session with default options, called like the
+    """An ONNX model (bytes or a path) in an ONNX Runtime session with default options but graphopt's one
+    setting (workers not spinning after a run, so no system is slowed by another's threads), called like the
     model: torch tensors in (in the model's input order), numpy arrays out."""
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    session = ort_session(model)
     names = [i.name for i in session.get_inputs()]
 
     def run(*inputs):
@@ -87,18 +88,13 @@ def node_profile(model: bytes, feeds: dict, disabled: tuple[str, ...] = (), runs
     graphs of the same model differ in time this says which kernels, and their MAC rate says how near each kernel
     runs to what the machine's int8 units can do."""
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "profile")
-        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
-                                       disabled_optimizers=list(disabled))
+        session = ort_session(model, disabled=disabled, save_optimized=os.path.join(tmp, "optimized.onnx"),
+                              profile_prefix=os.path.join(tmp, "profile"))
         for _ in range(5 + runs):
             session.run(None, feeds)
         with open(session.end_profiling()) as f:
             events = json.load(f)
-        optimized = onnx.load(options.optimized_model_filepath)
+        optimized = onnx.load(os.path.join(tmp, "optimized.onnx"))
     # the runs after the 5 warm-up ones: node events from the 6th model_run's start on
     start = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")[5]
     nodes: dict[str, NodeTime] = {}

@@ -38,13 +38,14 @@ def input_specs(graph: Graph) -> list[InputSpec]:
 class CompiledModule:
     def __init__(self, graph: Graph, executable: Executable, target: Target, backend: str,
                  report: list[StepRecord], passes: list[tuple[str, str]] = (),
-                 example: tuple[list[torch.Tensor], list[torch.Tensor]] = ((), ())):
+                 example: tuple[list[torch.Tensor], list[torch.Tensor]] = ((), ()), plans: dict | None = None):
         self.graph = graph                # the optimized IR (still runnable in PyTorch)
         self.executable = executable
         self.target = target
         self.backend = backend
         self.report = report              # one StepRecord per pass and for the backend
         self.passes = list(passes)        # (name, phase) of each pass that ran, in order
+        self.plans = dict(plans or {})    # pass name → what a planning pass decided (quantize_auto, early_exit)
         # the example inputs (flat, copied) and the eager model's outputs on them: the bundle's reference data
         self.example_inputs, self.model_outputs = [t.detach().clone() for t in example[0]], list(example[1])
         self.inputs = input_specs(graph)

@@ -163,7 +163,7 @@ CASES = [
     Case("api", "quantize-a-float64-model", compile_(model=Small().double().eval(), example=(X.double(),),
                                                     quantize="int8-dynamic"), UnsupportedError, "float32"),
     # --- compile(): tuning options ------------------------------------------------------------------------
-    Case("api", "tune-with-ort", compile_(tune=graphopt.Tune(trials=8)), match="tune= takes a graphopt.Tune"),
+    Case("api", "tune-with-ort", compile_(backend="ort", tune=graphopt.Tune(trials=8)), match="tune= takes a graphopt.Tune"),
     Case("api", "tune-a-dict", compile_(backend="tvm", tune={"trials": 8}), match="tune= takes a graphopt.Tune"),
     Case("api", "tune-for-arm64", compile_(backend="tvm", target="arm64", tune=graphopt.Tune(trials=8)),
          match="tune= on target arm64"),

@@ -218,7 +218,7 @@ def test_auto_puts_depthwise_fft_convs_on_tvm_kernels_between_ort_segments():
     assert_matches(cm, model, x)
     program = lower_mixed(cm.graph, cm.target, list(x))
     kinds = [type(step.executable).__name__ for step in program.steps]
-    assert kinds.count("TvmExecutable") == len(tvm_kernel_ops(cm.graph)) == 2 and "OrtExecutable" in kinds
+    assert kinds.count("TvmExecutable") == len(tvm_kernel_ops(cm.graph, cm.target)) == 2 and "OrtExecutable" in kinds
     with torch.no_grad():
         torch.testing.assert_close(program.run(list(x))[0], model(*x), rtol=1e-4, atol=1e-4 * model(*x).abs().max())
     assert not worth_trying(cm.graph, cm.target, BuildInputs(x, dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)))

@@ -29,7 +29,8 @@ def exiting(classifier, digits):
     xc = digits["calibration"][0]
     cal = [(xc[i:i + 100],) for i in range(0, 400, 100)]
     ee = graphopt.EarlyExit(budget=0.03, metric="top1")
-    return graphopt.compile(classifier, (xc[:32],), early_exit=ee, calibration=cal), ee
+    cm = graphopt.compile(classifier, (xc[:32],), early_exit=ee, calibration=cal)
+    return cm, cm.plans["early_exit"]
 
 
 def _dampened(blocks=4, weak=2, width=8):
@@ -95,11 +96,11 @@ def test_static_skipping_stays_within_budget_and_drops_nothing_when_nothing_fits
 
 # --- early exit ------------------------------------------------------------------------------------
 def test_early_exit_outputs_equal_full_model_for_samples_running_to_the_end(exiting, classifier, digits):
-    cm, ee = exiting
+    cm, plan = exiting
     x = digits["test"][0]
     out = cm(x)
     exits = cm.last_exits
-    n_exits = len(ee.plan.thresholds)
+    n_exits = len(plan.thresholds)
     assert exits.shape == (len(x),) and n_exits >= 1
     assert (exits == n_exits).any() and (exits < n_exits).any(), "expected a batch with both kinds of samples"
     with torch.no_grad():
@@ -122,9 +123,9 @@ def test_mixed_exit_batch_comes_back_in_order(exiting, digits):
 
 
 def test_thresholds_respect_the_budget_on_held_out_data(exiting, classifier, digits):
-    cm, ee = exiting
-    assert ee.plan.held_out_loss <= 0.03
-    assert sum(ee.plan.fractions[:-1]) > 0                          # some samples do leave early
+    cm, plan = exiting
+    assert plan.held_out_loss <= 0.03
+    assert sum(plan.fractions[:-1]) > 0                          # some samples do leave early
     x = digits["test"][0]
     with torch.no_grad():
         disagree = (cm(x).argmax(-1) != classifier(x).argmax(-1)).float().mean().item()
@@ -134,12 +135,12 @@ def test_thresholds_respect_the_budget_on_held_out_data(exiting, classifier, dig
 
 
 def test_export_and_load_run_without_the_model(exiting, digits, tmp_path):
-    cm, ee = exiting
+    cm, plan = exiting
     x = digits["test"][0][:64]
     cm.export(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert len(manifest["segments"]) == len(ee.plan.thresholds) + 1
-    assert [e["threshold"] for e in manifest["exits"]] == ee.plan.thresholds
+    assert len(manifest["segments"]) == len(plan.thresholds) + 1
+    assert [e["threshold"] for e in manifest["exits"]] == plan.thresholds
     assert {"torch", "onnxruntime", "graphopt"} <= set(manifest["versions"])
     assert not list(tmp_path.glob("*.p*kl*"))
     loaded = graphopt.load(tmp_path)

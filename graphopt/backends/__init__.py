@@ -8,15 +8,12 @@ from .tvm import TvmBackend
 BACKENDS: dict[str, type] = {"ort": OrtBackend, "tvm": TvmBackend, "auto": AutoBackend}
 
 
-def default_backend(target) -> str:
-    """ONNX Runtime, except for arm64: 'auto' there ships both ONNX and TVM's library (see AutoBackend)."""
-    return "auto" if target.name == "arm64" else "ort"
-
-
-def get_backend(name: str) -> Backend:
+def get_backend(name: str | None, target) -> Backend:
+    """The backend `name`, or the target's default (the measured choice, "auto", where it can be made)."""
+    name = target.default_backend if name is None else name
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     return BACKENDS[name]()
 
 
-__all__ = ["AutoBackend", "BACKENDS", "Backend", "BuildInputs", "Executable", "OrtBackend", "TvmBackend", "default_backend", "get_backend"]
+__all__ = ["AutoBackend", "BACKENDS", "Backend", "BuildInputs", "Executable", "OrtBackend", "TvmBackend", "get_backend"]

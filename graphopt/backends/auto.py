@@ -7,7 +7,6 @@ vs 42 ms measured here), so building it untuned would only cost time. The decisi
 timings go into the report's backend row."""
 from __future__ import annotations
 
-from ..cost import CostModel
 from ..errors import InputError
 from ..ir import Graph
 from ..targets import Target
@@ -63,28 +62,32 @@ class BothExecutable:
 
 
 class AutoBackend:
+    """The default: ONNX Runtime, with graphopt's TVM kernels between ORT segments where that measures faster
+    (runtime/mixed.py), or tuned TVM where `tune=` asks and it measures faster. Decisions of the passes are
+    timed on ONNX Runtime, which runs the model unless a measurement says otherwise."""
     name = "auto"
 
-    def check(self, target: Target) -> None:
-        if target.name not in ("cpu", "arm64"):
+    def check(self, target: Target, tune=None) -> None:
+        if not (target.host or target.ships_both):
             raise InputError(f"backend='auto' chooses between ONNX Runtime and TVM on target 'cpu' (and ships both "
                              f"for arm64); for {target} give backend='ort' or backend='tvm'")
-        OrtBackend().check(target)
-        if target.name == "arm64":
-            TvmBackend().check(target)
+        if tune is not None or target.ships_both:
+            TvmBackend().check(target, tune)
+
+    def cost_model(self, target: Target):
+        return OrtBackend().cost_model(target)
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> ChosenExecutable | BothExecutable:
-        if target.name == "arm64":
+        if target.ships_both:
             return BothExecutable(OrtBackend().build(graph, target, inputs), TvmBackend().build(graph, target, inputs))
         ort_exe = OrtBackend().build(graph, target, inputs)
         if inputs.tune is None:
             return ChosenExecutable(ort_exe, "ort", [(
                 "backend auto: kept ONNX Runtime without building TVM (no tune=: TVM's default CPU schedules are "
                 "far slower; give tune=graphopt.Tune(...) to compare against tuned TVM)")])
-        TvmBackend().check(target)
         tvm_exe = TvmBackend().build(graph, target, inputs)
         flat = graph.flat_inputs(inputs.args, inputs.kwargs)
-        ms = CostModel(target).compare({"ort": ort_exe.run, "tvm": tvm_exe.run}, (flat,))
+        ms = inputs.cost.compare({"ort": ort_exe.run, "tvm": tvm_exe.run}, (flat,))
         best = min(ms, key=ms.get)
         names = {"ort": "ONNX Runtime", "tvm": "tuned TVM"}
         return ChosenExecutable({"ort": ort_exe, "tvm": tvm_exe}[best], best, [(

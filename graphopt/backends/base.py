@@ -18,6 +18,7 @@ class BuildInputs:
     dynamic_shapes: Any = None
     tune: Any = None          # backends.tvm_tune.Tune, for the TVM backend
     precision: str = "fp32"   # "fp16": TVM computes in half precision (Relax ToMixedPrecision, fp32 accumulation)
+    cost: Any = None          # the compile's cost model (cost.CostModel): the backend's own measured choices
 
 
 class Executable(Protocol):
@@ -34,7 +35,10 @@ class Executable(Protocol):
 class Backend(Protocol):
     name: str
 
-    def check(self, target: Target) -> None:
-        """Raise a GraphoptError now if this backend cannot build for `target` on this machine."""
+    def check(self, target: Target, tune=None) -> None:
+        """Raise a GraphoptError now if this backend cannot build (or tune, given `tune`) for `target` here."""
+
+    def cost_model(self, target: Target):
+        """The cost model that times decisions as this backend will run the model (cost.CostModel)."""
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> Executable: ...

@@ -5,38 +5,36 @@ import collections
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from ..codegen import to_onnx
 from ..cost import CostModel
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
 from ..ir import Graph
+from ..sessions import ort_session
 from ..targets import Target
 from .base import BuildInputs
 
 
 class OrtExecutable:
-    def __init__(self, model: onnx.ModelProto, cost: CostModel, n_inputs: int):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        self.model, self.target = model, cost.target
-        self.fusions = cost.fusion_timings(model)   # (ORT fusion, fused µs, unfused µs) measured on this target
-        self.slow = cost.slow_fusions(model)        # those whose kernels measured slower: disabled
-        self.disabled_optimizers = [name for name, *_ in self.slow]
-        # cuda without onnxruntime-gpu or a GPU: built, exported, not run here (never silently on the CPU provider).
-        # arm64: its ONNX model is portable and runs here on the CPU provider, the reference a board run is compared with
-        self.cannot_run = cost.unmeasurable if cost.target.name == "cuda" else None
-        self.session = None if self.cannot_run else ort.InferenceSession(
-            model.SerializeToString(), options, providers=list(cost.providers) or ["CPUExecutionProvider"],
-            disabled_optimizers=self.disabled_optimizers)
+    """`fusions`: (ORT fusion, fused µs, unfused µs) measured on the target; those in `disabled` measured slower."""
+
+    def __init__(self, model: onnx.ModelProto, target: Target, n_inputs: int,
+                 fusions: tuple[tuple[str, float, float], ...] = (), disabled: tuple[str, ...] | list[str] = ()):
+        self.model, self.target, self.fusions = model, target, tuple(fusions)
+        self.disabled_optimizers = list(disabled)
+        # a GPU target without onnxruntime-gpu or a GPU: built, exported, not run here (never silently on the CPU
+        # provider). arm64: its ONNX model is portable and runs here on the CPU provider, the reference a board
+        # run is compared with
+        self.cannot_run = target.ort_unavailable() if target.gpu else None
+        self.session = None if self.cannot_run else ort_session(
+            model.SerializeToString(), target.providers or ("CPUExecutionProvider",), disabled=self.disabled_optimizers)
         # the exporter keeps every user input, in the flattened order graphopt feeds them
         weights = {w.name for w in model.graph.initializer}
         self.names = [i.name for i in model.graph.input if i.name not in weights]
         if len(self.names) != n_inputs:
             raise UnsupportedError(f"the ONNX model has {len(self.names)} inputs for the model's {n_inputs}")
-        self.device = cost.target.device
+        self.device = target.device
 
     @property
     def runs_here(self) -> bool:
@@ -68,7 +66,7 @@ class OrtExecutable:
         providers = f"none here ({self.cannot_run})" if self.session is None else ", ".join(self.session.get_providers())
         return [f"ONNX graph: {sum(counts.values())} nodes ({ops})", f"ONNX Runtime providers: {providers}"] + [
                 f"ORT's {name} disabled: its kernel measured {fused:.0f} µs vs {unfused:.0f} µs unfused on this machine"
-                for name, fused, unfused in self.slow]
+                for name, fused, unfused in self.fusions if name in self.disabled_optimizers]
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -78,10 +76,17 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 class OrtBackend:
     name = "ort"
 
-    def check(self, target: Target) -> None:
-        pass   # every target builds; one this machine cannot run (cuda without a GPU) says so when called
+    def check(self, target: Target, tune=None) -> None:
+        """Every target builds; one this machine cannot run (cuda without a GPU) says so when called."""
+        if tune is not None:
+            raise InputError("tune= takes a graphopt.Tune and needs backend='tvm' or 'auto': ONNX Runtime's kernels "
+                             "are not tuned")
 
+    def cost_model(self, target: Target) -> CostModel:
+        return CostModel(target, "ort")
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> OrtExecutable:
         model = to_onnx(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes)
-        return OrtExecutable(model, CostModel(target), len(graph.inputs))
+        cost = inputs.cost if inputs.cost is not None and inputs.cost.backend == "ort" else self.cost_model(target)
+        return OrtExecutable(model, target, len(graph.inputs), cost.fusion_timings(model),
+                             [name for name, *_ in cost.slow_fusions(model)])

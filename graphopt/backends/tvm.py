@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,25 +16,12 @@ import torch
 from ..codegen.relax import size_limits, to_relax
 from ..errors import InputError, UnsupportedError
 from ..ir import Graph
-from ..targets import Target
+from ..cost import CostModel
+from ..targets import Target, host_cores
 from .base import BuildInputs
 from .tvm_cuda import ScheduleLog, cuda_pipeline
 from .tvm_fast_math import fast_math
 from .tvm_tune import tune_and_compile
-
-CROSS_CC = {"arm64": "aarch64-linux-gnu-gcc"}
-
-
-@cache
-def host_cores() -> int:
-    """Physical cores this process may run on: its affinity mask (so `taskset` and containers are respected),
-    with hyper-thread siblings counted once, as Linux's topology files list them. Read once per process."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    try:
-        return len({Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text() for c in cpus})
-    except OSError:
-        return len(cpus)
-
 
 def use_all_cores() -> None:
     """TVM's thread pool assumes two hyper-threads per x86 core and takes half the logical CPUs: one thread on
@@ -45,23 +32,10 @@ def use_all_cores() -> None:
 
 
 def tvm_target(target: Target):
-    """graphopt Target → tvm.target.Target (host ISA detected for cpu)."""
-    import tvm
-    from tvm.target import codegen
-    if target.name == "cpu":
+    """graphopt Target → tvm.target.Target (Target.tvm), with TVM's thread pool on every core for host builds."""
+    if target.host:
         use_all_cores()
-        mcpu = "sapphirerapids" if "amx_tile" in target.features else codegen.llvm_get_system_cpu()
-        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": host_cores()})
-    if target.name == "cuda":
-        arch = None
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            arch = f"sm_{major}{minor}"
-        # the limits every GPU since sm_50 has; MetaSchedule's CUDA rules need them stated
-        return tvm.target.Target({"kind": "cuda", "arch": arch or "sm_80", "max_threads_per_block": 1024,
-                                  "max_shared_memory_per_block": 49152, "thread_warp_size": 32,
-                                  "registers_per_block": 65536}, host={"kind": "llvm"})
-    return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    return target.tvm()
 
 
 class TvmExecutable:
@@ -72,10 +46,10 @@ class TvmExecutable:
         self.kernels = kernels            # TIR kernels graphopt wrote for its ops (not scheduled by TVM)
         self.schedules = list(schedules)  # CUDA: which DLight rule scheduled the kernels, and the fallbacks
         self.vm = None
-        if target.name == "cpu" or (target.name == "cuda" and torch.cuda.is_available()):
+        if target.runs_here:
             import tvm
             from tvm import relax
-            self.device = tvm.cpu() if target.name == "cpu" else tvm.cuda()
+            self.device = tvm.cuda() if target.gpu else tvm.cpu()
             self.vm = relax.VirtualMachine(executable, self.device)
 
     @property
@@ -112,7 +86,7 @@ class TvmExecutable:
         return [head] + half + own + tuned + self.schedules
 
     def export_library(self, path: str | Path) -> Path:
-        cc = CROSS_CC.get(self.target.name)
+        cc = self.target.cross_cc
         if cc is not None and shutil.which(cc) is None:
             raise UnsupportedError(f"exporting for {self.target} needs the cross compiler {cc} "
                                    "(Debian: apt-get install gcc-aarch64-linux-gnu)")
@@ -127,29 +101,41 @@ class TvmExecutable:
 class TvmBackend:
     name = "tvm"
 
-    def check(self, target: Target) -> None:
+    def check(self, target: Target, tune=None) -> None:
         try:
             import tvm  # noqa: F401
         except ImportError as e:
             raise UnsupportedError("backend 'tvm' needs Apache TVM: pip install -e '.[tvm]'") from e
+        if tune is not None:
+            from .tvm_tune import Tune
+            if not isinstance(tune, Tune):
+                raise InputError(f"tune= takes a graphopt.Tune and needs backend='tvm' or 'auto', got "
+                                 f"{type(tune).__name__}")
+            refusal = target.tune_refusal(tune.time_budget)
+            if refusal:
+                raise (InputError if target.cross_cc else UnsupportedError)(refusal)
+
+    def cost_model(self, target: Target) -> CostModel:
+        """Decisions timed on TVM builds of this target (untuned: the tuner runs after the passes)."""
+        def lower(graph, args, kwargs):
+            return self.build(graph, target, BuildInputs(args, kwargs)).run
+        return CostModel(target, "tvm", lower)
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> TvmExecutable:
         import tvm
-        mod = to_relax(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes, target.name)
+        mod = to_relax(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes, target)
         if inputs.precision == "fp16":   # before fast_math, whose TE-built kernels the rewrite does not take
             from tvm import relax
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
-        if target.name != "cuda":   # LLVM CPU targets scalarize exp/tanh/erf; CUDA has fast intrinsics of its own
+        if not target.gpu:   # LLVM CPU targets scalarize exp/tanh/erf; CUDA has fast intrinsics of its own
             mod = fast_math(mod)
         kernels = tuple(sorted(gv.name_hint for gv, f in mod.functions.items() if f.attrs and
                                f.attrs.get("tirx.is_scheduled", False)))
         made = partial(TvmExecutable, target=target, kernels=kernels, limits=size_limits(mod), precision=inputs.precision)
-        if target.name == "cuda":
+        if target.gpu:
             return self._build_cuda(mod, target, inputs, made)
         if inputs.tune is None:
             return made(tvm.compile(mod, target=tvm_target(target)))
-        if target.name != "cpu":
-            raise UnsupportedError(f"tuning is implemented for targets 'cpu' and 'cuda', not {target}")
         executable, report = tune_and_compile(mod, tvm_target(target), inputs.tune)
         return made(executable, tune_report=report)
 

@@ -22,14 +22,17 @@ from pathlib import Path
 
 from ..artifacts import write_bytes_atomically
 from ..errors import InputError
+from ..options import Option
 from ..quiet import quiet
 
 
 @dataclass(frozen=True)
-class Tune:
+class Tune(Option):
     """Tuning options: `trials` per task, `time_budget` in seconds for the whole model, `db` a directory
     holding the tuning records (created if missing; reused across compiles and processes; by default
-    graphopt/tuning in the user's cache directory, $XDG_CACHE_HOME or ~/.cache, not the working directory)."""
+    graphopt/tuning in the user's cache directory, $XDG_CACHE_HOME or ~/.cache, not the working directory).
+    An option of the backend (no passes): TVM and backend "auto" take it (Backend.check)."""
+    keyword = "tune"
     trials: int = 64
     time_budget: float = 600.0
     db: str | Path | None = None

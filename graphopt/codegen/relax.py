@@ -13,9 +13,9 @@ from ..quiet import quiet
 
 
 def to_relax(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None,
-             target: str = "cpu"):
+             target="cpu"):
     """The optimized graph as a Relax IRModule (weights bound as constants), for `target` (a graphopt
-    target's name: graphopt ops may lower to kernels written for it)."""
+    Target or its name: graphopt ops may lower to kernels written for it)."""
     from tvm.relax.frontend.torch import from_exported_program
     if isinstance(dynamic_shapes, (tuple, list)):   # exported at batch 2 where the batch is dynamic and 1:
         # from a batch-1 example TVM built a broadcast it then rejected (topi broadcast_to, a Whisper encoder)

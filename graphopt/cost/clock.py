@@ -12,7 +12,8 @@ import time
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
+
+from ..sessions import ort_session
 
 
 def median_run_seconds(model: bytes, feeds: dict, *, providers: tuple[str, ...] = ("CPUExecutionProvider",),
@@ -20,11 +21,7 @@ def median_run_seconds(model: bytes, feeds: dict, *, providers: tuple[str, ...] 
                        disabled: tuple[str, ...] = ()) -> float:
     """Seconds per `run`, median over `rounds` of `calls` runs; `optimize=False` times the kernels as written,
     `disabled` names ORT optimizers to leave out."""
-    opts = ort.SessionOptions()
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model, opts, providers=list(providers), disabled_optimizers=list(disabled))
+    sess = ort_session(model, providers, optimize=optimize, disabled=disabled)
     for _ in range(warmup):
         sess.run(None, feeds)
     times = []

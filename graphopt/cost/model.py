@@ -1,51 +1,58 @@
-"""The cost model: every measured decision for one target, made on that target's device.
+"""The cost model: every measured decision for one (target, backend), made on that target's device with
+that backend.
 
-Passes get it from their context (`ctx.cost`) and never time anything themselves. It runs its
-probes through the one clock (`clock.py`) with the ORT execution providers of the target, so a
-decision for `cuda` is measured on the GPU, and one it cannot measure from this machine (`arm64`,
-or `cuda` without a GPU) is refused by `unmeasurable` rather than made on the wrong device.
-Verdicts are cached for the process, keyed by target, ISA and library versions."""
+compile() builds one per compile (`Backend.cost_model`) and hands it to the passes (`ctx.cost`) and the
+backend (`BuildInputs.cost`); passes never time anything themselves. Graphs and probe modules are timed as
+the backend will run them: lowered to ONNX Runtime on the target's providers for "ort", built by TVM (the
+backend's own `lower`) for "tvm", so a decision for `backend="tvm"` is measured on TVM and one for `cuda` on
+the GPU; one it cannot measure from this machine (`arm64`, or `cuda` without a GPU) is refused by
+`unmeasurable` rather than made on the wrong device. Verdicts are cached for the process, keyed by target,
+backend, ISA and library versions."""
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
+from ..sessions import ort_session
 from ..targets import Target
 from . import probes
 from .clock import median_run_seconds, time_side_by_side
 from .fft import Conv2dShape, ConvShape, Decision, decide, rate_probes
 
-PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
 _VERDICTS: dict[tuple, object] = {}
+BACKEND_NAMES = {"ort": "ONNX Runtime", "tvm": "TVM"}
+
+# (graph, args, kwargs) → a callable taking the graph's flat inputs: how a backend other than ORT builds a graph
+Lower = Callable[[Any, tuple, dict], Callable[[list], Any]]
 
 
 class CostModel:
-    def __init__(self, target: Target):
-        self.target = target
-        self.providers = PROVIDERS.get(target.name, ())
+    def __init__(self, target: Target, backend: str = "ort", lower: Lower | None = None):
+        if backend not in BACKEND_NAMES or (backend != "ort" and lower is None):
+            raise ValueError(f"a cost model measures on 'ort', or on 'tvm' given its lowering; got {backend!r}")
+        self.target, self.backend, self._lower = target, backend, lower
+        self.providers = target.providers
         isa = hashlib.sha1(" ".join(sorted(target.features)).encode()).hexdigest()[:8]
-        self.key = (target.name, target.arch, isa, ort.__version__, torch.__version__)
+        versions = (ort.__version__, torch.__version__) + ((_tvm_version(),) if backend == "tvm" else ())
+        self.key = (target.name, backend, target.arch, isa, *versions)
 
     def __repr__(self) -> str:
-        return f"CostModel(target={self.target}, providers={list(self.providers)})"
+        return f"CostModel(target={self.target}, backend={self.backend})"
+
+    @property
+    def on(self) -> str:
+        """Where decisions are timed, in words: the backend and the target ("TVM on cpu")."""
+        return f"{BACKEND_NAMES[self.backend]} on {self.target}"
 
     @property
     def unmeasurable(self) -> str | None:
-        """Why nothing can be timed for this target from this machine (None: it can)."""
-        if not self.providers:
-            return f"target {self.target} does not run on this machine"
-        missing = [p for p in self.providers if p not in ort.get_available_providers()]
-        if missing:
-            gpu = " (pip install -e '.[gpu]': onnxruntime-gpu)" if "CUDAExecutionProvider" in missing else ""
-            return f"ONNX Runtime here lacks {', '.join(missing)}{gpu}"
-        if self.target.name == "cuda" and not torch.cuda.is_available():   # ORT would run on its CPU provider
-            return "torch sees no CUDA GPU on this machine"
-        return None
+        """Why nothing can be timed for this target and backend from this machine (None: it can)."""
+        return self.target.ort_unavailable() if self.backend == "ort" else self.target.unmeasurable
 
     def _verdict(self, name: str, args: tuple, compute: Callable[[], object]):
         key = (self.key, name, args)
@@ -63,34 +70,49 @@ class CostModel:
         return median_run_seconds(model, feeds, providers=self.providers, **options)
 
     def module_seconds(self, module: torch.nn.Module, x: torch.Tensor) -> float:
-        """A torch module with graphopt ops (a probe), exported to ONNX and timed on the target."""
-        model = _exported(module, x)
-        return self.seconds(model.SerializeToString(), {model.graph.input[0].name: x.numpy()})
+        """A torch module with graphopt ops (a probe), built as the backend builds it and timed on the target."""
+        if self.backend == "ort":
+            model = _exported(module, x)
+            return self.seconds(model.SerializeToString(), {model.graph.input[0].name: x.numpy()})
+        run = self._module_runner(module, x)
+        return time_side_by_side({"probe": run}, (), rounds=3, min_round_s=0.1)["probe"] / 1e3
 
     def modules_seconds(self, modules: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, float]:
-        """Probe modules exported and timed side by side in interleaved rounds (see graphs_ms)."""
-        runners = {}
-        for name, module in modules.items():
-            model = _exported(module, x)
-            runners[name] = self._runner(model.SerializeToString(), {model.graph.input[0].name: x.numpy()})
+        """Probe modules built and timed side by side in interleaved rounds (see graphs_ms)."""
+        runners = {name: self._module_runner(module, x) for name, module in modules.items()}
         return {name: ms / 1e3 for name, ms in time_side_by_side(runners, (), rounds=7, min_round_s=0.1).items()}
 
+    def _module_runner(self, module: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+        if self.backend == "ort":
+            model = _exported(module, x)
+            return self._runner(model.SerializeToString(), {model.graph.input[0].name: x.numpy()})
+        from ..capture import capture
+        return self._graph_runner(capture(module.eval(), (x,), {}, None), (x,), {})
+
     def _runner(self, model: bytes, feeds: dict, disabled: tuple[str, ...] = ()) -> Callable:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(model, opts, providers=list(self.providers), disabled_optimizers=list(disabled))
+        session = ort_session(model, self.providers, disabled=disabled)
         return lambda: session.run(None, feeds)
 
+    def _graph_runner(self, graph, args: tuple, kwargs: dict | None) -> Callable[[], Any]:
+        """A no-argument call of an IR graph as the backend runs it."""
+        if self.backend == "ort":
+            return self._runner(*self._lowered(graph, args, kwargs))
+        run, flat = self._lower(graph, args, kwargs or {}), graph.flat_inputs(args, kwargs or {})
+        return lambda: run(flat)
+
     def graph_ms(self, graph, args: tuple, kwargs: dict | None = None) -> float:
-        """Milliseconds per call of an IR graph lowered to ONNX Runtime as the ORT backend runs it."""
-        model, feeds, disabled = self._lowered(graph, args, kwargs)
-        return self.seconds(model, feeds, disabled=disabled) * 1e3
+        """Milliseconds per call of an IR graph as the backend runs it."""
+        if self.backend == "ort":
+            model, feeds, disabled = self._lowered(graph, args, kwargs)
+            return self.seconds(model, feeds, disabled=disabled) * 1e3
+        return time_side_by_side({"graph": self._graph_runner(graph, args, kwargs)}, (), rounds=3,
+                                 min_round_s=0.1)["graph"]
 
     def graphs_ms(self, graphs: dict[str, object], args: tuple, kwargs: dict | None = None) -> dict[str, float]:
-        """Milliseconds per call of IR graphs lowered as the ORT backend runs them, timed side by side in
-        interleaved rounds: a choice between near-equal graphs timed one after the other followed the machine's
-        load (the digits ResNet's conv epilogues: 51 vs 53 ms measured apart, 59 vs 56 ms side by side)."""
-        runners = {name: self._runner(*self._lowered(graph, args, kwargs)) for name, graph in graphs.items()}
+        """Milliseconds per call of IR graphs as the backend runs them, timed side by side in interleaved
+        rounds: a choice between near-equal graphs timed one after the other followed the machine's load (the
+        digits ResNet's conv epilogues: 51 vs 53 ms measured apart, 59 vs 56 ms side by side)."""
+        runners = {name: self._graph_runner(graph, args, kwargs) for name, graph in graphs.items()}
         return time_side_by_side(runners, (), rounds=7, min_round_s=0.1)
 
     def _lowered(self, graph, args: tuple, kwargs: dict | None) -> tuple[bytes, dict, tuple[str, ...]]:
@@ -124,11 +146,14 @@ class CostModel:
         can be given either way (q with zero point 0, or q − 1 with zero point −1), so it is timed both ways,
         and kept only if both give the same integers: a path
         could compute different numbers (int16 saturation), so a wrong kernel is never chosen for being fast."""
+        if self.backend != "ort":
+            return False, f"{BACKEND_NAMES[self.backend]} does not run ONNX Runtime's int8 conv kernels"
+
         def measure():
             x = np.random.default_rng(0).standard_normal((n, c_in, h, w)).astype(np.float32)
             models = {zp: probes.qdq_conv(x.shape, c_out, kh, kw, stride, padding, dilation, groups, zp, w_max)
                       for zp in (0, probes.SHIFT)}
-            outs = {zp: ort.InferenceSession(m, providers=list(self.providers)).run(None, {"x": x})[0]
+            outs = {zp: ort_session(m, self.providers).run(None, {"x": x})[0]
                     for zp, m in models.items()}
             wrong = np.abs(outs[0].astype(np.int32) - outs[probes.SHIFT].astype(np.int32)).max()
             if wrong > 1:
@@ -147,12 +172,12 @@ class CostModel:
         `reduce_range`); a probe conv in ORT is compared with ONNX's reference evaluator, exact in numpy,
         rather than trusting an ISA list (measured here, AVX2: 10 steps off on the probe at 127, exact at 63)."""
         def check():
-            if self.target.name != "cpu":
+            if self.backend != "ort" or not self.target.host:   # TVM accumulates int8 products in int32
                 return 127, None
             from onnx.reference import ReferenceEvaluator
             x = np.random.default_rng(3).uniform(-2.5, 2.5, (1, 64, 8, 8)).astype(np.float32)
             model = probes.qdq_conv(x.shape, 16, 3, 3, (1, 1), (1, 1), (1, 1), 1, 0, output_scale=1.0)
-            got = ort.InferenceSession(model, providers=list(self.providers)).run(None, {"x": x})[0].astype(np.int32)
+            got = ort_session(model, self.providers).run(None, {"x": x})[0].astype(np.int32)
             want = ReferenceEvaluator(onnx.load_from_string(model)).run(None, {"x": x})[0].astype(np.int32)
             off = int(np.abs(got - want).max())
             if off <= 1:
@@ -167,7 +192,7 @@ class CostModel:
         this target's probes: ORT fuses patterns at session creation whether or not its fused kernel is faster
         (on this project's x86-64 machine SkipLayerNormalization runs ~6× slower than the Add +
         LayerNormalization it replaces)."""
-        if self.target.name != "cpu":
+        if self.backend != "ort" or not self.target.host:
             return ()
         return self._verdict("fusion_timings", (), self._fusion_timings) + (
             self._verdict("int8_fusion_timings", (), self._int8_fusion_timings) if _has_int8_matmul(model) else ())
@@ -202,6 +227,10 @@ class CostModel:
         """(sparse seconds or None, dense seconds, why) for an N:M linear: ORT's only sparse matmul
         (com.microsoft.SparseToDenseMatMul, the weight as a sparse initializer) against a dense MatMul."""
         def measure():
+            if self.backend != "ort":
+                dense = torch.nn.Linear(in_f, out_f)
+                return None, self.module_seconds(dense, torch.randn(1, rows, in_f)), \
+                    f"{BACKEND_NAMES[self.backend]} has no sparse matmul"
             dense, sparse, feeds = probes.sparse_to_dense_matmul(rows, in_f, out_f, n, m)
             t_dense = self.seconds(dense, feeds)
             try:
@@ -218,6 +247,11 @@ def _exported(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
     with quiet(stdout=True):
         return torch.onnx.export(module.eval(), (x,), dynamo=True,
                                  custom_translation_table=onnx_translation_table()).model_proto
+
+
+def _tvm_version() -> str:
+    import tvm
+    return tvm.__version__
 
 
 def _has_int8_matmul(model: onnx.ModelProto) -> bool:

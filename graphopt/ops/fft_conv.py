@@ -256,13 +256,14 @@ def _onnx(x, spec, ns: list[int], groups: int, start: int, out_len: int):
     return monarch_conv(_onnx_ops(), x, spec, ns, groups, start, out_len, onnx_dtype(x))
 
 
-def fused_kernel_applies(spec_shape, ns, target: str) -> bool:
+def fused_kernel_applies(spec_shape, ns, target) -> bool:
     """Whether TVM runs this fft_conv1d as graphopt's fused TIR kernel (graphopt/ops/fft_kernel.py): depthwise
-    convs (spec [C, 1, 1, …]) of period N ≥ 64 on LLVM CPU targets. The rest take the Monarch matmul form."""
-    return target != "cuda" and tuple(spec_shape[1:3]) == (1, 1) and math.prod(ns) >= 64
+    convs (spec [C, 1, 1, …]) of period N ≥ 64 on LLVM CPU targets (`target`: a graphopt Target). The rest take
+    the Monarch matmul form."""
+    return not target.gpu and tuple(spec_shape[1:3]) == (1, 1) and math.prod(ns) >= 64
 
 
-def _relax(node, importer, target: str = "cpu", constant=lambda name: None):
+def _relax(node, importer, target, constant=lambda name: None):
     """The fused TIR kernel where fused_kernel_applies and the spectrum is a constant, else the Monarch form."""
     x, spec = importer.env[node.args[0]], importer.env[node.args[1]]
     ns, groups, start, out_len = node.args[2:]

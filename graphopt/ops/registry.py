@@ -104,12 +104,13 @@ def onnx_opset(targets) -> int | None:
     return max((op.onnx_opset for op in _OPS.values() if op.onnx_opset and op.overload in targets), default=None)
 
 
-def relax_convert_map(target: str = "cpu", constant: Callable[[str], torch.Tensor | None] = lambda name: None) -> dict:
+def relax_convert_map(target="cpu", constant: Callable[[str], torch.Tensor | None] = lambda name: None) -> dict:
     """For tvm.relax.frontend.torch.from_exported_program(custom_convert_map=...), which looks
     converters up by the op's `__name__` ("attention.default") and calls them as f(node, importer).
-    Converters may also take `target` (the name of the target the module is built for) and `constant`
-    (an input placeholder's name → its tensor when it is a weight or constant, else None)."""
-    given = {"target": target, "constant": constant}
+    Converters may also take `target` (the graphopt Target the module is built for, or its name) and
+    `constant` (an input placeholder's name → its tensor when it is a weight or constant, else None)."""
+    from ..targets import get_target
+    given = {"target": get_target(target), "constant": constant}
     converters = {}
     for op in _OPS.values():
         wanted = {k: v for k, v in given.items() if k in inspect.signature(op.relax).parameters}

@@ -20,11 +20,10 @@ from torch.utils import _pytree as pytree
 from ..artifacts import write_atomically, write_bytes_atomically, writable_dir
 from ..backends.ort import OrtExecutable
 from ..codegen.onnx import to_onnx
-from ..cost import CostModel
 from ..errors import InputError
 from ..passes.drift import flat_tensors
-from ..runtime.build import quiet_threads
 from ..runtime.dispatch import EarlyExitExecutable
+from ..sessions import ort_session
 from ..targets import get_target, host_arch
 
 FORMAT = "graphopt-segments"
@@ -46,7 +45,8 @@ def export_bundle(compiled, directory: str | Path) -> Path:
     for k, (model, route) in enumerate(zip(models, routes)):
         entry = _write(directory, f"segment{k}.onnx", model.SerializeToString())
         entry.update(hidden=k > 0, model_inputs=route, onnx_inputs=[i.name for i in model.graph.input],
-                     onnx_outputs=[o.name for o in model.graph.output])
+                     onnx_outputs=[o.name for o in model.graph.output],
+                     disabled_optimizers=list(getattr(exe, "disabled_optimizers", ())))
         if compiled.target.device == "cpu":
             entry["ort_format"] = _write_ort_format(directory, f"segment{k}.ort", model, compiled.target,
                                                     getattr(exe, "disabled_optimizers", ()))
@@ -106,13 +106,7 @@ def _write_ort_format(directory: Path, name: str, model: onnx.ModelProto, target
     disabled = list(disabled) + ([] if target.arch == "x86_64" else ["NchwcTransformer"])
 
     def save(tmp: Path) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = str(tmp)
-        options.add_session_config_entry("session.save_model_format", "ORT")
-        options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=disabled)
+        ort_session(model.SerializeToString(), disabled=disabled, save_optimized=tmp, save_format="ORT")
     return _write_with(directory, name, save)
 
 
@@ -229,9 +223,9 @@ def load(directory: str | Path, target: str = "cpu") -> LoadedModule:
     if not manifest["segments"]:
         raise InputError(f"{str(directory)!r} holds only a TVM library for {manifest.get('arch')}: run it there with "
                          "its run.py")
-    cost = CostModel(get_target(target))
-    segments = [quiet_threads(OrtExecutable(onnx.load_from_string(checked_file(directory, seg)), cost,
-                                            len(seg["onnx_inputs"]))) for seg in manifest["segments"]]
+    target = get_target(target)   # nothing is measured: the ORT fusions the compile found slower stay disabled
+    segments = [OrtExecutable(onnx.load_from_string(checked_file(directory, seg)), target, len(seg["onnx_inputs"]),
+                              disabled=seg.get("disabled_optimizers", ())) for seg in manifest["segments"]]
     exits = manifest["exits"]
     exe = EarlyExitExecutable(segments, [s["model_inputs"] for s in manifest["segments"]],
                               [e["threshold"] for e in exits], [e["after"] for e in exits], "ort")

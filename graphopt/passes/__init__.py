@@ -3,7 +3,7 @@ from . import cleanup, fft, fusion, quant, skip, sparsity  # noqa: F401  (regist
 from .base import PHASES, Pass, PassContext, PassResult, available, family, register
 from .drift import Drift, drift
 from .manager import PassManager, StepRecord
-from .pipelines import DEFAULT_PIPELINES, default_pipeline, place, resolve
+from .pipelines import DEFAULT_PIPELINES, default_pipeline, place, resolve, with_options
 
 __all__ = ["DEFAULT_PIPELINES", "Drift", "PHASES", "Pass", "PassContext", "PassManager", "PassResult", "StepRecord",
-           "available", "default_pipeline", "drift", "family", "place", "register", "resolve"]
+           "available", "default_pipeline", "drift", "family", "place", "register", "resolve", "with_options"]

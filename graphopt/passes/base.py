@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, Iterator
+
+import torch.fx as fx
 
 from ..cost import CostModel
 from ..errors import InputError
@@ -26,7 +28,7 @@ class PassContext:
     calibration: list[Batch] = field(default_factory=list)
     cost: CostModel | None = None
 
-    def __post_init__(self):
+    def __post_init__(self):   # a pass run on its own (tests, tools): decisions timed on ONNX Runtime
         if self.cost is None:
             self.cost = CostModel(self.target)
 
@@ -37,6 +39,7 @@ class PassResult:
     notes: list[str] = field(default_factory=list)    # one line per rewrite, and per candidate skipped: why
     stats: dict[str, int] = field(default_factory=dict)
     tables: list[dict] = field(default_factory=list)  # per-item decisions, drawn in the report (see `table`)
+    plan: Any = None                                  # what a planning pass decided (cm.plans[pass name])
 
     def table(self, title: str, columns: list[str], rows: list[list], bars: tuple[str, ...] = (),
               unit: str = "") -> None:
@@ -64,10 +67,19 @@ class Pass(abc.ABC):
     phase: ClassVar[str]     # one of PHASES: where the pass goes when added to a pipeline
     lossy: ClassVar[bool] = False   # changes the numbers by design (quantization): verify checks later steps only
     needs_calibration: ClassVar[bool] = False   # compile() refuses it without calibration data
+    precedes: ClassVar[tuple[str, ...]] = ()    # families it goes before when placed in its phase
 
     @abc.abstractmethod
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Rewrite `graph` in place and report what changed."""
+
+    @staticmethod
+    def nodes(graph: Graph, *ops) -> Iterator[fx.Node]:
+        """The calls of any of `ops`, in graph order, safe to rewrite while iterating: the order is taken
+        first, and a node an earlier rewrite of the loop erased is not yielded."""
+        for node in list(graph.ops()):
+            if not node._erased and (not ops or node.target in ops):
+                yield node
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

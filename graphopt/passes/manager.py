@@ -59,6 +59,7 @@ class PassManager:
         self.reference = reference      # eager outputs on the example inputs, flattened
         self.baseline = reference       # what verify compares with: eager, or the last lossy pass's outputs
         self.records: list[StepRecord] = []
+        self.plans: dict[str, object] = {}  # pass name → the plan its result carried (PassResult.plan)
 
     @property
     def measuring(self) -> bool:
@@ -73,6 +74,8 @@ class PassManager:
             t0 = time.perf_counter()
             with torch.no_grad():   # weights are Parameters: math on them would build (and keep) autograd graphs
                 result = p.run(graph, ctx)
+            if result.plan is not None:
+                self.plans[p.name] = result.plan
             if result.changed:   # the chores every rewrite needs: drop what became dead, check, recompile
                 graph.eliminate_dead_code()
                 graph.tidy()

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from ..errors import InputError
 from ..targets import Target
-from .base import PHASES, Pass, by_name
+from .base import PHASES, Pass, by_name, family
 
 DEFAULT_PIPELINES: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {"canonicalize": ("remove_noops", "fold_constants", "fold_batchnorm"),
@@ -26,7 +26,7 @@ DEFAULT_PIPELINES: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 def default_pipeline(target: Target) -> list[str]:
-    phases = DEFAULT_PIPELINES[target.name]
+    phases = DEFAULT_PIPELINES[target.name]   # a table keyed by target, not a branch
     return [name for phase in PHASES for name in phases.get(phase, ())]
 
 
@@ -43,10 +43,23 @@ def resolve(passes: str | Sequence[str | Pass], target: Target) -> list[Pass]:
 
 def place(pipeline: list[Pass], extra: Pass) -> list[Pass]:
     """`pipeline` with `extra` at the end of its phase: after every pass of an earlier or the same phase
-    (the first pass of a later phase is where it goes; a user's pipeline keeps its own order)."""
+    (the first pass of a later phase is where it goes; a user's pipeline keeps its own order), but before
+    any pass of a family it `precedes` (pruning goes before quantization: float weights are pruned)."""
     rank = PHASES.index(extra.phase)
-    at = next((i for i, p in enumerate(pipeline) if PHASES.index(p.phase) > rank), len(pipeline))
+    at = next((i for i, p in enumerate(pipeline) if PHASES.index(p.phase) > rank
+               or family(type(p)) in extra.precedes), len(pipeline))
     return pipeline[:at] + [extra] + pipeline[at:]
+
+
+def with_options(pipeline: list[Pass], options) -> list[Pass]:
+    """The pipeline with every option's passes placed by phase (graphopt.options.Option.passes); a lossless
+    pass the pipeline already runs (Sparsity()'s shrink_inert is in every default pipeline) is not added twice."""
+    for option in options:
+        for extra in option.passes():
+            if not extra.lossy and any(p.name == extra.name for p in pipeline):
+                continue
+            pipeline = place(pipeline, extra)
+    return pipeline
 
 
 def _bad(p) -> Pass:

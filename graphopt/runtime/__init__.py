@@ -3,5 +3,6 @@ branches of torch.cond; ONNX Runtime segments around TVM kernels). What a user s
 from .build import build_early_exit
 from .control import HostProgram, has_cond, lower_conds
 from .dispatch import EarlyExitExecutable
+from .program import build_program
 
-__all__ = ["EarlyExitExecutable", "HostProgram", "has_cond", "lower_conds", "build_early_exit"]
+__all__ = ["EarlyExitExecutable", "HostProgram", "build_early_exit", "build_program", "has_cond", "lower_conds"]

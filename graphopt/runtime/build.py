@@ -1,7 +1,6 @@
 """Building a planned early exit: each segment through the rest of the pipeline, then the backend."""
 from __future__ import annotations
 
-import onnxruntime as ort
 import torch
 from torch.export import Dim
 
@@ -12,18 +11,21 @@ from ..targets import Target
 from .dispatch import EarlyExitExecutable
 
 
-def build_early_exit(plan, backend: Backend, target: Target, passes: list[Pass], tune=None) -> EarlyExitExecutable:
+def build_early_exit(plan, backend: Backend, target: Target, passes: list[Pass], tune=None,
+                     cost=None) -> EarlyExitExecutable:
     """`plan` (passes.skip.ExitPlan): every segment optimized by `passes` (those after early_exit in the
     pipeline: epilogue fusions, cleanup) and built by `backend` with a dynamic batch dim, since each runs
-    on the samples still going."""
+    on the samples still going. Segments run one after another: graphopt's ORT sessions do not spin after a
+    run (sessions.py), so one segment's workers do not take the cores from the next (on the digits classifier,
+    2 cores, spinning sessions measured 57 vs 45 ms for 397 images, 2.24 vs 0.79 ms per single image)."""
     executables = []
     for segment, example in zip(plan.segments, plan.example):
         if passes:
-            PassManager(passes).run(segment.graph, PassContext(target, example))
+            PassManager(passes).run(segment.graph, PassContext(target, example, cost=cost))
         if backend.name in ("ort", "auto") and segment.has_hidden:
             blocked_layout_entry(segment.graph, segment.graph.inputs[:1])
         dynamic = tuple({0: Dim.DYNAMIC} for _ in example)
-        executables.append(quiet_threads(backend.build(segment.graph, target, BuildInputs(example, {}, dynamic, tune))))
+        executables.append(backend.build(segment.graph, target, BuildInputs(example, {}, dynamic, tune, cost=cost)))
     return EarlyExitExecutable(executables, [s.inputs for s in plan.segments], plan.thresholds, plan.labels,
                                getattr(executables[0], "backend", backend.name),
                                [s.graph for s in plan.segments], plan.example)
@@ -42,21 +44,3 @@ def blocked_layout_entry(graph: Graph, inputs) -> None:
         pooled = graph.call(torch.ops.aten.max_pool2d.default, (hidden, [1, 1]), before=first)
         hidden.replace_all_uses_with(pooled, delete_user_cb=lambda user, p=pooled: user is not p)
     graph.module.recompile()
-
-
-def quiet_threads(executable):
-    """An ONNX Runtime segment's session remade with its worker threads not spinning after a run: segments
-    run one after another, and each session's spinning pool took the cores from the next one. On the
-    digits classifier (2 cores, busy machine) the dispatcher measured 57 → 45 ms for 397 images and
-    2.24 → 0.79 ms per single image. Other executables are returned as they are."""
-    exe = getattr(executable, "chosen", executable)          # backend "auto" wraps what it chose
-    session = getattr(exe, "session", None)
-    if not isinstance(session, ort.InferenceSession):
-        return executable
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    exe.session = ort.InferenceSession(exe.model.SerializeToString(), options, providers=session.get_providers(),
-                                       disabled_optimizers=[name for name, *_ in getattr(exe, "slow", ())])
-    return executable

@@ -10,23 +10,22 @@ import torch.fx as fx
 
 from ..backends import BuildInputs, Executable, OrtBackend, TvmBackend
 from ..backends.auto import ChosenExecutable
-from ..cost import CostModel
 from ..ir import Graph
 from ..ops.fft_conv import fused_kernel_applies
 from ..targets import Target
-from .build import quiet_threads
 from .control import HostProgram, segment, values_on
 
 
-def tvm_kernel_ops(graph: Graph) -> list[fx.Node]:
-    """The ops that run a TIR kernel of graphopt's own on TVM's CPU target: fft_conv1d where the fused kernel
+def tvm_kernel_ops(graph: Graph, target: Target) -> list[fx.Node]:
+    """The ops that run a TIR kernel of graphopt's own on TVM for `target`: fft_conv1d where the fused kernel
     applies (the same rule its Relax lowering follows) and its spectrum is a weight."""
     return [n for n in graph.fx.nodes if n.target is torch.ops.graphopt.fft_conv1d.default
-            and n.args[1].op == "get_attr" and fused_kernel_applies(graph.constant(n.args[1]).shape, n.args[2], "cpu")]
+            and n.args[1].op == "get_attr" and fused_kernel_applies(graph.constant(n.args[1]).shape, n.args[2], target)]
 
 
 def worth_trying(graph: Graph, target: Target, inputs: BuildInputs) -> bool:
-    if target.name != "cpu" or inputs.dynamic_shapes is not None or not tvm_kernel_ops(graph):
+    """Only where both sides can be timed here, with static shapes (the TVM kernels are built for the example's)."""
+    if not target.host or inputs.dynamic_shapes is not None or not tvm_kernel_ops(graph, target):
         return False
     try:
         import tvm  # noqa: F401
@@ -35,12 +34,12 @@ def worth_trying(graph: Graph, target: Target, inputs: BuildInputs) -> bool:
     return True
 
 
-def lower_mixed(graph: Graph, target: Target, example: list[torch.Tensor]) -> HostProgram:
+def lower_mixed(graph: Graph, target: Target, example: list[torch.Tensor], cost=None) -> HostProgram:
     """ORT segments between one-op TVM segments (their inputs and outputs passed as torch tensors)."""
-    kernels, values = set(tvm_kernel_ops(graph)), values_on(graph, example)
+    kernels, values = set(tvm_kernel_ops(graph, target)), values_on(graph, example)
 
-    def build(backend):                    # ORT workers that spin after a run would take the cores from TVM's
-        return lambda piece, ex: quiet_threads(backend.build(piece, target, BuildInputs(tuple(ex))))
+    def build(backend):                    # graphopt's ORT sessions do not spin after a run (sessions.py)
+        return lambda piece, ex: backend.build(piece, target, BuildInputs(tuple(ex), cost=cost))
     steps, run = [], []
     for n in (n for n in graph.fx.nodes if n.op == "call_function"):
         if n not in kernels:
@@ -58,9 +57,9 @@ def lower_mixed(graph: Graph, target: Target, example: list[torch.Tensor]) -> Ho
 def with_tvm_kernels(graph: Graph, target: Target, inputs: BuildInputs, chosen: Executable) -> Executable:
     """`chosen` (backend auto's pick) or the mixed program, whichever measures faster on the example inputs."""
     flat = graph.flat_inputs(inputs.args, inputs.kwargs)
-    mixed = lower_mixed(graph, target, flat)
-    ms = CostModel(target).compare({"chosen": chosen.run, "mixed": mixed.run}, (flat,))
-    n = len(tvm_kernel_ops(graph))
+    mixed = lower_mixed(graph, target, flat, inputs.cost)
+    ms = inputs.cost.compare({"chosen": chosen.run, "mixed": mixed.run}, (flat,))
+    n = len(tvm_kernel_ops(graph, target))
     line = (f"backend auto: {n} depthwise FFT conv(s) on graphopt's TVM kernel between ONNX Runtime segments "
             f"{ms['mixed']:.3g} ms vs without {ms['chosen']:.3g} ms per call (interleaved rounds, medians): ")
     if ms["mixed"] < ms["chosen"]:

@@ -1,8 +1,8 @@
 """FFT-convolution rewriting: long 1-D convolutions become graphopt::fft_conv1d (lowered for ONNX Runtime
 as a matmul (Monarch) FFT, for TVM on CPU as graphopt's fused FFT kernel when depthwise), and large-kernel
 depthwise 2-D convolutions graphopt::fft_conv2d, a per-axis matmul DFT convolution, where the target's
-cost model (ctx.cost: rates measured on the target in ONNX Runtime, the slower of the two lowerings)
-says it is faster. Three sources:
+cost model (ctx.cost: rates measured on the target with the backend that will run the model) says it is
+faster. Three sources:
 
   1. aten.convolution with a 1-D kernel (dense, grouped or depthwise; stride and dilation 1), a
      zero pad in front of it folded in (the causal-conv idiom pad(x, [K−1, 0]) → conv);
@@ -49,7 +49,7 @@ class FFTConv(Pass):
                            f"({ctx.cost.unmeasurable}); give FFTConv(force='fft') to rewrite without measuring")
             return result
         decided = []           # per conv the cost model priced: both estimates and the form chosen
-        for node in list(graph.ops()):
+        for node in self.nodes(graph, aten.convolution.default, aten._fft_c2r.default):
             if node.target is aten.convolution.default:
                 self._conv(graph, node, result, ctx.cost, decided)
             elif node.target is aten._fft_c2r.default:
@@ -59,7 +59,7 @@ class FFTConv(Pass):
                          "chosen", "period"], decided, bars=("direct ms", "FFT ms"), unit=" ms")
         if ctx.cost.measured("fft_rates"):
             rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in ctx.cost.fft_rates().items())
-            result.notes.append(f"cost model rates measured on {ctx.target} (GMAC/s): {rates}")
+            result.notes.append(f"cost model rates measured with {ctx.cost.on} (GMAC/s): {rates}")
         return result
 
     def _choose(self, shape: ConvShape | Conv2dShape, cost: CostModel):

@@ -170,19 +170,18 @@ class FuseAttention(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
-        for node in list(graph.ops()):          # rule 1
-            if is_call(node, aten._softmax.default, aten.softmax.int):
-                consumers = [u for u in node.users if is_call(u, aten.matmul.default, aten.bmm.default)]
-                if len(consumers) != 1 or len(node.users) != 1:
-                    result.skipped(f"%{node.name}: softmax is not consumed by exactly one matmul")
-                    continue
-                found, reason = match_written_out(consumers[0])
-                if reason:
-                    result.skipped(f"%{node.name}: written-out attention not recognised: {reason}")
-                    continue
-                self._to_sdpa(graph, consumers[0], found)
-                result.did(f"%{consumers[0].name}: written-out attention (softmax %{node.name}) → SDPA")
-        for node in list(graph.fx.find_nodes(op="call_function", target=SDPA)):   # rule 2
+        for node in self.nodes(graph, aten._softmax.default, aten.softmax.int):          # rule 1
+            consumers = [u for u in node.users if is_call(u, aten.matmul.default, aten.bmm.default)]
+            if len(consumers) != 1 or len(node.users) != 1:
+                result.skipped(f"%{node.name}: softmax is not consumed by exactly one matmul")
+                continue
+            found, reason = match_written_out(consumers[0])
+            if reason:
+                result.skipped(f"%{node.name}: written-out attention not recognised: {reason}")
+                continue
+            self._to_sdpa(graph, consumers[0], found)
+            result.did(f"%{consumers[0].name}: written-out attention (softmax %{node.name}) → SDPA")
+        for node in self.nodes(graph, SDPA):   # rule 2
             reason = why_not_fusable(node)
             if reason:
                 result.skipped(f"%{node.name}: {reason}")

@@ -87,9 +87,7 @@ class FuseEpilogues(Pass):
     def _fuse(self, graph: Graph, convs: bool) -> PassResult:
         result = PassResult()
         view = None
-        for node in list(graph.ops()):
-            if node.target not in (aten.convolution.default, aten.linear.default):
-                continue
+        for node in self.nodes(graph, aten.convolution.default, aten.linear.default):
             if node.target is aten.convolution.default and not convs:
                 continue
             reason = self._why_not_conv(node) if node.target is aten.convolution.default else None

@@ -89,9 +89,7 @@ class FuseNorms(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
-        for node in list(graph.ops()):
-            if node.graph is None or not is_call(node, aten.mul.Tensor, aten.div.Tensor):
-                continue
+        for node in self.nodes(graph, aten.mul.Tensor, aten.div.Tensor):
             found = _normalizer(node)
             if found is None:
                 continue

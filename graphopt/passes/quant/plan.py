@@ -16,36 +16,17 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ...errors import InputError, UnsupportedError
+from ...errors import InputError
 from ...ir import Graph, copy_graph
 from ...ops import quant
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe, run_batches
 from ..drift import cosine_error, rank_correlation
-from ..pipelines import place
 from .layers import (CONV, LINEAR, QuantOptions, activation_qparams, layer_name, layers, quantize_weight, uniform_plan,
                      weight_max)
 from .observers import Observer
+from .options import DEFAULT_BUDGET
 from .quantize import Quantize
-
-DEFAULT_BUDGET = 0.01
-
-
-def with_quantization(pipeline: list[Pass], quantize: str | None, budget: float | None, model) -> list[Pass]:
-    """The pipeline with the quantization pass the user asked for, in the lossy phase: after the fusions
-    that read float patterns (attention, norms), before the epilogue fusion (which leaves QDQ convs alone)."""
-    if budget is not None and quantize != "auto":
-        raise InputError("accuracy_budget= applies to quantize='auto'")
-    if quantize is None:
-        return pipeline
-    if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < 1):
-        raise InputError(f"accuracy_budget={budget!r}: give the allowed mean (1 - cosine) output error, e.g. 0.01")
-    qpass = QuantizeAuto(budget or DEFAULT_BUDGET) if quantize == "auto" else Quantize(quantize)   # checks the mode
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes - {torch.float32}:
-        raise UnsupportedError(f"quantize={quantize!r} lowers float32 models; this one has "
-                               f"{', '.join(sorted(map(str, dtypes)))} weights: call model.float() first")
-    return place(pipeline, qpass)
 
 
 @register
@@ -136,7 +117,7 @@ class QuantizeAuto(Pass):
             sub = Quantize("int8", opts, plan).run(graph, ctx)
             result.rewrites += sub.rewrites
             result.notes.extend(sub.notes)
-        self.plan, self.measured = plan, measured
+        result.plan = {"layers": dict(plan), "measured_loss": measured}
         return result
 
 

@@ -237,7 +237,7 @@ def _gemm_path(conv: fx.Node, ctx: PassContext, qmax: int) -> tuple[bool, str | 
     (a choice ORT's CPU provider has; on other targets, or where nothing can be measured, keep the default)."""
     a = conv_args(conv)
     x, w = tensor_meta(a.x), tensor_meta(a.weight)
-    if ctx.target.name != "cpu" or ctx.cost.unmeasurable or not all(isinstance(d, int) for d in (*x.shape, *w.shape)):
+    if not ctx.target.host or ctx.cost.unmeasurable or not all(isinstance(d, int) for d in (*x.shape, *w.shape)):
         return False, None
     return ctx.cost.int8_conv_gemm_path(*x.shape, w.shape[0], *w.shape[2:], tuple(a.stride), tuple(a.padding),
                                         tuple(a.dilation), a.groups, qmax)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import InputError
+from ...options import fraction
 from ..drift import cosine_error
 
 METRICS = ("cosine", "top1")
@@ -12,9 +13,8 @@ METRICS = ("cosine", "top1")
 
 def check(option: str, budget, metric: str) -> None:
     """InputError for a budget outside (0, 1) or an unknown metric (raised when the option is made)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
-        raise InputError(f"{option}(budget={budget!r}): give the allowed quality loss as a fraction in (0, 1), e.g. "
-                         "0.01 (mean 1 − cosine to the full model's outputs, or top-1 disagreement with metric='top1')")
+    fraction(option, "budget", budget, "the allowed quality loss, e.g. 0.01 (mean 1 − cosine to the full "
+             "model's outputs, or top-1 disagreement with metric='top1')")
     if metric not in METRICS:
         raise InputError(f"{option}(metric={metric!r}): choose 'cosine' (mean 1 − cosine to the full model's outputs) "
                          "or 'top1' (top-1 disagreement with the full model, for classifiers)")

@@ -1,4 +1,4 @@
-"""EarlyExit: exits after residual blocks, each with a light head and a confidence threshold, planned so the
+"""PlanExits (the pass of the EarlyExit option): exits after residual blocks, each with a light head and a confidence threshold, planned so the
 quality lost on held-out calibration data stays within a budget; the graph is split into segments there.
 
 Exit points are the cuts between blocks (a block's output that dominates the model's output in the
@@ -52,7 +52,7 @@ class _Collect:
 
 
 @register
-class EarlyExit(Pass):
+class PlanExits(Pass):
     name = "early_exit"
     phase = "lossy"
     summary = "exits after residual blocks with fitted heads and confidence thresholds within a quality budget"
@@ -60,12 +60,11 @@ class EarlyExit(Pass):
     needs_calibration = True
 
     def __init__(self, budget: float = 0.01, metric: str = "cosine"):
-        quality.check("EarlyExit", budget, metric)
+        quality.check("PlanExits", budget, metric)
         self.budget, self.metric = float(budget), metric
-        self.plan: ExitPlan | None = None
 
     def __repr__(self) -> str:
-        return f"EarlyExit(budget={self.budget:g}, metric={self.metric!r})"
+        return f"PlanExits(budget={self.budget:g}, metric={self.metric!r})"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -134,7 +133,7 @@ class EarlyExit(Pass):
             cuts2 = [cuts[k] for k in keep]
             segments = split(graph, cuts2, [heads[k] for k in keep])
             example = segment_inputs(graph, batches[big], cuts2, segments)
-        self.plan = ExitPlan(segments, [thresholds[k] for k in keep], [points[k][0] for k in keep],
+        result.plan = ExitPlan(segments, [thresholds[k] for k in keep], [points[k][0] for k in keep],
                              [heads[k] for k in keep],
                              [f"block {points[k][0]} [{blocks[points[k][0]].path}]" for k in keep], example,
                              self.metric, self.budget, loss, [fractions[k] for k in keep] + [fractions[-1]], relative)

@@ -1,4 +1,4 @@
-"""LayerSkip: drop the residual blocks that cost least quality per millisecond saved, within a budget.
+"""DropBlocks (the pass of the LayerSkip option): drop the residual blocks that cost least quality per millisecond saved, within a budget.
 
 Per block, on the calibration batches: the output error with the block removed (its add returns the
 skip input), and ShortGPT's Block Influence, 1 − cos(block input, block output), a proxy needing one
@@ -23,7 +23,7 @@ from .blocks import LOOKED_FOR, Block, find_blocks
 
 
 @register
-class LayerSkip(Pass):
+class DropBlocks(Pass):
     name = "layer_skip"
     phase = "lossy"
     summary = "drop residual blocks (attention/FFN sub-blocks, conv blocks) within a quality budget"
@@ -31,11 +31,11 @@ class LayerSkip(Pass):
     needs_calibration = True
 
     def __init__(self, budget: float = 0.01, metric: str = "cosine"):
-        quality.check("LayerSkip", budget, metric)
+        quality.check("DropBlocks", budget, metric)
         self.budget, self.metric = float(budget), metric
 
     def __repr__(self) -> str:
-        return f"LayerSkip(budget={self.budget:g}, metric={self.metric!r})"
+        return f"DropBlocks(budget={self.budget:g}, metric={self.metric!r})"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()

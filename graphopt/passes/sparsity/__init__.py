@@ -5,6 +5,6 @@ cost model measures them faster (ops/sparse.py). Options: options.Sparsity."""
 from . import prune, shrink  # noqa: F401  (registers the passes)
 from .detect import LayerSparsity, inert_units, layer_sparsity
 from .groups import Group, find_groups
-from .options import Sparsity, with_sparsity
+from .options import Sparsity
 
-__all__ = ["Group", "LayerSparsity", "Sparsity", "find_groups", "inert_units", "layer_sparsity", "with_sparsity"]
+__all__ = ["Group", "LayerSparsity", "Sparsity", "find_groups", "inert_units", "layer_sparsity"]

@@ -1,4 +1,4 @@
-"""compile()'s sparsity= option: what the user asks for, checked before any work, placed in the pipeline.
+"""compile()'s sparsity= option: what the user asks for, checked before any work.
 
     Sparsity()                          find what is already zero in the weights and remove it (exact)
     Sparsity("structured", ratio=0.5)   remove half of every prunable group's units (channels, heads, FFN units)
@@ -15,15 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import InputError
-from ..base import Pass, family
-from ..pipelines import place
+from ...options import Option, fraction
+from ..base import available
 
 PATTERNS = ("zeros", "structured", "block", "N:M (e.g. '2:4')")
 RECONSTRUCT = ("refit", "bias", "none")
 
 
 @dataclass(frozen=True)
-class Sparsity:
+class Sparsity(Option):
+    keyword = "sparsity"
     pattern: str = "zeros"
     ratio: float | None = None          # fraction removed: units per group / blocks per layer
     budget: float | None = None         # allowed mean (1 − cosine) output error on the calibration data
@@ -34,11 +35,9 @@ class Sparsity:
     def __post_init__(self):
         if not isinstance(self.pattern, str) or not (self.pattern in ("zeros", "structured", "block") or self.nm):
             raise InputError(f"Sparsity pattern {self.pattern!r} is unknown: give one of {', '.join(PATTERNS)}")
-        for arg in ("ratio", "budget"):
-            v = getattr(self, arg)
-            if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
-                raise InputError(f"Sparsity {arg}={v!r}: give a number strictly between 0 and 1"
-                                 + (" (the fraction removed)" if arg == "ratio" else " (allowed mean 1 − cosine error)"))
+        for arg, meaning in (("ratio", "the fraction removed"), ("budget", "the allowed mean 1 − cosine error")):
+            if getattr(self, arg) is not None:
+                fraction("Sparsity", arg, getattr(self, arg), meaning)
         if self.pattern == "zeros" and (self.ratio is not None or self.budget is not None):
             raise InputError("Sparsity('zeros') removes what is already zero: ratio= and budget= apply to a pruning "
                              "pattern ('structured', 'block', '2:4')")
@@ -66,30 +65,21 @@ class Sparsity:
     def prunes(self) -> bool:
         return self.pattern != "zeros"
 
+    @property
+    def needs_calibration(self) -> bool:   # importance, reconstruction and the budget are measured on it
+        return self.prunes
 
-def with_sparsity(pipeline: list[Pass], sparsity, model: torch.nn.Module, calibration: list) -> list[Pass]:
-    """The pipeline with the sparsity pass (exact removal in the rewrite phase; pruning in the lossy phase),
-    or an InputError: wrong type, pruning without calibration data, a pattern that fits no chosen layer."""
-    if sparsity is None:
-        return pipeline
-    if not isinstance(sparsity, Sparsity):
-        raise InputError(f"sparsity= takes a graphopt.Sparsity(...), got {type(sparsity).__name__}")
-    from .prune import Sparsify
-    from .shrink import ShrinkInert
-    if not sparsity.prunes:         # the default pipelines already remove what is zero in the weights
-        return pipeline if any(isinstance(p, ShrinkInert) for p in pipeline) else place(pipeline, ShrinkInert())
-    if not calibration:
-        raise InputError(f"Sparsity({sparsity.pattern!r}) prunes, so it needs calibration data: pass "
-                         "calibration=[batch, ...] with a few representative inputs shaped like example_inputs "
-                         "(importance, reconstruction and the budget are measured on them)")
-    check_fits(sparsity, model)
-    pruner = Sparsify(sparsity)
-    pipeline = place(pipeline, pruner)
-    quant = next((i for i, p in enumerate(pipeline) if family(type(p)) == "quant"), None)
-    if quant is not None and quant < pipeline.index(pruner):    # prune the float weights, then quantize
-        pipeline.remove(pruner)
-        pipeline.insert(quant, pruner)
-    return pipeline
+    without_calibration = " (importance, reconstruction and the budget are measured on them)"
+
+    def check(self, model: torch.nn.Module, target, backend: str) -> None:
+        if self.prunes:
+            check_fits(self, model)
+
+    def passes(self) -> list:
+        """Exact removal in the rewrite phase (already in every default pipeline); pruning in the lossy phase,
+        before quantization (the float weights are pruned, then quantized)."""
+        made = available()   # by name: prune.py reads this option, so importing it here would be a cycle
+        return [made["sparsify"](self)] if self.prunes else [made["shrink_inert"]()]
 
 
 def check_fits(sparsity: Sparsity, model: torch.nn.Module) -> None:

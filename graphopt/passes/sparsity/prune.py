@@ -135,6 +135,7 @@ class Sparsify(Pass):
     summary = "prune post-training (structured groups, block-sparse or N:M linears) with reconstruction"
     lossy = True
     needs_calibration = True
+    precedes = ("quant",)   # the float weights are pruned (and refit), then quantized
 
     def __init__(self, options: Sparsity | None = None):
         self.options = options or Sparsity("structured", budget=0.01)

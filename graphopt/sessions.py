@@ -1,0 +1,46 @@
+"""The one way graphopt opens an ONNX Runtime session: the compiled model's, the cost model's probes, the
+benchmarks' ORT peers and the bundle's ORT-format writer all come through `ort_session`.
+
+By default the intra-op workers do not spin after a run. ORT's workers otherwise busy-wait for more work
+after each call and hold the cores: PyTorch code a user runs right after `cm(x)` ran many times slower for
+~0.1 s (eager torch.fft 0.5 → 8 ms), and graphopt's own host programs (early-exit segments, ORT segments
+around TVM kernels) slowed each other. Turning it off measured no slower on ResNet-50 and BERT-base
+(benchmarks/bench_sessions.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+
+def ort_session(model: bytes | str | Path, providers=("CPUExecutionProvider",), *, optimize: bool = True,
+                disabled: tuple[str, ...] | list[str] = (), spinning: bool = False,
+                save_optimized: Path | str | None = None, save_format: str | None = None,
+                profile_prefix: str | None = None) -> ort.InferenceSession:
+    """An InferenceSession on `providers`. `optimize=False` runs the graph as written; `disabled` names ORT
+    optimizers to leave out; `save_optimized` writes ORT's optimized model there (format "ORT" or ONNX);
+    `profile_prefix` turns ORT's profiler on (its JSON file starts so)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if save_optimized is not None:
+        options.optimized_model_filepath = str(save_optimized)
+    if save_format is not None:
+        options.add_session_config_entry("session.save_model_format", save_format)
+    if profile_prefix is not None:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, options, providers=list(providers), disabled_optimizers=list(disabled))
+
+
+def spins(session: ort.InferenceSession) -> bool:
+    """Whether a session's intra-op workers busy-wait after a run (ORT's default when not configured)."""
+    entries = session.get_session_options().get_session_config_entry
+    try:
+        return entries("session.intra_op.allow_spinning") != "0"
+    except Exception:   # not set: ORT's default, spinning
+        return True
