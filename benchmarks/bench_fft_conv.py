@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt import bench
 from graphopt.cli import load_factory
-from graphopt.passes.drift import drift, flat_tensors
+from graphopt.numerics import drift, flat_tensors
 from graphopt.cost import ConvShape, CostModel
 
 SLOW_S = 0.5      # systems slower than this per call are timed by single calls, not interleaved rounds

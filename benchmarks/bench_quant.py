@@ -37,7 +37,7 @@ from onnxruntime.transformers.optimizer import optimize_model
 
 import graphopt
 from graphopt import bench, zoo
-from graphopt.passes.drift import rank_correlation, sqnr_db
+from graphopt.numerics import rank_correlation, sqnr_db
 from graphopt.quiet import quiet
 from graphopt.sessions import ort_session
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt import bench, zoo
 from graphopt.cost import CostModel
-from graphopt.passes.drift import cosine_error, flat_tensors, rank_correlation
+from graphopt.numerics import cosine_error, flat_tensors, rank_correlation
 
 
 def cosine(model, run, held_out) -> float:

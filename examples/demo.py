@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import bench, zoo
-from graphopt.passes import drift
-from graphopt.passes.drift import flat_tensors
+
+from graphopt.numerics import drift, flat_tensors
 
 
 def main():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import bench, zoo
-from graphopt.passes.drift import sqnr_db
+from graphopt.numerics import sqnr_db
 
 
 def build():

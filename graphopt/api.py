@@ -18,10 +18,11 @@ from .errors import InputError, UnsupportedError
 from .options import Option, check_calibration
 from .passes import Pass, PassContext, PassManager, resolve, with_options
 from .passes.calibration import check_batches
-from .passes.drift import flat_tensors
+from .numerics import flat_tensors
 from .passes.quant.options import Quantization, quantization
 from .passes.skip import EarlyExit, LayerSkip
 from .passes.sparsity import Sparsity
+from .report import instruments
 from .runtime import build_program, has_cond
 from .targets import Target, get_target
 
@@ -119,17 +120,17 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     if has_cond(graph):
         _check_cond_options(pipeline, dynamic_shapes)
     cost = be.cost_model(tgt)            # every measured decision, timed as this backend runs the model
-    manager = PassManager(pipeline, dump_dir, verify, tolerance, reference)
+    manager = PassManager(pipeline, instruments(dump_dir, verify, tolerance, reference))
     manager.run(graph, PassContext(tgt, args, kwargs, calibration, cost))
     t0 = time.perf_counter()
     inputs = BuildInputs(args, kwargs, dynamic_shapes, tune, precision, cost)
     executable = build_program(graph, be, tgt, inputs, pipeline, manager.plans)
     build_s = time.perf_counter() - t0
     compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records,
-                              [(p.name, p.phase) for p in pipeline], (graph.flat_inputs(args, kwargs), eager),
+                              [(p.name, getattr(p, "phase", "unknown")) for p in pipeline], (graph.flat_inputs(args, kwargs), eager),
                               manager.plans)
-    outputs = compiled(*args, **kwargs) if manager.measuring and compiled.runs_here else None
-    manager.record_backend(f"backend-{be.name}", outputs, build_s, graph, executable.describe(),
+    outputs = compiled(*args, **kwargs) if reference is not None and compiled.runs_here else None
+    manager.record_backend(f"backend-{compiled.backend}", outputs, build_s, graph, executable.describe(),
                            getattr(executable, "tables", list)(), rounds=None if precision == "fp32" else precision)
     return compiled
 

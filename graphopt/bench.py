@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from .cost.clock import time_side_by_side, time_single_calls  # noqa: F401  (the benchmarks' clock)
-from .passes.drift import flat_tensors
+from .numerics import flat_tensors
 from .quiet import quiet
 from .sessions import ort_session
 

@@ -102,7 +102,7 @@ def _passes(ns: argparse.Namespace) -> int:
 
 
 def _report(ns: argparse.Namespace) -> int:
-    from .passes.report import render
+    from .report import render
     folder = Path(ns.directory)
     if not folder.is_dir():
         raise InputError(f"{ns.directory!r} is not a folder; give a dump_dir a compile wrote")

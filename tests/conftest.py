@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from graphopt.passes.drift import drift, flat_tensors
+from graphopt.numerics import drift, flat_tensors
 
 
 @pytest.fixture(autouse=True)

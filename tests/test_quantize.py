@@ -17,7 +17,7 @@ import graphopt
 from conftest import need_module
 from graphopt import InputError, UnsupportedError, VerificationError, bench, get_target, zoo
 from graphopt.passes import Pass, PassResult
-from graphopt.passes.drift import cosine_error, flat_tensors
+from graphopt.numerics import cosine_error, flat_tensors
 from graphopt.passes.pipelines import default_pipeline
 from graphopt.passes.quant.observers import Observer, quantization_mse
 from graphopt.passes.quant.quantize import Quantize, QuantOptions

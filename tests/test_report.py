@@ -11,7 +11,7 @@ import torch
 import graphopt
 from graphopt import zoo
 from graphopt.cli import main as cli
-from graphopt.passes import manager
+from graphopt.report import instruments as dump_instruments
 
 from conftest import need_tool
 
@@ -71,7 +71,7 @@ def test_report_json_follows_its_documented_schema_and_cli_renders_it_again(quan
 
 
 def test_a_large_graph_is_drawn_as_the_region_a_pass_changed(tmp_path, monkeypatch):
-    monkeypatch.setattr(manager, "WHOLE_LIMIT", 20)
+    monkeypatch.setattr(dump_instruments, "WHOLE_LIMIT", 20)
     model, args = zoo.build("bert", size="tiny", seq=16)
     graphopt.compile(model, args, dump_dir=tmp_path)
     attention = next(tmp_path.glob("*-fuse_attention"))

@@ -15,7 +15,7 @@ from graphopt.cost import probes
 from graphopt.errors import InputError
 from graphopt.ops import onnx_translation_table, sparse
 from graphopt.passes import PassContext, PassManager, resolve
-from graphopt.passes.drift import cosine_error
+from graphopt.numerics import cosine_error
 from graphopt.passes.sparsity import Sparsity, find_groups
 from graphopt.passes.sparsity.shrink import macs
 from graphopt.quiet import quiet

@@ -21,7 +21,7 @@ from ..artifacts import write_atomically, write_bytes_atomically, writable_dir
 from ..backends.ort import OrtExecutable
 from ..codegen.onnx import to_onnx
 from ..errors import InputError
-from ..passes.drift import flat_tensors
+from ..numerics import flat_tensors
 from ..runtime.dispatch import EarlyExitExecutable
 from ..sessions import ort_session
 from ..targets import get_target, host_arch

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..passes.drift import sqnr_db
+from ..numerics import sqnr_db
 from ..targets import host_arch
 from ..errors import InputError, UnsupportedError, VerificationError
 from .bundle import checked_file, read_manifest

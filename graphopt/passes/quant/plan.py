@@ -21,7 +21,7 @@ from ...ir import Graph, copy_graph
 from ...ops import quant
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe, run_batches
-from ..drift import cosine_error, rank_correlation
+from ...numerics import cosine_error, rank_correlation
 from .layers import (CONV, LINEAR, QuantOptions, activation_qparams, layer_name, layers, quantize_weight, uniform_plan,
                      weight_max)
 from .observers import Observer

@@ -28,7 +28,7 @@ from ...ir import Graph, conv_args, is_call, linear_args, tensor_meta, zero_pad_
 from ...ops import quant
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe
-from ..drift import sqnr_db
+from ...numerics import sqnr_db
 from .layers import (CONV, LINEAR, MODES, QuantOptions, activation_qparams, layer_name, quantize_weight, uniform_plan,
                      weight_max)
 from .observers import Observer

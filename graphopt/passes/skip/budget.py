@@ -6,7 +6,7 @@ import torch
 
 from ...errors import InputError
 from ...options import fraction
-from ..drift import cosine_error
+from ...numerics import cosine_error
 
 METRICS = ("cosine", "top1")
 

@@ -17,7 +17,7 @@ from ...errors import UnsupportedError
 from ...ir import Graph
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe, run_batches
-from ..drift import rank_correlation
+from ...numerics import rank_correlation
 from . import budget as quality
 from .blocks import LOOKED_FOR, Block, find_blocks
 

@@ -20,7 +20,7 @@ from ...ir import Graph, conv_args, tensor_meta
 from ...ops.sparse import pack_bsr
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe, run_batches
-from ..drift import cosine_error
+from ...numerics import cosine_error
 from ..quant.layers import layer_name
 from .detect import layers as weighted_layers
 from .groups import CONV, LINEAR, Group, find_groups

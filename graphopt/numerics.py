@@ -1,4 +1,4 @@
-"""Numerical drift: how far a graph's outputs are from eager PyTorch's on the example inputs, and the
+"""Numerics every layer may use: drift (how far a graph's outputs are from eager PyTorch's on the example inputs),
 accuracy measures lossy passes are judged by (cosine error, SQNR, rank correlation)."""
 from __future__ import annotations
 
