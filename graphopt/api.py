@@ -22,7 +22,7 @@ from .numerics import flat_tensors
 from .passes.quant.options import Quantization, quantization
 from .passes.skip import EarlyExit, LayerSkip
 from .passes.sparsity import Sparsity
-from .report import instruments
+from .report import default_instruments
 from .runtime import build_program, has_cond
 from .targets import Target, get_target
 
@@ -120,7 +120,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     if has_cond(graph):
         _check_cond_options(pipeline, dynamic_shapes)
     cost = be.cost_model(tgt)            # every measured decision, timed as this backend runs the model
-    manager = PassManager(pipeline, instruments(dump_dir, verify, tolerance, reference))
+    manager = PassManager(pipeline, default_instruments(dump_dir, verify, tolerance, reference))
     manager.run(graph, PassContext(tgt, args, kwargs, calibration, cost))
     t0 = time.perf_counter()
     inputs = BuildInputs(args, kwargs, dynamic_shapes, tune, precision, cost)

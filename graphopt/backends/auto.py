@@ -28,7 +28,7 @@ class ChosenExecutable:
         return self.chosen.artifact()
 
     def describe(self) -> list[str]:
-        return self.decision + self.chosen.describe()
+        return self.chosen.describe() + self.decision
 
     def __getattr__(self, name):          # export_library when TVM was kept
         return getattr(self.chosen, name)

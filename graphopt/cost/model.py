@@ -11,6 +11,7 @@ backend, ISA and library versions."""
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -136,7 +137,14 @@ class CostModel:
             kind: macs / self.module_seconds(module, x) for kind, (module, x, macs) in rate_probes().items()})
 
     def fft_decision(self, shape: ConvShape | Conv2dShape) -> Decision:
-        return decide(shape, self.fft_rates())
+        """The cheaper form at the rates probed on the backend. TVM runs 1-D FFT convs as graphopt's fused kernel
+        (what its "fft" probe times) only for depthwise convs of period ≥ 64; the rest would take the Monarch form,
+        whose rate is not probed there, so they stay direct rather than be priced at another kernel's rate."""
+        d = decide(shape, self.fft_rates())
+        if self.backend == "tvm" and isinstance(shape, ConvShape) and not (
+                shape.depthwise and math.prod(shape.fft_size()[1]) >= 64 and not self.target.gpu):
+            return Decision("direct", d.direct_ms, float("inf"), d.period)
+        return d
 
     # --- int8 conv kernels: symmetric conv vs im2col + int8 GEMM ---------------------------------
     def int8_conv_gemm_path(self, n: int, c_in: int, h: int, w: int, c_out: int, kh: int, kw: int, stride: tuple,

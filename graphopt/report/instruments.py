@@ -102,7 +102,7 @@ class Verify(Instrument):
                 f"tolerance {self.tolerance:g}{where}")
 
 
-def instruments(dump_dir: Path | None, verify: bool, tolerance: float,
+def default_instruments(dump_dir: Path | None, verify: bool, tolerance: float,
                 reference: list[torch.Tensor] | None) -> list[Instrument]:
     """compile()'s instruments: drift when there is an eager reference (dumps or verify), then the dumps, then
     verify."""

@@ -1,7 +1,7 @@
 """The executable of an optimized graph: what compile() builds once the passes have run."""
 from __future__ import annotations
 
-from ..backends import Backend, BuildInputs, Executable
+from ..backends import Backend, BuildInputs, Executable, OrtBackend
 from ..ir import Graph
 from ..passes import Pass, PassContext, PassManager
 from ..targets import Target
@@ -18,7 +18,9 @@ def build_program(graph: Graph, backend: Backend, target: Target, inputs: BuildI
     if "early_exit" in plans:
         after = [p for p in pipeline[[p.name for p in pipeline].index("early_exit") + 1:]]
         return build_early_exit(plans["early_exit"], backend, target, after, inputs.tune, inputs.cost)
-    if has_cond(graph):
+    if has_cond(graph):          # auto's measured choices are made on straight-line graphs: segments run on ORT
+        backend = OrtBackend() if backend.name == "auto" else backend
+
         def build(g, example):
             return backend.build(g, target, BuildInputs(tuple(example), {}, None, inputs.tune, inputs.precision,
                                                         inputs.cost))

@@ -81,8 +81,8 @@ class FuseEpilogues(Pass):
             return "always", f"conv epilogues fused without measuring ({ctx.cost.unmeasurable})"
         ms = ctx.cost.graphs_ms(trials, ctx.example_args, ctx.example_kwargs)
         keep = "always" if ms["always"] < FUSED_MUST_WIN * ms["never"] else "never"
-        return keep, (f"conv epilogues {'fused' if keep == 'always' else 'left to ONNX Runtime'}: the model measured "
-                      f"{ms['always']:.3g} ms with graphopt.conv_act, {ms['never']:.3g} ms without, on {ctx.target}")
+        return keep, (f"conv epilogues {'fused' if keep == 'always' else 'left to the backend'}: the model measured "
+                      f"{ms['always']:.5g} ms with graphopt.conv_act, {ms['never']:.5g} ms without, with {ctx.cost.on}")
 
     def _fuse(self, graph: Graph, convs: bool) -> PassResult:
         result = PassResult()
