@@ -254,7 +254,7 @@ def test_tuning_database_is_reused_and_budget_respected(tmp_path, capsys, monkey
     assert_matches(second, model, x)
     # the records are this target's: a machine with more cores finds none of them (its budget is spent, so it
     # keeps TVM's defaults rather than the 2-core schedules; MetaSchedule alone would have applied those)
-    monkeypatch.setattr(tvm_backend, "host_cores", lambda: host_cores() + 2)
+    monkeypatch.setattr(graphopt.targets, "host_cores", lambda: host_cores() + 2)
     other = graphopt.compile(model, x, backend="tvm", tune=graphopt.Tune(trials=4, time_budget=0, db=db))
     assert "0 from the database" in other.report[-1].notes[1] and "2 on default schedules" in other.report[-1].notes[1]
     assert sorted(p.name for p in db.iterdir()) == sorted([target_folder(db, host).name,
