@@ -4,7 +4,8 @@ benchmarks' ORT peers and the bundle's ORT-format writer all come through `ort_s
 By default the intra-op workers do not spin after a run. ORT's workers otherwise busy-wait for more work
 after each call and hold the cores: PyTorch code a user runs right after `cm(x)` ran many times slower for
 ~0.1 s (eager torch.fft 0.5 → 8 ms), and graphopt's own host programs (early-exit segments, ORT segments
-around TVM kernels) slowed each other. Turning it off measured no slower on ResNet-50 and BERT-base
+around TVM kernels) slowed each other. Turning it off measured no slower on ResNet-50 (×1.014, noise) and
+BERT-base (×0.996), and a torch op right after a ResNet-50 call went from ×2.2 slower to none
 (benchmarks/bench_sessions.py)."""
 from __future__ import annotations
 
