@@ -10,7 +10,7 @@ import platform
 from dataclasses import dataclass, field
 from functools import cache
 
-from .errors import InputError
+from .errors import GraphoptError, InputError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -78,15 +78,16 @@ class Target:
         mcpu = "sapphirerapids" if "amx_tile" in self.features else codegen.llvm_get_system_cpu()
         return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": host_cores()})
 
-    def tune_refusal(self, time_budget: float) -> str | None:
-        """Why MetaSchedule cannot tune for this target from here (None: it can); it measures where code runs."""
+    def tune_refusal(self, time_budget: float) -> GraphoptError | None:
+        """The error to raise where MetaSchedule cannot tune for this target from here (None: it can): it
+        measures where the code runs."""
         if self.cross_cc is not None:
-            return (f"tune= on target {self.name}: MetaSchedule tunes where the code runs, and this machine cannot "
-                    f"run {self.name} code; give no tune=")
+            return InputError(f"tune= on target {self.name}: MetaSchedule tunes where the code runs, and this machine "
+                              f"cannot run {self.name} code; give no tune=")
         if self.gpu and time_budget > 0 and self.unmeasurable:
-            return ("tune= on target cuda measures kernels on the GPU, and this machine has none: tune on a GPU "
-                    "machine, copy the database folder here and pass graphopt.Tune(db=that folder, time_budget=0) "
-                    "to reuse its records")
+            return UnsupportedError("tune= on target cuda measures kernels on the GPU, and this machine has none: tune "
+                                    "on a GPU machine, copy the database folder here and pass graphopt.Tune(db=that "
+                                    "folder, time_budget=0) to reuse its records")
         return None
 
 

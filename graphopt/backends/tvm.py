@@ -112,8 +112,8 @@ class TvmBackend:
                 raise InputError(f"tune= takes a graphopt.Tune and needs backend='tvm' or 'auto', got "
                                  f"{type(tune).__name__}")
             refusal = target.tune_refusal(tune.time_budget)
-            if refusal:
-                raise (InputError if target.cross_cc else UnsupportedError)(refusal)
+            if refusal is not None:
+                raise refusal
 
     def cost_model(self, target: Target) -> CostModel:
         """Decisions timed on TVM builds of this target (untuned: the tuner runs after the passes)."""

@@ -75,8 +75,7 @@ class CostModel:
         if self.backend == "ort":
             model = _exported(module, x)
             return self.seconds(model.SerializeToString(), {model.graph.input[0].name: x.numpy()})
-        run = self._module_runner(module, x)
-        return time_side_by_side({"probe": run}, (), rounds=3, min_round_s=0.1)["probe"] / 1e3
+        return _alone_ms(self._module_runner(module, x)) / 1e3
 
     def modules_seconds(self, modules: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, float]:
         """Probe modules built and timed side by side in interleaved rounds (see graphs_ms)."""
@@ -106,8 +105,7 @@ class CostModel:
         if self.backend == "ort":
             model, feeds, disabled = self._lowered(graph, args, kwargs)
             return self.seconds(model, feeds, disabled=disabled) * 1e3
-        return time_side_by_side({"graph": self._graph_runner(graph, args, kwargs)}, (), rounds=3,
-                                 min_round_s=0.1)["graph"]
+        return _alone_ms(self._graph_runner(graph, args, kwargs))
 
     def graphs_ms(self, graphs: dict[str, object], args: tuple, kwargs: dict | None = None) -> dict[str, float]:
         """Milliseconds per call of IR graphs as the backend runs them, timed side by side in interleaved
@@ -255,6 +253,11 @@ def _exported(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
     with quiet(stdout=True):
         return torch.onnx.export(module.eval(), (x,), dynamo=True,
                                  custom_translation_table=onnx_translation_table()).model_proto
+
+
+def _alone_ms(run: Callable[[], Any]) -> float:
+    """Median ms per call of one no-argument runner (a backend build without ORT's own clock)."""
+    return time_side_by_side({"run": run}, (), rounds=3, min_round_s=0.1)["run"]
 
 
 def _tvm_version() -> str:

@@ -71,9 +71,9 @@ class PassManager:
         self.plans: dict[str, object] = {}  # pass name → the plan its result carried (PassResult.plan)
 
     def run(self, graph: Graph, ctx: PassContext) -> list[StepRecord]:
-        text = graph_text(graph)
-        self._step(Step(self._record(0, "captured", graph, PassResult(), 0.0, {}), graph, ctx, False, text, text,
-                        graph.op_counts()))
+        text, counts = graph_text(graph), graph.op_counts()
+        self._step(Step(self._record(0, "captured", graph, PassResult(), 0.0, counts), graph, ctx, False, text, text,
+                        counts))
         for i, p in enumerate(self.passes, start=1):
             before_counts = graph.op_counts()
             t0 = time.perf_counter()
@@ -103,10 +103,8 @@ class PassManager:
     def _record(self, index, name, graph, result, elapsed, before_counts) -> StepRecord:
         counts = graph.op_counts()
         delta = {op: counts.get(op, 0) - before_counts.get(op, 0) for op in set(counts) | set(before_counts)}
-        if index == 0:
-            before_counts = counts
         return StepRecord(index, name, result.rewrites, elapsed, sum(before_counts.values()), sum(counts.values()),
-                          {k: v for k, v in sorted(delta.items()) if v and index}, result.notes, tables=result.tables)
+                          {k: v for k, v in sorted(delta.items()) if v}, result.notes, tables=result.tables)
 
     def _step(self, step: Step) -> None:
         self.records.append(step.record)

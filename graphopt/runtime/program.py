@@ -16,7 +16,7 @@ def build_program(graph: Graph, backend: Backend, target: Target, inputs: BuildI
     program of static segments when the graph has torch.cond (each branch through the pipeline); otherwise the
     backend's build, with graphopt's TVM kernels between ORT segments where backend "auto" measures that faster."""
     if "early_exit" in plans:
-        after = [p for p in pipeline[[p.name for p in pipeline].index("early_exit") + 1:]]
+        after = pipeline[[p.name for p in pipeline].index("early_exit") + 1:]
         return build_early_exit(plans["early_exit"], backend, target, after, inputs.tune, inputs.cost)
     if has_cond(graph):          # auto's measured choices are made on straight-line graphs: segments run on ORT
         backend = OrtBackend() if backend.name == "auto" else backend

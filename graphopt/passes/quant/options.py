@@ -25,7 +25,7 @@ class Quantization(Option):
         if mode != "auto" and mode not in MODES:
             raise InputError(f"quantize={mode!r}: choose one of {', '.join(MODES)} or 'auto'")
         if budget is not None and mode != "auto":
-            raise InputError("accuracy_budget= applies to quantize='auto'")
+            raise InputError(f"Quantization({mode!r}, budget={budget!r}): a budget applies to mode 'auto'")
         self.mode = mode
         self.budget = None if mode != "auto" else \
             DEFAULT_BUDGET if budget is None else fraction("Quantization", "budget", budget, BUDGET_MEANS)

@@ -30,8 +30,13 @@ class _Skipping(Option):
 
     def check_graph(self, graph: Graph) -> None:
         """Right after capture, before any pass: UnsupportedError for a model skipping cannot apply to."""
-        if not find_blocks(graph):
+        self._blocks(graph)
+
+    def _blocks(self, graph: Graph) -> list:
+        blocks = find_blocks(graph)
+        if not blocks:
             raise UnsupportedError(f"{self.keyword}: the model has no skippable block; looked for {LOOKED_FOR}")
+        return blocks
 
 
 class LayerSkip(_Skipping):
@@ -54,9 +59,9 @@ class EarlyExit(_Skipping):
         return True
 
     def check_graph(self, graph: Graph) -> None:
-        super().check_graph(graph)
-        check_exitable(graph, find_blocks(graph))
-        if not exit_points(graph, find_blocks(graph)):
+        blocks = self._blocks(graph)
+        check_exitable(graph, blocks)
+        if not exit_points(graph, blocks):
             raise UnsupportedError("early_exit: no cut between blocks separates the graph (values other than the "
                                    "block output cross every one), so it cannot be split into segments")
 
