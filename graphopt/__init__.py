@@ -8,13 +8,13 @@ from .api import compile
 from .backends.tvm_tune import Tune
 from .compiled import CompiledModule
 from .errors import CaptureError, GraphoptError, InputError, UnsupportedError, VerificationError
-from .options import Move, Option
+from .options import Option
 from .passes.quant.options import Quantization
 from .passes.skip import EarlyExit, LayerSkip
 from .passes.sparsity import Sparsity
 from .package import load
 from .targets import Target, get_target
 
-__all__ = ["CaptureError", "CompiledModule", "EarlyExit", "GraphoptError", "InputError", "LayerSkip", "Move", "Option",
+__all__ = ["CaptureError", "CompiledModule", "EarlyExit", "GraphoptError", "InputError", "LayerSkip", "Option",
            "Quantization", "Sparsity", "Target", "Tune", "UnsupportedError", "VerificationError", "compile",
            "get_target", "load", "passes"]

@@ -4,27 +4,15 @@ early_exit=, tune=) is an Option.
 An Option validates itself when it is made, says what it needs (calibration batches, a backend, a
 float32 model), and yields its passes, each placed in the pipeline by its phase. compile() asks every
 option the same questions, in the order check → capture → passes → build, and the passes report what
-they decided (their plans) in their results, never on the user's object. The same protocol is where a
-family offers the joint planner its *moves*: a place in the graph, an action, and what it measured."""
+they decided (their plans) in their results, never on the user's object. The joint planner (issue 30)
+will ask the same objects for their measured moves; no family offers them yet, so no hook stands here
+unimplemented."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import InputError
-
-
-@dataclass(frozen=True)
-class Move:
-    """One thing a family can do to the graph, measured: `where` (a layer, a block, a group), `action`
-    ("int8", "drop", "prune 0.5"), the milliseconds it saves on the target's backend and the quality it
-    costs on the calibration batches (in the option's metric)."""
-    family: str
-    where: str
-    action: str
-    saving_ms: float
-    loss: float
 
 
 class Option:
@@ -54,11 +42,6 @@ class Option:
     def passes(self) -> list:
         """Fresh passes (graphopt.passes.Pass) to place by their phase; none for a backend's option (tune=)."""
         return []
-
-    def moves(self, graph, ctx) -> list[Move]:
-        """What this family could do to `graph`, each measured (ctx: the PassContext with the cost model and the
-        calibration batches); the planner combines them and measures the combination end to end."""
-        raise NotImplementedError(f"{type(self).__name__} offers no moves yet")
 
 
 def fraction(owner: str, name: str, value: Any, meaning: str) -> float:
