@@ -52,7 +52,7 @@ class Target:
         """Why ONNX Runtime cannot run this target's providers here (None: it can)."""
         import onnxruntime as ort
         if not self.providers:
-            return f"target {self.name} does not run on this machine"
+            return self.unmeasurable or f"ONNX Runtime has no execution provider for target {self.name}"
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
         if missing:
             gpu = " (pip install -e '.[gpu]': onnxruntime-gpu)" if "CUDAExecutionProvider" in missing else ""
