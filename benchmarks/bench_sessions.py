@@ -1,8 +1,9 @@
-"""ONNX Runtime sessions with and without spinning workers (issue 29): graphopt's sessions do not spin after a
-run (graphopt/sessions.py). Two questions, on ResNet-50 and BERT-base (seq 128), batch 1, in one process:
+"""ONNX Runtime sessions and their spinning workers (issue 29): graphopt's workers spin during a run and stop
+when it returns (graphopt/sessions.py). Two questions, on MobileNetV2, ResNet-50 and BERT-base (seq 128), batch 1,
+in one process:
 
-  1. Is the model itself slower without spinning? The same optimized ONNX model in two sessions, spinning and
-     not, timed side by side in interleaved rounds (medians).
+  1. Is the model itself slower? The same optimized ONNX model in three sessions — spinning after runs (ORT's
+     default), never, during runs only — timed side by side in interleaved rounds (medians).
   2. How much does a session slow PyTorch code that runs right after a call? A torch op (a 512×512 matmul and
      a torch.fft convolution of 64 channels × 4096) timed alone (after a pause) and right after each call of
      each session: the ratio "after a call / alone" (1.0: no slowdown).
@@ -17,7 +18,7 @@ import torch
 
 import graphopt
 from graphopt import bench, zoo
-from graphopt.sessions import ort_session
+from graphopt.sessions import SPINNING, ort_session
 
 
 def after_call_ratio(call, op, trials: int = 30) -> float:
@@ -37,7 +38,7 @@ def after_call_ratio(call, op, trials: int = 30) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="resnet,bert")
+    ap.add_argument("--models", default="mobilenet_v2,resnet,bert")
     ap.add_argument("--rounds", type=int, default=15)
     ns = ap.parse_args()
     a, b = torch.randn(512, 512), torch.randn(512, 512)
@@ -52,12 +53,11 @@ def main():
         disabled = cm.executable.chosen.disabled_optimizers if hasattr(cm.executable, "chosen") \
             else cm.executable.disabled_optimizers
         feeds = {i.name: t.numpy() for i, t in zip(cm.executable.artifact().graph.input, args)}
-        sessions = {"spinning": ort_session(onnx_bytes, disabled=disabled, spinning=True),
-                    "not spinning": ort_session(onnx_bytes, disabled=disabled)}
+        sessions = {mode: ort_session(onnx_bytes, disabled=disabled, spinning=mode) for mode in SPINNING}
         systems = {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
         ms = bench.time_side_by_side(systems, (), rounds=ns.rounds)
-        print(f"{name} base, batch 1: spinning {ms['spinning']:.2f} ms, not spinning {ms['not spinning']:.2f} ms "
-              f"(not spinning / spinning ×{ms['not spinning'] / ms['spinning']:.3f})")
+        print(f"{name} base, batch 1, spinning " + ", ".join(
+            f"{k}: {v:.2f} ms (×{v / ms['always']:.3f} of always)" for k, v in ms.items()))
         for op_name, op in ops.items():
             ratios = {k: after_call_ratio(call, op) for k, call in systems.items()}
             print(f"  {op_name} right after a call / alone: " +

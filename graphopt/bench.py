@@ -40,7 +40,7 @@ def plain_ort(model: torch.nn.Module, args: tuple) -> Callable:
 
 def ort_runner(model: bytes | str) -> Callable:
     """An ONNX model (bytes or a path) in an ONNX Runtime session with default options but graphopt's one
-    setting (workers not spinning after a run, so no system is slowed by another's threads), called like the
+    setting (workers stop spinning when a run returns, so no system is slowed by another's threads), called like the
     model: torch tensors in (in the model's input order), numpy arrays out."""
     session = ort_session(model)
     names = [i.name for i in session.get_inputs()]

@@ -1,12 +1,14 @@
 """The one way graphopt opens an ONNX Runtime session: the compiled model's, the cost model's probes, the
 benchmarks' ORT peers and the bundle's ORT-format writer all come through `ort_session`.
 
-By default the intra-op workers do not spin after a run. ORT's workers otherwise busy-wait for more work
-after each call and hold the cores: PyTorch code a user runs right after `cm(x)` ran many times slower for
-~0.1 s (eager torch.fft 0.5 → 8 ms), and graphopt's own host programs (early-exit segments, ORT segments
-around TVM kernels) slowed each other. Turning it off measured no slower on ResNet-50 (×1.014, noise) and
-BERT-base (×0.996), and a torch op right after a ResNet-50 call went from ×2.2 slower to none
-(benchmarks/bench_sessions.py)."""
+By default the intra-op workers spin between a run's ops, where it pays, and stop when the run returns
+(ORT's `session.force_spinning_stop`). ORT's own default leaves them busy-waiting after each call, holding
+the cores: PyTorch code a user runs right after `cm(x)` ran many times slower for ~0.1 s (eager torch.fft
+0.5 → 8 ms), and graphopt's own host programs (early-exit segments, ORT segments around TVM kernels) slowed
+each other. Never spinning instead costs the model itself: MobileNetV2 ×1.149, ResNet-50 ×1.054, BERT-base
+×1.020 of ORT's default, where stopping after the run measured ×0.987, ×1.006, ×0.999
+(benchmarks/bench_sessions.py).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +16,11 @@ from pathlib import Path
 import onnxruntime as ort
 
 
+SPINNING = ("during runs", "never", "always")   # "always": ORT's default, workers spin on after a run
+
+
 def ort_session(model: bytes | str | Path, providers=("CPUExecutionProvider",), *, optimize: bool = True,
-                disabled: tuple[str, ...] | list[str] = (), spinning: bool = False,
+                disabled: tuple[str, ...] | list[str] = (), spinning: str = "during runs",
                 save_optimized: Path | str | None = None, save_format: str | None = None,
                 profile_prefix: str | None = None) -> ort.InferenceSession:
     """An InferenceSession on `providers`. `optimize=False` runs the graph as written; `disabled` names ORT
@@ -25,9 +30,13 @@ def ort_session(model: bytes | str | Path, providers=("CPUExecutionProvider",), 
     options.log_severity_level = 3
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if not spinning:
+    if spinning not in SPINNING:
+        raise ValueError(f"spinning={spinning!r}: one of {SPINNING}")
+    if spinning == "never":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    elif spinning == "during runs":   # workers spin between a run's ops, and stop when the run returns
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if save_optimized is not None:
         options.optimized_model_filepath = str(save_optimized)
     if save_format is not None:
@@ -39,9 +48,12 @@ def ort_session(model: bytes | str | Path, providers=("CPUExecutionProvider",), 
 
 
 def spins(session: ort.InferenceSession) -> bool:
-    """Whether a session's intra-op workers busy-wait after a run (ORT's default when not configured)."""
-    entries = session.get_session_options().get_session_config_entry
-    try:
-        return entries("session.intra_op.allow_spinning") != "0"
-    except Exception:   # not set: ORT's default, spinning
-        return True
+    """Whether a session's intra-op workers go on busy-waiting after a run returns (ORT's default)."""
+    entry = session.get_session_options().get_session_config_entry
+
+    def config(key: str) -> str | None:
+        try:
+            return entry(key)
+        except Exception:   # not set: ORT's default
+            return None
+    return config("session.intra_op.allow_spinning") != "0" and config("session.force_spinning_stop") != "1"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.cost import model as cost_model
-from graphopt.sessions import spins
+from graphopt.sessions import ort_session, spins
 from conftest import need_module
 
 
@@ -77,11 +77,13 @@ def _median_ms(fn, trials=25, before=None):
 
 def test_a_call_leaves_no_spinning_workers_to_slow_the_torch_code_after_it():
     """A torch matmul timed right after cm(x) against the same matmul after a pause: the ratio stays near 1
-    (ORT's spinning workers made such an op many times slower). Every session graphopt made is non-spinning."""
+    (ORT's spinning workers made such an op many times slower). Every session graphopt made stops its workers
+    spinning when a run returns."""
     model, x = ConvNet().eval(), (torch.randn(1, 32, 56, 56),)
     cm = graphopt.compile(model, x)
     exe = getattr(cm.executable, "chosen", cm.executable)
     assert not spins(exe.session)
+    assert spins(ort_session(exe.model.SerializeToString(), spinning="always"))       # what spins() would catch
     a, b = torch.randn(384, 384), torch.randn(384, 384)
     ratios = []
     for _ in range(3):     # a shared 2-core machine: the best of three medians (spinning sessions measured ×3–18)

@@ -53,8 +53,9 @@ def ort_runner(folder: Path, manifest: dict, threads: int, prefer_ort_format: bo
     options.log_severity_level = 3
     # explicit: ORT pins its workers to cores otherwise, which fails where the cores it sees are not its own
     options.intra_op_num_threads = threads
-    # workers do not spin after a run, as in graphopt's own sessions (graphopt/sessions.py: this file runs alone)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # workers stop spinning when a run returns, as in graphopt's own sessions (graphopt/sessions.py: this file
+    # runs alone)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if entry is not segment:       # already optimized at export for this target; ORT must not redo it
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.load_model_format", "ORT")
