@@ -9,7 +9,7 @@ from graphopt import zoo
 from graphopt.capture import capture
 from graphopt.errors import InputError, UnsupportedError
 from graphopt.passes.skip import find_blocks
-from graphopt.passes.skip import budget as quality
+from graphopt import quality
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from ...errors import InputError, UnsupportedError
 from ...ir import Graph, tensor_meta
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe, run_batches
-from . import budget as quality
+from ... import quality
 from .blocks import LOOKED_FOR, find_blocks, exit_points
 from .segments import Head, Segment, pool, pool_dims, split
 
@@ -60,7 +60,7 @@ class PlanExits(Pass):
     needs_calibration = True
 
     def __init__(self, budget: float = 0.01, metric: str = "cosine"):
-        quality.check("PlanExits", budget, metric)
+        quality.check("PlanExits", budget, metric, callables=False)
         self.budget, self.metric = float(budget), metric
 
     def __repr__(self) -> str:

@@ -3,26 +3,28 @@
     LayerSkip(budget=0.01, metric="cosine")   drop the residual blocks that save most time within the budget
     EarlyExit(budget=0.01, metric="top1")     let each sample leave after a block when an exit head is confident:
                                               the graph compiled as segments run by a host dispatcher
-Both spend their budget on the calibration batches (mean 1 − cosine to the full model, or top-1
-disagreement)."""
+Both spend their budget on the calibration batches (mean 1 − cosine to the full model, top-1
+disagreement, or for LayerSkip the user's metric callable; graphopt/quality.py)."""
 from __future__ import annotations
 
 from ...errors import UnsupportedError
 from ...ir import Graph
 from ...options import Option
-from . import budget as quality
+from ... import quality
 from .blocks import LOOKED_FOR, exit_points, find_blocks
 from .early_exit import PlanExits, check_exitable
 from .static import DropBlocks
 
 
 class _Skipping(Option):
-    def __init__(self, budget: float = 0.01, metric: str = "cosine"):
-        quality.check(type(self).__name__, budget, metric)
+    takes_callables = True    # a per-sample metric only (early exit scores each sample): names
+
+    def __init__(self, budget: float = 0.01, metric: quality.Metric = "cosine"):
+        quality.check(type(self).__name__, budget, metric, self.takes_callables)
         self.budget, self.metric = float(budget), metric
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(budget={self.budget:g}, metric={self.metric!r})"
+        return f"{type(self).__name__}(budget={self.budget:g}, metric={quality.name(self.metric)!r})"
 
     @property
     def needs_calibration(self) -> bool:
@@ -48,6 +50,7 @@ class LayerSkip(_Skipping):
 
 class EarlyExit(_Skipping):
     keyword = "early_exit"
+    takes_callables = False
     why_batches = ": heads are fitted on the first part and thresholds set on the held-out rest"
 
     @property

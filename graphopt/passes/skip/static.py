@@ -18,7 +18,7 @@ from ...ir import Graph
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe, run_batches
 from ...numerics import rank_correlation
-from . import budget as quality
+from ... import quality
 from .blocks import LOOKED_FOR, Block, find_blocks
 
 
@@ -30,12 +30,12 @@ class DropBlocks(Pass):
     lossy = True
     needs_calibration = True
 
-    def __init__(self, budget: float = 0.01, metric: str = "cosine"):
+    def __init__(self, budget: float = 0.01, metric: quality.Metric = "cosine"):
         quality.check("DropBlocks", budget, metric)
         self.budget, self.metric = float(budget), metric
 
     def __repr__(self) -> str:
-        return f"DropBlocks(budget={self.budget:g}, metric={self.metric!r})"
+        return f"DropBlocks(budget={self.budget:g}, metric={quality.name(self.metric)!r})"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -44,7 +44,9 @@ class DropBlocks(Pass):
             raise UnsupportedError(f"layer_skip: the graph has no skippable block; looked for {LOOKED_FOR}")
         batches = ctx.calibration
         refs = run_batches(graph, batches)
-        errors = [quality.loss(run_batches(graph, batches, {b.add: b.bypass}), refs, self.metric) for b in blocks]
+        per_batch = len(refs) // len(batches)
+        errors = [quality.loss(run_batches(graph, batches, {b.add: b.bypass}), refs, self.metric, per_batch)
+                  for b in blocks]
         influence = block_influence(graph, batches, blocks)
         saved, timing = latency_saved(graph, ctx, blocks)
 
@@ -64,7 +66,7 @@ class DropBlocks(Pass):
                 if trial <= self.budget:
                     chosen, measured = chosen + [i], trial
 
-        result.notes.append(f"{len(blocks)} residual blocks; metric {self.metric}, budget {self.budget:g}; "
+        result.notes.append(f"{len(blocks)} residual blocks; metric {quality.name(self.metric)}, budget {self.budget:g}; "
                             "latency measured by the cost model on the example inputs: "
                             + "; ".join(f"{k} {v:.3f} ms" for k, v in timing.items()))
         result.table("Residual blocks: error with the block removed alone, ShortGPT block influence, ms saved",
@@ -85,7 +87,7 @@ class DropBlocks(Pass):
             return result
         full_ms = (timing["full"] + timing["full, again"]) / 2
         saving = sum(saved[i] for i in chosen)
-        result.notes.append(f"dropped set verified as a whole on the calibration data: {self.metric} loss "
+        result.notes.append(f"dropped set verified as a whole on the calibration data: {quality.name(self.metric)} loss "
                             f"{measured:.5f} ≤ {self.budget:g}; estimated {saving:.3f} ms saved of {full_ms:.3f}")
         for i in sorted(chosen, reverse=True):               # last first: a later block's skip may be this add
             b = blocks[i]
@@ -99,7 +101,7 @@ class DropBlocks(Pass):
         if not chosen:
             return 0.0
         return quality.loss(run_batches(graph, batches, {blocks[i].add: blocks[i].bypass for i in chosen}),
-                            refs, self.metric)
+                            refs, self.metric, len(refs) // len(batches))
 
 
 def block_influence(graph: Graph, batches, blocks: list[Block]) -> list[float]:

@@ -50,6 +50,7 @@ class Group:
     reshapes: list[tuple[fx.Node, int]] = field(default_factory=list)    # (node, dim of the shape argument)
     blocked: list[str] = field(default_factory=list)
     zero_preserving: bool = True      # every op between producers and consumers maps 0 to 0
+    key: str = ""                     # unique among the graph's groups (prune.keyed): what plans name it by
 
     @property
     def units(self) -> int:

@@ -127,6 +127,87 @@ def _reader_fn(n: fx.Node, keep: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     return lambda x, _w, _b=None, *rest: n.target(x.index_select(dim, keep), w, b, *rest)
 
 
+# --- structured pruning of dependency groups, shared by Sparsify and the joint planner -------------------
+class GroupPruning:
+    """What pruning the groups of one graph needs, measured once: the calibration statistics of every reader
+    (on the `fit` batches) and each group's units ranked least important first (FLAP's fluctuation). A plan
+    maps group keys to units removed; `replace` computes a plan's readers for run_batches, `apply` shrinks a
+    graph — this one or a copy of it (groups found again there, matched by key)."""
+
+    def __init__(self, graph: Graph, groups: list[Group], fit: list, reconstruct: str):
+        self.groups, self.reconstruct = {g.key: g for g in groups}, reconstruct
+        stats = collect(graph, fit, [c for g in groups for c in g.consumers], reconstruct == "refit")
+        self.stats = {n.name: st for n, st in stats.items()}
+        self.order = {g.key: self._ranking(graph, g) for g in groups}
+        self._graph = graph
+
+    def steps(self, g: Group) -> list[int]:
+        """The numbers of units a budget plan may remove from `g` (STEPS of its units, at least one kept)."""
+        return sorted({min(max(round(s * g.units), 1), g.units - 1) for s in STEPS})
+
+    def kept(self, key: str, removed: int) -> list[int]:
+        return sorted(self.order[key][removed:].tolist())
+
+    def replace(self, plan: dict[str, int]) -> dict:
+        """Reader node → what it computes under `plan` (for calibration.run_batches on this graph)."""
+        out = {}
+        for key, removed in plan.items():
+            if removed:
+                g = self.groups[key]
+                keep = g.channels(self.kept(key, removed))
+                out |= {c: _reader_fn(c, keep, *reconstructed(self._graph, c, keep, self.stats[c.name],
+                                                              self.reconstruct)) for c in g.consumers}
+        return out
+
+    def apply(self, graph: Graph, plan: dict[str, int]) -> list[str]:
+        """Shrink `graph` (this one, or a copy of it) to `plan`; one note per group pruned."""
+        groups = self.groups if graph is self._graph else {g.key: g for g in keyed(find_groups(graph))}
+        notes = []
+        for key, removed in plan.items():
+            if not removed:
+                continue
+            g = groups[key]
+            keep_units = self.kept(key, removed)
+            keep = g.channels(keep_units)
+            weights = {c: reconstructed(graph, c, keep, self.stats[c.name], self.reconstruct) for c in g.consumers}
+            units = g.units
+            shrink(graph, g, keep_units, weights)
+            notes.append(f"pruned {removed} of {units} {g.kind} of {g.name} (reconstruction: {self.reconstruct})")
+        if notes:
+            refresh_meta(graph)
+        return notes
+
+    def _ranking(self, graph: Graph, g: Group) -> torch.Tensor:
+        """The group's units, least important first (importance: fluctuation, FLAP)."""
+        score = torch.zeros(g.size, dtype=torch.float64)
+        for c in g.consumers:
+            w = graph.constant(c.args[1]).double()
+            col = w.reshape(w.shape[0], w.shape[1], -1).square().sum((0, 2))
+            st = self.stats[c.name]
+            spread = st.var if self.reconstruct != "none" else st.sumsq / max(st.n, 1)
+            score += col * spread
+        return score.reshape(g.units, g.unit).sum(1).argsort()
+
+
+def keyed(groups: list[Group]) -> list[Group]:
+    """The groups with a unique `key` each (their name, numbered where two share one)."""
+    seen: dict[str, int] = {}
+    for g in groups:
+        seen[g.name] = seen.get(g.name, 0) + 1
+        g.key = g.name if seen[g.name] == 1 else f"{g.name} #{seen[g.name]}"
+    return groups
+
+
+def group_macs(g: Group) -> float:
+    """Multiply-adds of every layer holding the group's channels (what removing all of them would save)."""
+    total = 0
+    for n in g.producers + g.consumers + g.depthwise:
+        out = tensor_meta(n)
+        w = n.args[1].meta["val"]
+        total += math.prod(map(hint, out.shape)) * math.prod(w.shape[1:])
+    return float(total)
+
+
 # --- the pass ----------------------------------------------------------------------------------------
 @register
 class Sparsify(Pass):
@@ -168,7 +249,7 @@ class Sparsify(Pass):
     def _structured(self, graph: Graph, ctx: PassContext, result: PassResult) -> None:
         o = self.options
         groups = []
-        for g in find_groups(graph):
+        for g in keyed(find_groups(graph)):
             if not g.prunable:
                 if g.producers and g.blocked:
                     result.skipped(f"{g.name}: {g.blocked[0]}")
@@ -178,86 +259,47 @@ class Sparsify(Pass):
             result.skipped("no prunable group (every channel set is normalized, concatenated or an output)")
             return
         fit, check = split(ctx.calibration)
-        stats = collect(graph, fit, [c for g in groups for c in g.consumers], o.reconstruct == "refit")
-        order = {id(g): self._ranking(graph, g, stats) for g in groups}
+        pruning = GroupPruning(graph, groups, fit, o.reconstruct)
         refs = run_batches(graph, check)
 
-        def readers(g: Group, removed: int) -> dict:
-            keep = g.channels(sorted(order[id(g)][removed:].tolist()))
-            return {c: _reader_fn(c, keep, *reconstructed(graph, c, keep, stats[c], o.reconstruct))
-                    for c in g.consumers}
-
-        def error(plan: dict[int, int], batches, references) -> float:
-            replace = {}
-            for g in groups:
-                if plan.get(id(g)):
-                    replace |= readers(g, plan[id(g)])
-            return cosine_error(run_batches(graph, batches, replace), references)
+        def error(plan: dict[str, int], batches, references) -> float:
+            return cosine_error(run_batches(graph, batches, pruning.replace(plan)), references)
 
         if o.ratio is not None:
-            plan = {id(g): min(round(o.ratio * g.units), g.units - 1) for g in groups}
+            plan = {g.key: min(round(o.ratio * g.units), g.units - 1) for g in groups}
         else:
             sub = check[:2]
             sub_refs = run_batches(graph, sub)
-            saved = {id(g): self._group_macs(g) for g in groups}
-            steps = {id(g): sorted({min(max(round(s * g.units), 1), g.units - 1) for s in STEPS}) for g in groups}
-            err = {(id(g), r): error({id(g): r}, sub, sub_refs) for g in groups for r in steps[id(g)]}
-            plan, spent = {id(g): 0 for g in groups}, 0.0
+            steps = {g.key: pruning.steps(g) for g in groups}
+            err = {(g.key, r): error({g.key: r}, sub, sub_refs) for g in groups for r in steps[g.key]}
+            plan, spent = {g.key: 0 for g in groups}, 0.0
             while True:          # greedy: the next step of some group costing least error per MAC saved
                 moves = []
                 for g in groups:
-                    nxt = [r for r in steps[id(g)] if r > plan[id(g)]]
+                    nxt = [r for r in steps[g.key] if r > plan[g.key]]
                     if nxt:
                         r = nxt[0]
-                        extra = err[id(g), r] - err.get((id(g), plan[id(g)]), 0.0)
-                        gain = saved[id(g)] * (r - plan[id(g)]) / g.units
+                        extra = err[g.key, r] - err.get((g.key, plan[g.key]), 0.0)
+                        gain = group_macs(g) * (r - plan[g.key]) / g.units
                         if spent + extra <= o.budget:
                             moves.append((max(extra, 0.0) / max(gain, 1e-9), g, r, extra))
                 if not moves:
                     break
                 _, g, r, extra = min(moves, key=lambda m: m[0])
-                plan[id(g)], spent = r, spent + extra
+                plan[g.key], spent = r, spent + extra
             measured = error(plan, check, refs)
             while measured > o.budget:        # errors do not add exactly: back off the costliest step
-                g = max((g for g in groups if plan[id(g)]), key=lambda g: err[id(g), plan[id(g)]])
-                lower = [r for r in steps[id(g)] if r < plan[id(g)]]
-                plan[id(g)] = lower[-1] if lower else 0
+                g = max((g for g in groups if plan[g.key]), key=lambda g: err[g.key, plan[g.key]])
+                lower = [r for r in steps[g.key] if r < plan[g.key]]
+                plan[g.key] = lower[-1] if lower else 0
                 measured = error(plan, check, refs)
             result.notes.append(f"budget plan: estimated error {spent:.2e}, measured {measured:.2e} on "
                                 f"{held(ctx.calibration)} (budget {o.budget:g})")
         if o.ratio is not None:
             result.notes.append(f"uniform plan: error {error(plan, check, refs):.2e} on {held(ctx.calibration)}")
-        for g in groups:
-            removed = plan[id(g)]
-            if not removed:
-                continue
-            keep_units = sorted(order[id(g)][removed:].tolist())
-            keep = g.channels(keep_units)
-            weights = {c: reconstructed(graph, c, keep, stats[c], o.reconstruct) for c in g.consumers}
-            name, units = g.name, g.units
-            shrink(graph, g, keep_units, weights)
-            result.did(f"pruned {removed} of {units} {g.kind} of {name} (reconstruction: {o.reconstruct})")
-        refresh_meta(graph)
+        for note in pruning.apply(graph, plan):
+            result.did(note)
 
-    def _ranking(self, graph: Graph, g: Group, stats: dict) -> torch.Tensor:
-        """The group's units, least important first (importance: fluctuation, FLAP)."""
-        score = torch.zeros(g.size, dtype=torch.float64)
-        for c in g.consumers:
-            w = graph.constant(c.args[1]).double()
-            col = w.reshape(w.shape[0], w.shape[1], -1).square().sum((0, 2))
-            st = stats[c]
-            spread = st.var if self.options.reconstruct != "none" else st.sumsq / max(st.n, 1)
-            score += col * spread
-        return score.reshape(g.units, g.unit).sum(1).argsort()
-
-    @staticmethod
-    def _group_macs(g: Group) -> float:
-        total = 0
-        for n in g.producers + g.consumers + g.depthwise:
-            out = tensor_meta(n)
-            w = n.args[1].meta["val"]
-            total += math.prod(map(hint, out.shape)) * math.prod(w.shape[1:])
-        return float(total)
 
     # --- block-sparse and N:M linears --------------------------------------------------------------
     def _linears(self, graph: Graph, ctx: PassContext, result: PassResult) -> None:
