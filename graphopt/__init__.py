@@ -9,12 +9,13 @@ from .backends.tvm_tune import Tune
 from .compiled import CompiledModule
 from .errors import CaptureError, GraphoptError, InputError, UnsupportedError, VerificationError
 from .options import Option
+from .passes.auto import Auto, Plan
 from .passes.quant.options import Quantization
 from .passes.skip import EarlyExit, LayerSkip
 from .passes.sparsity import Sparsity
 from .package import load
 from .targets import Target, get_target
 
-__all__ = ["CaptureError", "CompiledModule", "EarlyExit", "GraphoptError", "InputError", "LayerSkip", "Option",
+__all__ = ["Auto", "CaptureError", "CompiledModule", "EarlyExit", "GraphoptError", "InputError", "LayerSkip", "Option", "Plan",
            "Quantization", "Sparsity", "Target", "Tune", "UnsupportedError", "VerificationError", "compile",
            "get_target", "load", "passes"]

@@ -17,6 +17,7 @@ from .compiled import CompiledModule
 from .errors import InputError, UnsupportedError
 from .options import Option, check_calibration
 from .passes import Pass, PassContext, PassManager, resolve, with_options
+from .passes.auto import optimize_option
 from .passes.calibration import check_batches
 from .numerics import flat_tensors
 from .passes.quant.options import Quantization, quantization
@@ -36,7 +37,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             tune: Tune | None = None, quantize: str | Quantization | None = None, calibration: Any = None,
             accuracy_budget: float | None = None, layer_skip: LayerSkip | None = None,
             early_exit: EarlyExit | None = None, sparsity: Sparsity | None = None,
-            precision: str = "fp32") -> CompiledModule:
+            optimize=None, precision: str = "fp32") -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
@@ -71,12 +72,18 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     block-sparse weights (run by a block-sparse kernel where measured faster), Sparsity("2:4") to N:M; pruning
     needs `calibration` (importance, reconstruction of the next layer, and the budget are measured on it).
 
+    optimize: graphopt.Auto(budget=0.01, metric="cosine" | "top1" | callable, time_budget=None) spends one budget
+    across quantization, structured pruning and layer skipping: the fastest plan measured on the target whose loss on
+    held-out calibration batches fits (needs ≥ 2 `calibration` batches); `cm.plan` is what it chose, savable as JSON
+    and given back as optimize=plan (or its path) to rebuild the same model without searching.
+
     What planning passes decided (quantize="auto"'s per-layer plan, early exit's exits) is in `cm.plans`."""
     # 1. everything the user gave is checked before any work
     tgt = get_target(target)
     be = get_backend(backend, tgt)
     options = [_option("sparsity", sparsity, Sparsity), quantization(quantize, accuracy_budget),
-               _option("layer_skip", layer_skip, LayerSkip), _option("early_exit", early_exit, EarlyExit)]
+               _option("layer_skip", layer_skip, LayerSkip), _option("early_exit", early_exit, EarlyExit),
+               optimize_option(optimize)]
     options = [o for o in options if o is not None]
     be.check(tgt, tune)
     pipeline = with_options(resolve(passes, tgt), options)
@@ -101,6 +108,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
                                "kernels for most ops (Add, Conv, MatMul): use backend='tvm', or model.float()")
     calibration = check_batches(calibration, args, kwargs)
     check_calibration(options, calibration)
+    for option in options:
+        option.check_data(model, calibration)
     needy = [p.name for p in pipeline if p.needs_calibration]
     if needy and not calibration:
         raise InputError(f"pass {needy[0]} needs calibration data: pass calibration=[batch, ...] with a few "

@@ -46,6 +46,8 @@ class CompiledModule:
         self.report = report              # one StepRecord per pass and for the backend
         self.passes = list(passes)        # (name, phase) of each pass that ran, in order
         self.plans = dict(plans or {})    # pass name → what a planning pass decided (quantize_auto, early_exit)
+        # the joint plan (optimize=graphopt.Auto or a saved plan): JSON with cm.plan.save(path); None without one
+        self.plan = self.plans.get("auto", self.plans.get("apply_plan"))
         # the example inputs (flat, copied) and the eager model's outputs on them: the bundle's reference data
         self.example_inputs, self.model_outputs = [t.detach().clone() for t in example[0]], list(example[1])
         self.inputs = input_specs(graph)

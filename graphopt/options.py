@@ -4,9 +4,8 @@ early_exit=, tune=) is an Option.
 An Option validates itself when it is made, says what it needs (calibration batches, a backend, a
 float32 model), and yields its passes, each placed in the pipeline by its phase. compile() asks every
 option the same questions, in the order check → capture → passes → build, and the passes report what
-they decided (their plans) in their results, never on the user's object. The joint planner (issue 30)
-will ask the same objects for their measured moves; no family offers them yet, so no hook stands here
-unimplemented."""
+they decided (their plans) in their results, never on the user's object. The joint planner
+(graphopt.Auto, optimize=) is an option too: its pass searches every lossy family's moves at once.""" 
 from __future__ import annotations
 
 import math
@@ -38,6 +37,9 @@ class Option:
 
     def check_graph(self, graph) -> None:
         """An error right after capture, before any pass, if the captured graph cannot take it."""
+
+    def check_data(self, model, calibration: list) -> None:
+        """An error before capture if the calibration batches (checked against the example) cannot serve it."""
 
     def passes(self) -> list:
         """Fresh passes (graphopt.passes.Pass) to place by their phase; none for a backend's option (tune=)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import warnings
 from typing import Any, Iterator
 
 import networkx as nx
@@ -118,7 +119,7 @@ class Graph:
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> list:
         """(args, kwargs) → the graph's placeholders in order (what fx.Interpreter.run takes)."""
-        keys = self.in_spec.children_specs[1].context
+        keys = self.in_spec.child(1).context
         return pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in keys}))
 
     def to_networkx(self) -> nx.DiGraph:
@@ -177,7 +178,10 @@ def _fetch(module: torch.nn.Module, target: str) -> Any:
 
 def copy_graph(graph: Graph) -> Graph:
     """An independent copy (weights included) to try a rewrite on without touching `graph`."""
-    return Graph(copy.deepcopy(graph.module), graph.in_spec, graph.out_spec)
+    with warnings.catch_warnings():   # torch's own pytree deprecation (LeafSpec) fires while copying its specs
+        warnings.simplefilter("ignore", FutureWarning)
+        module = copy.deepcopy(graph.module)
+    return Graph(module, graph.in_spec, graph.out_spec)
 
 
 def is_call(node, *targets) -> bool:

@@ -42,11 +42,13 @@ class PassResult:
     plan: Any = None                                  # what a planning pass decided (cm.plans[pass name])
 
     def table(self, title: str, columns: list[str], rows: list[list], bars: tuple[str, ...] = (),
-              unit: str = "") -> None:
+              unit: str = "", scatter: dict | None = None) -> None:
         """A decision per item (layer, conv, block, exit) for the report to draw: one row each, the numeric
-        `bars` columns drawn as bars side by side (each scaled to its own largest value)."""
+        `bars` columns drawn as bars side by side (each scaled to its own largest value), or the rows drawn as
+        points: `scatter` = {"x": column, "y": column, "kind": column naming each point's series, "limit": a
+        horizontal line (the budget), "chosen": the row marked}."""
         self.tables.append({"title": title, "columns": list(columns), "rows": [list(r) for r in rows],
-                            "bars": list(bars), "unit": unit})
+                            "bars": list(bars), "unit": unit} | ({"scatter": scatter} if scatter else {}))
 
     @property
     def changed(self) -> bool:

@@ -54,7 +54,7 @@ class QuantizeAuto(Pass):
         refs = run_batches(graph, batches)
         uniform = {m: uniform_plan(graph, m) for m in ("int8", "int8-dynamic", "int4")}
         uniform_err = {m: _plan_error(graph, ctx, refs, p, opts) for m, p in uniform.items()}
-        swaps = _quantized_layers(graph, batches[:2], options, opts)
+        swaps = quantized_layers(graph, batches[:2], options, opts)
         local = _local_noise(graph, batches[:2], swaps)
         # the cheap proxy: a layer's own output noise, scaled so the uniform int8 plan's sum matches its measurement
         k = uniform_err["int8"] / max(sum(v for (_, o), v in local.items() if o == "int8"), 1e-30)
@@ -63,7 +63,7 @@ class QuantizeAuto(Pass):
         ms = {"float": _latency_ms(graph, ctx, {})}
         ms |= {m: _latency_ms(graph, ctx, p) if any(v != "float" for v in p.values()) else ms["float"]
                for m, p in uniform.items()}
-        flops = {n.name: _flops(n) for n in layers(graph)}
+        flops = {n.name: layer_flops(n) for n in layers(graph)}
         saving = {}
         for name, choices in options.items():
             for o in choices:
@@ -122,7 +122,7 @@ class QuantizeAuto(Pass):
 
 
 # --- measuring ---------------------------------------------------------------------------------
-def _quantized_layers(graph: Graph, batches, options: dict[str, list[str]], qopts: QuantOptions) -> dict:
+def quantized_layers(graph: Graph, batches, options: dict[str, list[str]], qopts: QuantOptions) -> dict:
     """(layer, option) → a function computing that layer quantized, its input range observed on `batches`."""
     nodes = {n.name: n for n in layers(graph)}
     observers = observe(graph, batches, {n.args[0] for n in nodes.values()}, observer=Observer)
@@ -193,7 +193,7 @@ def _latency_ms(graph: Graph, ctx: PassContext, plan: dict[str, str]) -> float:
     return ctx.cost.graph_ms(trial, ctx.example_args, ctx.example_kwargs)
 
 
-def _flops(n: fx.Node) -> float:
+def layer_flops(n: fx.Node) -> float:
     w = n.args[1].meta["val"]
     out = n.meta["val"]
     per_out = math.prod(w.shape[1:]) if n.target is CONV else w.shape[1]

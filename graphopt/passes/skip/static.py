@@ -9,12 +9,10 @@ while the summed errors fit; the set is then run as a whole (effects are not add
 block backed off until it fits, and the blocks left out are retried one by one."""
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ...errors import UnsupportedError
-from ...ir import Graph
+from ...ir import Graph, copy_graph
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe, run_batches
 from ...numerics import rank_correlation
@@ -130,7 +128,7 @@ def latency_saved(graph: Graph, ctx: PassContext, blocks: list[Block]) -> tuple[
     saved = [0.0] * len(blocks)
     for kind in sorted({b.kind for b in blocks}):
         members = [b for b in blocks if b.kind == kind]
-        trial = Graph(copy.deepcopy(graph.module), graph.in_spec, graph.out_spec)
+        trial = copy_graph(graph)
         nodes = {n.name: n for n in trial.fx.nodes}
         for b in reversed(members):
             nodes[b.add.name].replace_all_uses_with(nodes[b.skip.name])

@@ -1,0 +1,122 @@
+"""compile()'s optimize= option: one accuracy budget for every lossy family.
+
+    graphopt.Auto(budget=0.01, metric="cosine" | "top1" | callable, time_budget=None)
+        search the fastest plan across quantization, structured pruning and layer skipping whose loss on
+        held-out calibration batches fits the budget (cm.plan says what it chose)
+    graphopt.Plan.load("plan.json")  (or the path itself)
+        rebuild a saved plan without searching
+A metric callable gets (outputs, reference) — lists with one entry per held-out batch, the candidate's and the
+full model's outputs — and returns the loss (e.g. accuracy lost on the user's labels for those batches;
+graphopt.Auto.split(calibration) says which batches are held out)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ... import quality
+from ...errors import InputError, UnsupportedError
+from ...options import Option
+from ..base import available
+from .joint import split
+from .plan import Plan
+from .space import FAMILIES
+
+
+class Auto(Option):
+    keyword = "optimize"
+
+    def __init__(self, budget: float = 0.01, metric: quality.Metric = "cosine", time_budget: float | None = None,
+                 families=FAMILIES, seed: int = 0, progress: bool | None = None):
+        quality.check("Auto", budget, metric)
+        if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
+                                        or not math.isfinite(time_budget) or time_budget <= 0):
+            raise InputError(f"Auto(time_budget={time_budget!r}): give the seconds the search may take (> 0), or "
+                             "None to search until it stops improving")
+        families = (families,) if isinstance(families, str) else tuple(families)
+        if not families or set(families) - set(FAMILIES):
+            raise InputError(f"Auto(families={families!r}): give some of {', '.join(map(repr, FAMILIES))}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InputError(f"Auto(seed={seed!r}): give an int")
+        self.budget, self.metric, self.time_budget = float(budget), metric, time_budget
+        self.families, self.seed, self.progress = families, seed, progress
+
+    def __repr__(self) -> str:
+        extra = f", time_budget={self.time_budget:g}" if self.time_budget else ""
+        return f"Auto(budget={self.budget:g}, metric={quality.name(self.metric)!r}{extra})"
+
+    split = staticmethod(split)   # (fitting batches, held-out batches) of a calibration list
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    @property
+    def min_batches(self) -> int:
+        return 2
+
+    why_batches = ": one part fits (pruning's reconstruction, int8 ranges), the held-out rest checks the budget"
+
+    def check(self, model: torch.nn.Module, target, backend: str) -> None:
+        why = target.ort_unavailable() if backend in ("ort", "auto") else target.unmeasurable
+        if why:
+            raise UnsupportedError(f"optimize={self!r} measures every plan's latency on the target, and {why}; "
+                                   "search on a machine that can time the target, save cm.plan, and give the plan "
+                                   "back here as optimize=")
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if dtypes - {torch.float32}:
+            raise UnsupportedError(f"optimize={self!r} plans float32 models; this one has "
+                                   f"{', '.join(sorted(map(str, dtypes)))} weights: call model.float() first")
+
+    def check_data(self, model: torch.nn.Module, calibration: list) -> None:
+        """A metric callable is tried before capture on the full model's own held-out outputs (loss 0 expected):
+        one that raises or returns a non-number is an InputError naming it now, not after minutes of search."""
+        if callable(self.metric):
+            _, check = split(calibration)
+            with torch.no_grad():
+                outs = [t for args, kwargs in check for t in _float_leaves(model(*args, **kwargs))]
+            quality.loss(outs, outs, self.metric, len(outs) // len(check))
+
+    def passes(self) -> list:
+        return [available()["auto"](self.budget, self.metric, self.time_budget, self.families, self.seed,
+                                    self.progress)]
+
+
+class SavedPlan(Option):
+    """A plan given back to compile(): applied as saved, no search."""
+    keyword = "optimize"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def __repr__(self) -> str:
+        return f"Plan({self.plan.summary()})"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    @property
+    def min_batches(self) -> int:
+        return 2
+
+    def passes(self) -> list:
+        return [available()["apply_plan"](self.plan)]
+
+
+def optimize_option(value) -> Option | None:
+    """compile()'s optimize=: a graphopt.Auto, a graphopt.Plan, or the path of a saved plan."""
+    if value is None or isinstance(value, Auto):
+        return value
+    if isinstance(value, Plan):
+        return SavedPlan(value)
+    if isinstance(value, (str, Path)):
+        return SavedPlan(Plan.load(value))
+    raise InputError(f"optimize= takes a graphopt.Auto(...), a graphopt.Plan or the path of a saved plan, got "
+                     f"{type(value).__name__}")
+
+
+def _float_leaves(out) -> list[torch.Tensor]:
+    from torch.utils import _pytree as pytree
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]

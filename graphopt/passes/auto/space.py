@@ -1,0 +1,232 @@
+"""The joint planner's search space: every lossy family's moves on one graph, how a plan is applied, and what a
+plan costs in milliseconds.
+
+A knob is one place a family can act, with its levels: a layer's precision (float, int8 static, int8 dynamic,
+int4 weights), a dependency group's units removed (a ladder of ratios, reconstructed by least squares), a
+residual block kept or dropped. A plan sets every knob. Applying it always runs the families in one order —
+prune (on the graph the groups were found on), drop blocks (rewire their adds), quantize the layers left — so a
+plan rebuilds the same graph wherever it is applied.
+
+Milliseconds come from the cost model (the backend that will run the model, on the target), timed side by side
+once per compile: the dense graph, each uniform precision, every group pruned by half, the graph without each
+kind of block. From these a plan's latency is estimated per layer — its multiply-adds after pruning at the dense
+rate, less what its precision saves per multiply-add — so the search can rank thousands of plans; the finalists
+are then built and timed for real."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from ...ir import Graph, copy_graph, tensor_meta
+from ..base import PassContext
+from ..quant.layers import CONV, LINEAR, QuantOptions, layer_name, layers as quant_layers, weight_max
+from ..quant.quantize import Quantize
+from ..skip.blocks import Block, find_blocks
+from ..skip.static import latency_saved
+from ..sparsity.groups import Group, find_groups
+from ..sparsity.prune import GroupPruning, keyed
+from ..sparsity.shrink import hint
+from .plan import Plan
+
+LINEAR_LEVELS = ("float", "int8", "int8-dynamic", "int4")
+CONV_LEVELS = ("float", "int8")
+FAMILIES = ("quant", "prune", "skip")
+QUANT_BATCHES = 4     # fitting batches static int8 observes activation ranges on (every plan the same ones)
+
+
+@dataclass(frozen=True)
+class Knob:
+    family: str          # "quant" | "prune" | "skip"
+    key: str             # layer node | group key | residual add node
+    levels: tuple        # level 0 is "do nothing"
+    label: str           # for people: the module path
+    units: int = 0       # a group's units
+
+
+Genome = tuple[int, ...]   # one level index per knob
+
+
+class Space:
+    def __init__(self, graph: Graph, ctx: PassContext, fit: list, families=FAMILIES):
+        self.graph, self.ctx, self.fit = graph, ctx, fit
+        knobs: list[Knob] = []
+        groups: list[Group] = []
+        if "prune" in families:
+            groups = [g for g in keyed(find_groups(graph)) if g.prunable and g.units > 1]
+        self.pruning = GroupPruning(graph, groups, fit, "refit") if groups else None
+        for g in groups:
+            knobs.append(Knob("prune", g.key, (0, *self.pruning.steps(g)), g.name, g.units))
+        self.blocks: list[Block] = find_blocks(graph) if "skip" in families else []
+        for b in self.blocks:
+            knobs.append(Knob("skip", b.add.name, (False, True), f"block {b.index} {b.path}"))
+        self.layers = {n.name: n for n in quant_layers(graph)} if "quant" in families else {}
+        for name, n in self.layers.items():
+            knobs.append(Knob("quant", name, LINEAR_LEVELS if n.target is LINEAR else CONV_LEVELS, layer_name(n)))
+        self.knobs = knobs
+        self.qopts = dataclasses.replace(QuantOptions(), weight_max=weight_max(QuantOptions(), ctx)[0])
+        self._block_of = {b.add.name: b for b in self.blocks}
+        self.timing: dict[str, float] = {}
+
+    # --- plans -------------------------------------------------------------------------------------
+    def plan(self, genome: Genome) -> Plan:
+        p = Plan()
+        for knob, level in zip(self.knobs, genome):
+            value = knob.levels[level]
+            if level == 0:
+                continue
+            if knob.family == "quant":
+                p.quantize[knob.key] = value
+            elif knob.family == "prune":
+                p.prune[knob.key] = value
+            else:
+                p.drop[knob.key] = self._block_of[knob.key].skip.name
+        return p
+
+    def genome(self, plan: Plan) -> Genome:
+        chosen = {("quant", k): v for k, v in plan.quantize.items()} | {("prune", k): v for k, v in plan.prune.items()} \
+            | {("skip", k): True for k in plan.drop}
+        return tuple(k.levels.index(chosen[k.family, k.key]) if (k.family, k.key) in chosen else 0 for k in self.knobs)
+
+    def dense(self) -> Genome:
+        return (0,) * len(self.knobs)
+
+    def uniform(self, family: str, level) -> Genome:
+        """Every knob of `family` at `level` where it has it (a precision; for groups a fraction of units)."""
+        out = []
+        for k in self.knobs:
+            if k.family != family:
+                out.append(0)
+            elif family == "prune":
+                out.append(min(range(len(k.levels)), key=lambda i: abs(k.levels[i] - level * k.units)))
+            else:
+                out.append(k.levels.index(level) if level in k.levels else 0)
+        return tuple(out)
+
+    def built(self, genome_or_plan) -> Graph:
+        """A copy of the graph with the plan applied (the graph itself is never changed)."""
+        plan = genome_or_plan if isinstance(genome_or_plan, Plan) else self.plan(genome_or_plan)
+        trial = copy_graph(self.graph)
+        apply(trial, plan, self.ctx, self.fit, self.pruning, self.qopts)
+        return trial
+
+    # --- milliseconds ------------------------------------------------------------------------------
+    def measure_rates(self) -> None:
+        """Time, side by side on the cost model, what the estimate is built from (see the module docstring)."""
+        ctx, graphs = self.ctx, {"dense": self.graph}
+        families = {k.family for k in self.knobs}
+        if "quant" in families:
+            for level in LINEAR_LEVELS[1:]:
+                if any(k.family == "quant" and level in k.levels for k in self.knobs):
+                    graphs[level] = self.built(self.uniform("quant", level))
+        if "prune" in families:
+            graphs["prune half"] = self.built(self.uniform("prune", 0.5))
+        times = ctx.cost.graphs_ms(graphs, ctx.example_args, ctx.example_kwargs)
+        if self.blocks:
+            saved, timing = latency_saved(self.graph, ctx, self.blocks)
+            self.block_ms = {b.add.name: saved[b.index] for b in self.blocks}
+            times |= {f"blocks: {k}": v for k, v in timing.items()}
+        self.timing = times
+        self.dense_ms = times["dense"]
+        self.macs = {n.name: _macs(n) for n in self.graph.ops() if n.target in (CONV, LINEAR)}
+        self.rate = {}     # ms saved per multiply-add, per precision
+        for level in LINEAR_LEVELS[1:]:
+            if level in times:
+                moved = sum(self.macs[k.key] for k in self.knobs if k.family == "quant" and level in k.levels)
+                self.rate[level] = max(self.dense_ms - times[level], 0.0) / max(moved, 1)
+        self.dense_rate = 0.0  # ms per multiply-add of the dense layers, from pruning half of every group
+        if "prune half" in times:
+            removed = sum(self.macs.values()) - sum(_macs(n) for n in graphs["prune half"].ops()
+                                                    if n.target in (CONV, LINEAR))
+            self.dense_rate = max(self.dense_ms - times["prune half"], 0.0) / max(removed, 1)
+        self._index_layers()
+
+    def _index_layers(self) -> None:
+        """Per conv/linear: the groups its inputs and outputs belong to, and the block it sits in."""
+        self.out_group, self.in_group, self.in_block = {}, {}, {}
+        if self.pruning is not None:
+            for key, g in self.pruning.groups.items():
+                for n in g.producers + g.depthwise:
+                    self.out_group[n.name] = key
+                for n in g.consumers + g.depthwise:
+                    self.in_group.setdefault(n.name, key)
+        for b in self.blocks:
+            for n in b.region:
+                if n.name in self.macs:
+                    self.in_block.setdefault(n.name, b.add.name)
+
+    def estimate_ms(self, genome: Genome) -> float:
+        """A plan's milliseconds estimated from the measured rates (module docstring)."""
+        plan = self.plan(genome)
+        ms = self.dense_ms - sum(self.block_ms[a] for a in plan.drop)
+        units = {k.key: k.units for k in self.knobs if k.family == "prune"}
+        kept = {key: 1 - removed / units[key] for key, removed in plan.prune.items()}
+        for name, macs in self.macs.items():
+            if self.in_block.get(name) in plan.drop:
+                continue
+            keep = kept.get(self.out_group.get(name), 1.0) * kept.get(self.in_group.get(name), 1.0)
+            ms -= (1 - keep) * macs * self.dense_rate + keep * macs * self.rate.get(plan.quantize.get(name), 0.0)
+        return ms
+
+    def saving(self, knob_index: int, level: int) -> float:
+        """ms one move saves alone, estimated."""
+        g = list(self.dense())
+        g[knob_index] = level
+        return self.dense_ms - self.estimate_ms(tuple(g))
+
+    def measure(self, genomes: dict[str, Genome]) -> dict[str, float]:
+        """Build each plan and time them side by side with the dense graph (ms per call, by label)."""
+        graphs = {"dense": self.graph} | {label: self.built(g) for label, g in genomes.items()}
+        for g in graphs.values():
+            g.tidy()
+        return self.ctx.cost.graphs_ms(graphs, self.ctx.example_args, self.ctx.example_kwargs)
+
+
+def apply(graph: Graph, plan: Plan, ctx: PassContext, fit: list, pruning: GroupPruning | None = None,
+          qopts: QuantOptions | None = None) -> list[str]:
+    """Apply `plan` to `graph` in place — prune, drop, quantize — and say what was done, one note per change.
+    `pruning` is the groups' measured state (made from `fit` here when not given); static int8 observes its
+    activation ranges on the first QUANT_BATCHES of `fit`."""
+    notes = []
+    if plan.prune:
+        if pruning is None:
+            groups = [g for g in keyed(find_groups(graph)) if g.key in plan.prune]
+            missing = set(plan.prune) - {g.key for g in groups}
+            if missing:
+                raise _mismatch("dependency group", sorted(missing)[0])
+            pruning = GroupPruning(graph, groups, fit, "refit")
+        notes += pruning.apply(graph, plan.prune)
+    if plan.drop:
+        nodes = {n.name: n for n in graph.fx.nodes}
+        order = {n.name: i for i, n in enumerate(graph.fx.nodes)}
+        for add in sorted(plan.drop, key=lambda a: -order.get(a, -1)):   # last first: a later skip may be this add
+            if add not in nodes or plan.drop[add] not in nodes:
+                raise _mismatch("residual block at", add)
+            nodes[add].replace_all_uses_with(nodes[plan.drop[add]])
+            notes.append(f"dropped the residual block ending at %{add} ({layer_name(nodes[add])})")
+        graph.eliminate_dead_code()
+    if plan.quantize:
+        missing = [k for k in plan.quantize if k not in {n.name for n in graph.ops()}]
+        if missing and not plan.drop:
+            raise _mismatch("layer", missing[0])
+        qctx = PassContext(ctx.target, ctx.example_args, ctx.example_kwargs, fit[:QUANT_BATCHES], ctx.cost)
+        options = qopts or dataclasses.replace(QuantOptions(), weight_max=weight_max(QuantOptions(), ctx)[0])
+        notes += Quantize("int8", dataclasses.replace(options, kernel_choice=True), plan.quantize).run(graph, qctx).notes
+    graph.eliminate_dead_code()
+    return notes
+
+
+def _mismatch(what: str, name: str):
+    from ...errors import InputError
+    return InputError(f"the plan names {what} {name!r}, which this graph does not have: a plan rebuilds the model "
+                      "it was searched on, with the same pipeline and target; search again with graphopt.Auto(...)")
+
+
+def _macs(n: fx.Node) -> float:
+    out = tensor_meta(n)
+    w = n.args[1].meta["val"]
+    per_out = math.prod(w.shape[1:]) if n.target is CONV else w.shape[1]
+    return float(per_out * math.prod(map(hint, out.shape)))
+
