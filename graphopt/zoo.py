@@ -203,25 +203,66 @@ def digits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {name: (x[i], y[i]) for name, i in parts.items()}
 
 
+class _TransformerLayer(torch.nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        nn = torch.nn
+        self.heads = heads
+        self.norm1, self.qkv, self.out = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2, self.up, self.down = nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.out(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
+
+
+class DigitsTransformer(torch.nn.Module):
+    """8×8 digit images → 10 logits, read as 8 tokens (rows) of 8 pixels: a pre-LN transformer encoder (`layers`
+    layers of attention and GELU FFN sub-blocks), mean over tokens, a linear classifier."""
+
+    def __init__(self, layers: int = 4, dim: int = 64, heads: int = 4):
+        super().__init__()
+        nn = torch.nn
+        self.embed, self.pos = nn.Linear(8, dim), nn.Parameter(torch.zeros(8, dim))
+        self.layers = nn.Sequential(*[_TransformerLayer(dim, heads) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        h = self.layers(self.embed(x.reshape(len(x), 8, 8)) + self.pos)
+        return self.head(self.norm(h).mean(1))
+
+
+def train_digits_transformer(layers: int = 4, dim: int = 64, epochs: int = 30, seed: int = 0) -> DigitsTransformer:
+    """A DigitsTransformer trained on the digits' train split, as train_digits trains the ResNet; in eval mode."""
+    torch.manual_seed(seed)
+    return _on_one_thread(lambda: _train(DigitsTransformer(layers, dim), epochs, seed, lr=2e-3))
+
+
 def train_digits(blocks: int = 8, width: int = 32, epochs: int = 12, seed: int = 0) -> DigitsResNet:
     """A DigitsResNet trained on the digits' train split (AdamW, one-cycle schedule, random one-pixel shifts); in
     eval mode. Trains on one thread: these small convolutions ran ~10× slower on two threads of a busy 2-core
     machine (their threads wait on each other)."""
+    torch.manual_seed(seed)
+    return _on_one_thread(lambda: _train(DigitsResNet(blocks, width), epochs, seed, lr=3e-3))
+
+
+def _on_one_thread(fn):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_digits(blocks, width, epochs, seed)
+        return fn()
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_digits(blocks: int, width: int, epochs: int, seed: int) -> DigitsResNet:
-    torch.manual_seed(seed)
+def _train(model: torch.nn.Module, epochs: int, seed: int, lr: float) -> torch.nn.Module:
     x, y = digits(seed)["train"]
-    model = DigitsResNet(blocks, width)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(y) + 63) // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
     for _ in range(epochs):
         for i in torch.randperm(len(y)).split(64):

@@ -68,6 +68,8 @@ def export_bundle(compiled, directory: str | Path) -> Path:
         manifest["library"] = {**_write_with(directory, LIBRARY, library), "runtime": "tvm",
                                "triple": f"{compiled.target.arch}-linux-gnu"}
     manifest.update(_reference(compiled, directory))
+    if getattr(compiled, "plan", None) is not None:      # the joint plan it was built with (optimize=)
+        manifest["plan"] = _write(directory, "plan.json", compiled.plan.to_json().encode())
     manifest["runner"] = _write(directory, "run.py", (Path(__file__).parent / "runner.py").read_bytes())
     write_bytes_atomically(directory / "manifest.json", "export", json.dumps(manifest, indent=1).encode())
     return directory

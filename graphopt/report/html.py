@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from .plots import bars, log_line
+from .plots import bars, log_line, scatter
 
 SCHEMA, VERSION = "graphopt-dump", 1
 
@@ -83,13 +83,31 @@ def _table_html(table: dict) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table["columns"])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in table["rows"])
     chart = ""
-    if table["bars"] and table["rows"]:
+    if table.get("scatter") and table["rows"]:
+        chart = scatter_chart(table)
+    elif table["bars"] and table["rows"]:
         labels = [str(r[0]) for r in table["rows"]]
         series = {b: [_number(r[table["columns"].index(b)]) for r in table["rows"]] for b in table["bars"]}
         chart = bars(labels, series, title="", unit=table["unit"], css="plot decision")
     opened = " open" if len(table["rows"]) <= 40 else ""
     return (f'<section class="decision"><h3>{html.escape(table["title"])}</h3>{chart}<details{opened}><summary>'
             f'{len(table["rows"])} rows</summary><table class="rows"><tr>{head}</tr>{body}</table></details></section>')
+
+
+def scatter_chart(table: dict) -> str:
+    """A table's rows as points (a search's plans: latency vs loss), one series per value of the kind column."""
+    spec, cols = table["scatter"], table["columns"]
+    series: dict[str, list[tuple[float, float]]] = {}
+    chosen = None
+    for i, row in enumerate(table["rows"]):
+        x, y = _number(row[cols.index(spec["x"])]), _number(row[cols.index(spec["y"])])
+        if x is None or y is None:
+            continue
+        series.setdefault(str(row[cols.index(spec["kind"])]), []).append((x, y))
+        if i == spec.get("chosen"):
+            chosen = (x, y)
+    return scatter(series, x_label=spec["x"], y_label=spec["y"], limit=spec.get("limit"), chosen=chosen,
+                   css="plot decision")
 
 
 def _cell(v) -> str:

@@ -93,3 +93,50 @@ def bars(labels: list[str], series: dict[str, list[float | None]], *, title: str
                        f'{unit}</title></rect><text x="{left + length + 4:.1f}" y="{y0 + 12 * k + 9:.1f}" '
                        f'class="tick">{_fmt(v)}{unit}</text>')
     return "".join(out) + "</svg>"
+
+
+def scatter(series: dict[str, list[tuple[float, float]]], *, x_label: str, y_label: str, limit: float | None = None,
+            chosen: tuple[float, float] | None = None, css: str = "plot") -> str:
+    """Points (x, y) per series on linear axes, the Pareto front of all points (least y for each x, lower-left
+    staircase) as a line, `limit` as a dashed horizontal line, `chosen` circled."""
+    w, h, left, right, top, bottom = 860, 320, 64, 190, 26, 44
+    pts = [p for ps in series.values() for p in ps if all(math.isfinite(v) for v in p)]
+    if not pts:
+        return ""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts] + ([limit] if limit else [])
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = 0.0, max(ys) or 1.0
+    x0, x1 = (x0 - 1, x1 + 1) if x0 == x1 else (x0 - 0.03 * (x1 - x0), x1 + 0.03 * (x1 - x0))
+    X = lambda v: left + (w - left - right) * (v - x0) / (x1 - x0)          # noqa: E731
+    Y = lambda v: top + (h - top - bottom) * (1 - (v - y0) / (y1 - y0 or 1))   # noqa: E731
+    out = [f'<svg class="{css}" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="search">']
+    for k in range(5):
+        yv, xv = y0 + (y1 - y0) * k / 4, x0 + (x1 - x0) * k / 4
+        out.append(f'<line x1="{left}" x2="{w - right}" y1="{Y(yv):.1f}" y2="{Y(yv):.1f}" class="grid"/>'
+                   f'<text x="{left - 6}" y="{Y(yv) + 4:.1f}" class="tick" text-anchor="end">{_fmt(yv)}</text>'
+                   f'<text x="{X(xv):.1f}" y="{h - bottom + 16}" class="tick" text-anchor="middle">{_fmt(xv)}</text>')
+    out.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 8}" class="tick" text-anchor="middle">'
+               f'{html.escape(x_label)}</text><text x="12" y="{top - 8}" class="tick">{html.escape(y_label)}</text>')
+    front, best = [], math.inf
+    for x, y in sorted(pts):
+        if y < best:
+            front.append((x, y))
+            best = y
+    steps = []
+    for (xa, ya), (xb, _) in zip(front, front[1:] + [(x1, None)]):
+        steps += [f"{X(xa):.1f},{Y(ya):.1f}", f"{X(xb):.1f},{Y(ya):.1f}"]
+    out.append(f'<polyline points="{" ".join(steps)}" class="line2"/>')
+    if limit:
+        out.append(f'<line x1="{left}" x2="{w - right}" y1="{Y(limit):.1f}" y2="{Y(limit):.1f}" class="limit"/>'
+                   f'<text x="{w - right}" y="{Y(limit) - 4:.1f}" class="tick" text-anchor="end">budget {limit:g}</text>')
+    for k, (name, ps) in enumerate(series.items()):
+        colour = _COLOURS[k % 4] if k < 4 else "#888"
+        out.append(f'<circle cx="{w - right + 16}" cy="{top + 14 * k}" r="4" fill="{colour}"/><text '
+                   f'x="{w - right + 24}" y="{top + 14 * k + 4}" class="tick">{html.escape(name)}</text>')
+        for x, y in ps:
+            out.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3.5" fill="{colour}" fill-opacity="0.7">'
+                       f'<title>{html.escape(name)}: {_fmt(x)}, {_fmt(y)}</title></circle>')
+    if chosen:
+        out.append(f'<circle cx="{X(chosen[0]):.1f}" cy="{Y(chosen[1]):.1f}" r="8" fill="none" stroke="#d62728" '
+                   f'stroke-width="2"><title>chosen</title></circle>')
+    return "".join(out) + "</svg>"

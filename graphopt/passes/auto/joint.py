@@ -1,9 +1,11 @@
 """JointPlan (the pass of graphopt.Auto): one accuracy budget spent across every lossy family, the plan searched
 on measured end-to-end loss and measured latency (search.py); ApplyPlan rebuilds a saved plan without searching.
 
-The calibration batches are split once: the first part fits (pruning's statistics and reconstruction, int8's
-activation ranges), the rest — at least one batch, the last quarter from four on — checks: every plan's loss is
-measured there, with the user's metric, against the graph before the plan."""
+The calibration batches are split once: the first half fits (pruning's statistics and reconstruction, int8's
+activation ranges), the second half checks: every plan's loss is measured there, with the user's metric, against the
+graph before the plan. Half, not the quarter a single family holds back: a search picks, among many plans, one
+that just fits on the held-out batches, and the fewer they are the more that choice fits their noise (measured on
+the digits ResNet: 100 held-out images let a plan through that lost 1.5 points of test accuracy)."""
 from __future__ import annotations
 
 import sys
@@ -22,11 +24,11 @@ from .space import FAMILIES, Space, apply
 
 
 def split(batches: list) -> tuple[list, list]:
-    """(fitting batches, held-out batches): the last quarter held out, at least one batch on each side."""
+    """(fitting batches, held-out batches): the second half held out (the larger half where odd)."""
     if len(batches) < 2:
         raise InputError(f"graphopt.Auto needs at least 2 calibration batches (one to fit on, one held out to "
                          f"check the budget on), got {len(batches)}")
-    cut = len(batches) - max(1, len(batches) // 4)
+    cut = len(batches) // 2
     return batches[:cut], batches[cut:]
 
 
@@ -60,7 +62,7 @@ class JointPlan(Pass):
         build_t0 = time.perf_counter()
         space.measure_rates()
         rates_s = time.perf_counter() - build_t0
-        proxy = _proxies(space, graph, fit, check[:1])
+        proxy = _proxies(space, graph, fit, check[0])
         proxy_s = time.perf_counter() - build_t0 - rates_s
 
         def loss(genome) -> float:
@@ -140,15 +142,17 @@ class JointPlan(Pass):
                               "chosen": next((i for i, e in enumerate(points) if chosen is not None
                                               and e.genome == chosen.genome), None)})
         result.table("Joint plan per layer, group and block: what was done, the ms it saves alone (estimated) and its "
-                     "loss alone (cosine on one held-out batch)", ["where", "family", "level", "saves ms",
+                     "loss alone (cosine on 8 held-out samples)", ["where", "family", "level", "saves ms",
                                                                    "loss alone"],
                      [[r["where"], r["family"], r["level"], r["saves_ms"], r["loss_alone"]] for r in plan.layers
                       if r["level"] not in (0, False, "float")], bars=("saves ms", "loss alone"), unit="")
 
 
-def _proxies(space: Space, graph: Graph, fit: list, batch: list) -> dict:
-    """(knob index, level) → cosine error with that move alone, on one held-out batch: ranks moves, never
-    certifies a plan."""
+def _proxies(space: Space, graph: Graph, fit: list, held_out: tuple, samples: int = 8) -> dict:
+    """(knob index, level) → cosine error with that move alone, on the first `samples` samples of a held-out
+    batch: ranks moves, never certifies a plan."""
+    args, kwargs = held_out
+    batch = [(tuple(a[:samples] for a in args), {k: v[:samples] for k, v in kwargs.items()})]
     refs = run_batches(graph, batch)
     proxy = {}
     quant = {k.key: [lvl for lvl in k.levels[1:]] for k in space.knobs if k.family == "quant"}

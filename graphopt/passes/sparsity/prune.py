@@ -140,6 +140,7 @@ class GroupPruning:
         self.stats = {n.name: st for n, st in stats.items()}
         self.order = {g.key: self._ranking(graph, g) for g in groups}
         self._graph = graph
+        self._refits: dict[tuple, tuple] = {}   # (reader, group, units removed, rows) → reconstructed weights
 
     def steps(self, g: Group) -> list[int]:
         """The numbers of units a budget plan may remove from `g` (STEPS of its units, at least one kept)."""
@@ -155,8 +156,8 @@ class GroupPruning:
             if removed:
                 g = self.groups[key]
                 keep = g.channels(self.kept(key, removed))
-                out |= {c: _reader_fn(c, keep, *reconstructed(self._graph, c, keep, self.stats[c.name],
-                                                              self.reconstruct)) for c in g.consumers}
+                out |= {c: _reader_fn(c, keep, *self._weights(self._graph, c, key, removed, keep))
+                        for c in g.consumers}
         return out
 
     def apply(self, graph: Graph, plan: dict[str, int]) -> list[str]:
@@ -169,13 +170,22 @@ class GroupPruning:
             g = groups[key]
             keep_units = self.kept(key, removed)
             keep = g.channels(keep_units)
-            weights = {c: reconstructed(graph, c, keep, self.stats[c.name], self.reconstruct) for c in g.consumers}
+            weights = {c: self._weights(graph, c, key, removed, keep) for c in g.consumers}
             units = g.units
             shrink(graph, g, keep_units, weights)
             notes.append(f"pruned {removed} of {units} {g.kind} of {g.name} (reconstruction: {self.reconstruct})")
         if notes:
             refresh_meta(graph)
         return notes
+
+    def _weights(self, graph: Graph, reader: fx.Node, key: str, removed: int, keep: torch.Tensor):
+        """The reader's reconstructed (weight, bias), solved once per plan step: a search applies the same steps
+        to many copies of the graph. Rows are solved independently, so the key is the step and the reader's rows
+        (fewer where its own output group was pruned first, always the same ones for the same count)."""
+        at = (reader.name, key, removed, graph.constant(reader.args[1]).shape[0])
+        if at not in self._refits:
+            self._refits[at] = reconstructed(graph, reader, keep, self.stats[reader.name], self.reconstruct)
+        return self._refits[at]
 
     def _ranking(self, graph: Graph, g: Group) -> torch.Tensor:
         """The group's units, least important first (importance: fluctuation, FLAP)."""
