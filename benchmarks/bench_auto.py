@@ -31,16 +31,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_quant import ort_tool  # noqa: E402  (ONNX Runtime's quantization tool at its documented configuration)
 
 
-class SentenceEncoder(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return zoo.mean_pool(self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
-                             attention_mask)
-
-
 def classifier(name: str):
     t0 = time.perf_counter()
     model = zoo.train_digits(blocks=10, width=48, epochs=12) if name == "digits" else zoo.train_digits_transformer()
@@ -60,13 +50,14 @@ def classifier(name: str):
             f"{trained:.0f} s; full model test accuracy {(full.argmax(-1) == yt).float().mean().item():.4f}")
     return dict(model=model, args=(xt,), calibration=[(xc[i:i + 100],) for i in range(0, 400, 100)],
                 metric="top1", quality=quality, what=what, early_exit=True,
-                tool=lambda: ort_tool(model, (xt,), [(xc[i:i + 100],) for i in range(0, 400, 100)],
+                # the export has the test split's static batch: the tool calibrates on that many calibration images
+                tool=lambda: ort_tool(model, (xt,), [(xc[:len(xt)],)],
                                       static=name == "digits", recommended=name == "digits")[0])
 
 
 def minilm():
     hf, tok = zoo.minilm()
-    model = SentenceEncoder(hf).eval()
+    model = zoo.SentenceEncoder(hf).eval()
     texts = zoo.sentences(16 * 14, seed=3)
     enc = [tok(texts[i:i + 16], padding="max_length", max_length=48, truncation=True, return_tensors="pt")
            for i in range(0, len(texts), 16)]
@@ -138,6 +129,9 @@ def main():
                      early_exit=graphopt.EarlyExit(budget, metric))
         if compiled(f"Auto {b}", calibration=cal, optimize=graphopt.Auto(budget, metric)):
             autos[f"Auto {b}"] = budget
+        if spec["early_exit"] and compiled(f"Auto {b} + early exit", calibration=cal,
+                                           optimize=graphopt.Auto(budget, metric, early_exit=True)):
+            autos[f"Auto {b} + early exit"] = budget
         if ns.time_budget and budget == float(ns.budgets.split(",")[0]):
             label = f"Auto {b}, time_budget={ns.time_budget:g} s"
             if compiled(label, calibration=cal, optimize=graphopt.Auto(budget, metric, time_budget=ns.time_budget)):
@@ -168,7 +162,9 @@ def main():
                   f"×{ms['ORT quant tool'] / ms[label]:.2f} ONNX Runtime's quantization tool (tool's loss "
                   f"{losses['ORT quant tool'][0]:.4f}, Auto's {losses[label][0]:.4f})")
         plan = systems[label].plan
-        print(f"  plan: {plan.summary()}; {plan.search['stopped']}; {len(plan.search['evaluated'])} plans measured")
+        exits = systems[label].plans.get("early_exit")
+        print(f"  plan: {plan.summary()}; {plan.search['stopped']}; {len(plan.search['evaluated'])} plans measured"
+              + (f"; exits after blocks {exits.after}" if exits else ""))
 
 
 if __name__ == "__main__":

@@ -25,18 +25,6 @@ from graphopt import bench, zoo
 from graphopt.quiet import quiet
 
 
-class SentenceEncoder(torch.nn.Module):
-    """MiniLM + mean pooling + L2 normalisation: the sentence embedding users compare."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return zoo.mean_pool(self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
-                             attention_mask)
-
-
 def dropped(cm) -> str:
     rec = next((r for r in cm.report if r.name == "layer_skip"), None)
     names = [n.split("[")[1].split("]")[0] for n in rec.notes if n.startswith("dropped block")] if rec else []
@@ -45,7 +33,7 @@ def dropped(cm) -> str:
 
 def minilm(rounds: int) -> list[str]:
     model, tok = zoo.minilm()
-    encoder = SentenceEncoder(model).eval()
+    encoder = zoo.SentenceEncoder(model).eval()
     texts = zoo.sentences(320, seed=3)
     enc = [tok(texts[i:i + 16], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
            for i in range(0, len(texts), 16)]

@@ -135,6 +135,18 @@ def minilm():
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
+class SentenceEncoder(torch.nn.Module):
+    """A transformers encoder + mean pooling: the sentence embedding sentence-transformers computes (MiniLM)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return mean_pool(self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+                         attention_mask)
+
+
 def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Sentence embeddings as sentence-transformers makes them: mean over real tokens, L2-normalised."""
     m = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
@@ -231,7 +243,7 @@ class DigitsTransformer(torch.nn.Module):
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
 
     def forward(self, x):
-        h = self.layers(self.embed(x.reshape(len(x), 8, 8)) + self.pos)
+        h = self.layers(self.embed(x[:, 0]) + self.pos)   # rows as tokens; x[:, 0] keeps the batch dim symbolic
         return self.head(self.norm(h).mean(1))
 
 
@@ -253,7 +265,8 @@ def _on_one_thread(fn):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return fn()
+        with torch.enable_grad():     # the caller may be under no_grad (a benchmark's main)
+            return fn()
     finally:
         torch.set_num_threads(threads)
 

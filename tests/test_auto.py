@@ -150,6 +150,10 @@ def test_auto_layer_counts_match_eager_structure(auto):
     (lambda: graphopt.Auto(time_budget=0), "time_budget"),
     (lambda: graphopt.Auto(time_budget=-5), "time_budget"),
     (lambda: graphopt.Auto(families=("fft",)), "families"),
+    (lambda: graphopt.Auto(early_exit="yes"), "early_exit"),
+    (lambda: graphopt.Auto(early_exit=True, metric=lambda o, r: 0.0), "not a callable"),
+    (lambda: graphopt.LayerSkip(metric="accuracy"), "metric"),
+    (lambda: graphopt.EarlyExit(metric=lambda o, r: 0.0), "metric"),
 ])
 def test_bad_options(make, match):
     with pytest.raises(InputError, match=match):

@@ -68,11 +68,28 @@ class JointPlan(Pass):
         def loss(genome) -> float:
             return quality.loss(run_batches(space.built(genome), check), refs, self.metric, per_batch)
 
+        everything, all_refs = fit + check, None
+
+        def confirmed(genome) -> bool:
+            """A finalist's loss on every calibration batch fits too: the search picked it for fitting the held-out
+            half, which flatters it (digits, top-1: 1.3% on the test split after 1.0% on 200 held-out images). A
+            callable metric sees the held-out half only (it may score the user's labels for those batches)."""
+            nonlocal all_refs
+            if callable(self.metric):
+                return True
+            all_refs = all_refs if all_refs is not None else run_batches(graph, everything)
+            return quality.loss(run_batches(space.built(genome), everything), all_refs, self.metric,
+                                per_batch) <= self.budget
+
         show = _progress(self.progress)
         search = Search(space, loss, self.budget, proxy, deadline, self.seed, progress=show)
         # timing the finalists takes about what timing the rates took: keep that much of the time budget for it
         finalists = search.run(measure_reserve_s=rates_s)
-        chosen, measured = self._choose(space, search, finalists)
+        confirmed_finalists = [e for e in finalists if confirmed(e.genome)]
+        for e in finalists:
+            if e not in confirmed_finalists:
+                e.origin += " (not confirmed on all batches)"
+        chosen, measured = self._choose(space, search, confirmed_finalists)
         plan = space.plan(chosen.genome) if chosen else Plan()
         search_s = time.perf_counter() - t0
         notes = apply(graph, plan, ctx, fit, space.pruning, space.qopts)

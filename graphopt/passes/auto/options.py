@@ -21,15 +21,37 @@ from ...options import Option
 from ..base import available
 from .joint import split
 from .plan import Plan
+from ..skip import EarlyExit
 from .space import FAMILIES
 
+EXIT_SHARE = 0.5    # of the budget, to the static plan when early exit follows it
 
-class Auto(Option):
+
+class _Planned(Option):
+    """What Auto and a saved plan share: both need calibration batches, split into a fitting and a held-out half."""
     keyword = "optimize"
+    why_batches = ": one part fits (pruning's reconstruction, int8 ranges), the held-out rest checks the budget"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    @property
+    def min_batches(self) -> int:
+        return 2
+
+
+class Auto(_Planned):
 
     def __init__(self, budget: float = 0.01, metric: quality.Metric = "cosine", time_budget: float | None = None,
-                 families=FAMILIES, seed: int = 0, progress: bool | None = None):
+                 families=FAMILIES, seed: int = 0, progress: bool | None = None, early_exit: bool = False):
         quality.check("Auto", budget, metric)
+        if not isinstance(early_exit, bool):
+            raise InputError(f"Auto(early_exit={early_exit!r}): True allows a dynamic program (per-sample exits), "
+                             "False keeps one static graph")
+        if early_exit and not isinstance(metric, str):
+            raise InputError("Auto(early_exit=True) scores each sample to set exit thresholds: give metric='cosine' "
+                             "or 'top1', not a callable")
         if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
                                         or not math.isfinite(time_budget) or time_budget <= 0):
             raise InputError(f"Auto(time_budget={time_budget!r}): give the seconds the search may take (> 0), or "
@@ -40,23 +62,22 @@ class Auto(Option):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise InputError(f"Auto(seed={seed!r}): give an int")
         self.budget, self.metric, self.time_budget = float(budget), metric, time_budget
-        self.families, self.seed, self.progress = families, seed, progress
+        self.families, self.seed, self.progress, self.early_exit = families, seed, progress, early_exit
 
     def __repr__(self) -> str:
-        extra = f", time_budget={self.time_budget:g}" if self.time_budget else ""
+        extra = (f", time_budget={self.time_budget:g}" if self.time_budget else "") + \
+            (", early_exit=True" if self.early_exit else "")
         return f"Auto(budget={self.budget:g}, metric={quality.name(self.metric)!r}{extra})"
 
     split = staticmethod(split)   # (fitting batches, held-out batches) of a calibration list
 
     @property
-    def needs_calibration(self) -> bool:
-        return True
+    def dynamic_batch(self) -> bool:   # early exit's segments run on the samples still going
+        return self.early_exit
 
-    @property
-    def min_batches(self) -> int:
-        return 2
-
-    why_batches = ": one part fits (pruning's reconstruction, int8 ranges), the held-out rest checks the budget"
+    def check_graph(self, graph) -> None:
+        if self.early_exit:
+            EarlyExit(self.budget, self.metric).check_graph(graph)
 
     def check(self, model: torch.nn.Module, target, backend: str) -> None:
         why = target.ort_unavailable() if backend in ("ort", "auto") else target.unmeasurable
@@ -79,27 +100,24 @@ class Auto(Option):
             quality.loss(outs, outs, self.metric, len(outs) // len(check))
 
     def passes(self) -> list:
-        return [available()["auto"](self.budget, self.metric, self.time_budget, self.families, self.seed,
-                                    self.progress)]
+        """The joint plan; with early_exit=True, exits planned on the planned graph after it, each within half the
+        budget (top-1 disagreement with the full model is at most the sum of the two disagreements; cosine
+        error nearly so): a fixed split, not yet searched."""
+        made = available()
+        static = EXIT_SHARE if self.early_exit else 1.0
+        joint = made["auto"](self.budget * static, self.metric, self.time_budget, self.families, self.seed,
+                             self.progress)
+        return [joint] + ([made["early_exit"](self.budget * (1 - static), self.metric)] if self.early_exit else [])
 
 
-class SavedPlan(Option):
+class SavedPlan(_Planned):
     """A plan given back to compile(): applied as saved, no search."""
-    keyword = "optimize"
 
     def __init__(self, plan: Plan):
         self.plan = plan
 
     def __repr__(self) -> str:
         return f"Plan({self.plan.summary()})"
-
-    @property
-    def needs_calibration(self) -> bool:
-        return True
-
-    @property
-    def min_batches(self) -> int:
-        return 2
 
     def passes(self) -> list:
         return [available()["apply_plan"](self.plan)]
