@@ -64,9 +64,14 @@ def held_out_loss(cm, model, calibration) -> float:
 
 
 @pytest.fixture(scope="module")
-def auto(model, calibration):
+def dumps(tmp_path_factory):
+    return tmp_path_factory.mktemp("auto_dumps")
+
+
+@pytest.fixture(scope="module")
+def auto(model, calibration, dumps):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cm = graphopt.compile(model, calibration[0], calibration=calibration,
+    cm = graphopt.compile(model, calibration[0], calibration=calibration, dump_dir=dumps,
                           optimize=graphopt.Auto(budget=0.02, time_budget=60))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the user's model was changed"
     return cm
@@ -134,6 +139,17 @@ def test_a_metric_callable_decides(model, calibration):
     with torch.no_grad():
         ref = model(x)
     assert ((cm(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-3
+
+
+def test_the_report_draws_the_search(auto, dumps):
+    """Every plan measured is a point of the report's scatter, with the budget line and the chosen plan circled;
+    report.json holds the same rows."""
+    page = (dumps / "report.html").read_text()
+    assert "Joint search" in page and "budget 0.02" in page and ">chosen<" in page
+    step = next(s for s in json.loads((dumps / "report.json").read_text())["steps"] if s["name"] == "auto")
+    table = next(t for t in step["tables"] if "scatter" in t)
+    assert len(table["rows"]) == len(auto.plan.search["evaluated"])
+    assert page.count('r="3.5"') >= len(table["rows"])
 
 
 def test_auto_layer_counts_match_eager_structure(auto):

@@ -159,17 +159,16 @@ class JointPlan(Pass):
                               "chosen": next((i for i, e in enumerate(points) if chosen is not None
                                               and e.genome == chosen.genome), None)})
         result.table("Joint plan per layer, group and block: what was done, the ms it saves alone (estimated) and its "
-                     "loss alone (cosine on 8 held-out samples)", ["where", "family", "level", "saves ms",
+                     "loss alone (cosine on one held-out batch)", ["where", "family", "level", "saves ms",
                                                                    "loss alone"],
                      [[r["where"], r["family"], r["level"], r["saves_ms"], r["loss_alone"]] for r in plan.layers
                       if r["level"] not in (0, False, "float")], bars=("saves ms", "loss alone"), unit="")
 
 
-def _proxies(space: Space, graph: Graph, fit: list, held_out: tuple, samples: int = 8) -> dict:
-    """(knob index, level) → cosine error with that move alone, on the first `samples` samples of a held-out
-    batch: ranks moves, never certifies a plan."""
-    args, kwargs = held_out
-    batch = [(tuple(a[:samples] for a in args), {k: v[:samples] for k, v in kwargs.items()})]
+def _proxies(space: Space, graph: Graph, fit: list, held_out: tuple) -> dict:
+    """(knob index, level) → cosine error with that move alone, on one held-out batch (whole: a static graph's
+    reshapes hold its batch size): ranks moves, never certifies a plan."""
+    batch = [held_out]
     refs = run_batches(graph, batch)
     proxy = {}
     quant = {k.key: [lvl for lvl in k.levels[1:]] for k in space.knobs if k.family == "quant"}

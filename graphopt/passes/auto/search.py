@@ -4,8 +4,8 @@ Why this search. Layer errors do not add (EvoPress: "error monotonicity does not
 always measured on the whole graph, never summed; a measurement costs a build and a run over the held-out
 batches, so the search spends them where they can pay:
 
-1. Seeds, one per family and one across all: the family's moves ranked by loss alone (a proxy: cosine on a
-   few held-out samples, measured once per move) per millisecond saved, and the longest prefix of that ranking whose
+1. Seeds, one per family and one across all: the family's moves ranked by loss alone (a proxy: cosine on one
+   held-out batch, measured once per move) per millisecond saved, and the longest prefix of that ranking whose
    measured loss fits, found by bisection (log₂ of the moves in measurements). The family seeds are also each
    family's own best plan, the baseline the joint plan must beat.
 2. Evolution (EvoPress's level switch): a parent from the best plans found, one or two knobs moved to a level

@@ -22,7 +22,10 @@ from ...ir import Graph, op_name, same_shape, shape_dtype
 
 aten = torch.ops.aten
 HEAVY = {"aten.linear", "aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution", "aten.matmul", "aten.mm",
-         "aten.bmm", "aten.addmm", "aten.scaled_dot_product_attention"}
+         "aten.bmm", "aten.addmm", "aten.scaled_dot_product_attention",
+         # graphopt's own forms of the same work: a block stays a block once another family has rewritten it
+         "graphopt.attention", "graphopt.linear_act", "graphopt.conv_act", "graphopt.fft_conv1d", "graphopt.fft_conv2d",
+         "graphopt.dynamic_linear", "graphopt.int4_linear", "graphopt.bsr_linear"}
 LOOKED_FOR = ("residual blocks y = x + f(x): an add whose one operand x feeds the other through a branch with a "
               "linear/conv/matmul/attention, used only by that add")
 

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.fx as fx
 
-from ...ir import Graph, conv_args, tensor_meta
+from ...ir import Graph, conv_args, copy_graph, tensor_meta
 from ...ops.sparse import pack_bsr
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe, run_batches
@@ -307,6 +307,17 @@ class Sparsify(Pass):
                                 f"{held(ctx.calibration)} (budget {o.budget:g})")
         if o.ratio is not None:
             result.notes.append(f"uniform plan: error {error(plan, check, refs):.2e} on {held(ctx.calibration)}")
+        elif any(plan.values()) and not ctx.cost.unmeasurable:
+            # a budget plan is the planner's choice: kept only if it measures faster than the graph unpruned
+            trial = copy_graph(graph)
+            pruning.apply(trial, plan)
+            ms = ctx.cost.graphs_ms({"dense": graph, "pruned": trial}, ctx.example_args, ctx.example_kwargs)
+            if ms["pruned"] >= ms["dense"]:
+                result.skipped(f"the budget plan measures {ms['pruned']:.3f} ms against {ms['dense']:.3f} ms unpruned "
+                               f"({ctx.cost.on}): nothing pruned")
+                return
+            result.notes.append(f"the budget plan measures {ms['pruned']:.3f} ms against {ms['dense']:.3f} ms unpruned "
+                                f"({ctx.cost.on})")
         for note in pruning.apply(graph, plan):
             result.did(note)
 
