@@ -3,7 +3,7 @@ families combined by hand, ONNX Runtime's quantization tool and the unoptimized 
 all systems timed side by side (interleaved rounds), quality on held-out data beside every speedup.
 
     python benchmarks/bench_auto.py --model digits|transformer|minilm [--budgets 0.01,0.02] [--rounds 7]
-                                    [--time-budget 120]
+                                    [--time-budget 120] [--families quant,prune,skip]
 
 Models (all trained here or shipped with trained weights; nothing downloaded):
   digits       DigitsResNet, 10 residual blocks × 48 channels, trained on scikit-learn's digits; the 397 test
@@ -90,6 +90,7 @@ def main():
     ap.add_argument("--budgets", default="0.01,0.02")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--time-budget", type=float, default=None, help="also run Auto with this time_budget (s)")
+    ap.add_argument("--families", default="quant,prune,skip", help="the 'alone' rows to run")
     ns = ap.parse_args()
     spec = minilm() if ns.model == "minilm" else classifier(ns.model)
     model, args, cal, metric, quality = spec["model"], spec["args"], spec["calibration"], spec["metric"], spec["quality"]
@@ -115,7 +116,7 @@ def main():
     singles, autos = {}, {}
     for budget in [float(b) for b in ns.budgets.split(",")]:
         b = f"{budget:.0%}"
-        for family in ("quant", "prune", "skip"):
+        for family in ns.families.split(","):
             label = f"{family} alone {b}"
             if compiled(label, calibration=cal, optimize=graphopt.Auto(budget, metric, families=(family,))):
                 singles[label] = budget
