@@ -43,7 +43,7 @@ def test_the_import_check_sees_relative_imports():
 
 def test_every_pass_has_a_family_and_phase():
     for name, cls in available().items():
-        assert family(cls) in {"cleanup", "fusion", "quant", "fft", "sparsity", "skip"}, name
+        assert family(cls) in {"cleanup", "fusion", "quant", "fft", "sparsity", "skip", "auto"}, name
         assert cls.phase in PHASES, name
 
 

@@ -48,14 +48,18 @@ class Search:
         self.patience = patience or max(24, len(space.knobs) // 2)
         self.progress = progress or (lambda line: None)
         self.evaluated: dict[Genome, Evaluated] = {}
+        self.eval_s: list[float] = []      # seconds per measurement, for what the finalists will take
         self.families: dict[str, Evaluated | None] = {}
         self.stopped = ""
+        self.reserve_s = 0.0
         self.saving = {(i, lvl): space.saving(i, lvl) for i, k in enumerate(space.knobs) for lvl in range(len(k.levels))}
 
     # --- measuring -----------------------------------------------------------------------------
     def evaluate(self, genome: Genome, origin: str) -> Evaluated:
         if genome not in self.evaluated:
+            t0 = time.perf_counter()
             e = Evaluated(genome, self.space.estimate_ms(genome), self._loss(genome), origin)
+            self.eval_s.append(time.perf_counter() - t0)
             self.evaluated[genome] = e
             best = self.best()
             self.progress(f"{len(self.evaluated)} plans measured; best {best.ms:.3f} ms estimated, loss {best.loss:.4g}"
@@ -70,7 +74,12 @@ class Search:
                    default=None)
 
     def out_of_time(self) -> bool:
-        return self.deadline is not None and time.perf_counter() >= self.deadline
+        """Past the deadline less what the finalists still take: timing them (`reserve_s`, as long as the rate
+        probes took) and confirming each on every batch (twice a held-out measurement)."""
+        if self.deadline is None:
+            return False
+        mean = sum(self.eval_s) / len(self.eval_s) if self.eval_s else 0.0
+        return time.perf_counter() >= self.deadline - self.reserve_s - 2 * (FINALISTS + 4) * mean
 
     # --- 1. seeds ------------------------------------------------------------------------------
     def seed(self, families: set[str], origin: str) -> Evaluated | None:
@@ -145,14 +154,13 @@ class Search:
     # --- the whole search ------------------------------------------------------------------------
     def run(self, measure_reserve_s: float = 0.0) -> list[Evaluated]:
         """Seeds, evolution, then the finalists (to be timed by the caller), best estimate first."""
+        self.reserve_s = measure_reserve_s
         dense = self.evaluate(self.space.dense(), "dense")
         present = [f for f in ("quant", "prune", "skip") if any(k.family == f for k in self.space.knobs)]
         for family in present:
             self.families[family] = self.seed({family}, f"{family} alone")
         if len(present) > 1:
             self.seed(set(present), "greedy, all families")
-        if self.deadline is not None:
-            self.deadline -= measure_reserve_s
         if self.population():
             self.evolve()
         else:
