@@ -89,7 +89,7 @@ class JointPlan(Pass):
         for e in finalists:
             if e not in confirmed_finalists:
                 e.origin += " (not confirmed on all batches)"
-        chosen, measured = self._choose(space, search, confirmed_finalists)
+        chosen = self._choose(space, search, confirmed_finalists)
         plan = space.plan(chosen.genome) if chosen else Plan()
         search_s = time.perf_counter() - t0
         notes = apply(graph, plan, ctx, fit, space.pruning, space.qopts)
@@ -99,7 +99,7 @@ class JointPlan(Pass):
             raise VerificationError(f"auto: the chosen plan's held-out loss is {final_loss:.4g} once applied, over the "
                                     f"budget {self.budget:g} it measured within during the search ({chosen.loss:.4g})")
         show(None)
-        self._describe(result, space, search, plan, chosen, measured, final_loss, notes)
+        self._describe(result, space, search, plan, chosen, final_loss, notes)
         result.notes.append(f"time: rates measured in {rates_s:.1f} s, move proxies in {proxy_s:.1f} s, search and "
                             f"finalists {search_s - rates_s - proxy_s:.1f} s; stopped: {search.stopped}")
         return result
@@ -107,16 +107,16 @@ class JointPlan(Pass):
     def _choose(self, space: Space, search: Search, finalists: list[Evaluated]):
         """The fastest finalist as measured side by side with dense; None where none measures faster."""
         if not finalists:
-            return None, {}
+            return None
         labels = {f"plan {i}": e for i, e in enumerate(finalists)}
         measured = space.measure({label: e.genome for label, e in labels.items()})
         for label, e in labels.items():
             e.measured_ms = measured[label]
         search.evaluated[space.dense()].measured_ms = measured["dense"]
         best = min(labels.values(), key=lambda e: e.measured_ms)
-        return (best if best.measured_ms < measured["dense"] else None), measured
+        return best if best.measured_ms < measured["dense"] else None
 
-    def _describe(self, result: PassResult, space: Space, search: Search, plan: Plan, chosen, measured, final_loss,
+    def _describe(self, result: PassResult, space: Space, search: Search, plan: Plan, chosen, final_loss,
                   notes) -> None:
         dense = search.evaluated[space.dense()]
         plan.metric, plan.budget = quality.name(self.metric), self.budget
@@ -171,7 +171,7 @@ def _proxies(space: Space, graph: Graph, fit: list, held_out: tuple) -> dict:
     batch = [held_out]
     refs = run_batches(graph, batch)
     proxy = {}
-    quant = {k.key: [lvl for lvl in k.levels[1:]] for k in space.knobs if k.family == "quant"}
+    quant = {k.key: list(k.levels[1:]) for k in space.knobs if k.family == "quant"}
     swaps = quantized_layers(graph, fit[:2], quant, space.qopts) if quant else {}
     blocks = {b.add.name: b for b in space.blocks}
     for i, k in enumerate(space.knobs):

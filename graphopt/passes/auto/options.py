@@ -17,6 +17,7 @@ import torch
 
 from ... import quality
 from ...errors import InputError, UnsupportedError
+from ...numerics import flat_tensors
 from ...options import Option
 from ..base import available
 from .joint import split
@@ -96,7 +97,8 @@ class Auto(_Planned):
         if callable(self.metric):
             _, check = split(calibration)
             with torch.no_grad():
-                outs = [t for args, kwargs in check for t in _float_leaves(model(*args, **kwargs))]
+                outs = [t for args, kwargs in check for t in flat_tensors(model(*args, **kwargs))
+                        if t.is_floating_point()]
             quality.loss(outs, outs, self.metric, len(outs) // len(check))
 
     def passes(self) -> list:
@@ -134,7 +136,3 @@ def optimize_option(value) -> Option | None:
     raise InputError(f"optimize= takes a graphopt.Auto(...), a graphopt.Plan or the path of a saved plan, got "
                      f"{type(value).__name__}")
 
-
-def _float_leaves(out) -> list[torch.Tensor]:
-    from torch.utils import _pytree as pytree
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]

@@ -28,13 +28,6 @@ class Plan:
     def empty(self) -> bool:
         return not (self.quantize or self.prune or self.drop)
 
-    def families(self) -> set[str]:
-        """The families the plan uses ("quant", "prune", "skip")."""
-        return {f for f, part in (("quant", self.quantize), ("prune", self.prune), ("skip", self.drop)) if part}
-
-    def key(self) -> tuple:
-        return (tuple(sorted(self.quantize.items())), tuple(sorted(self.prune.items())), tuple(sorted(self.drop)))
-
     def summary(self) -> str:
         parts = [f"{len(self.quantize)} layers quantized" + (f" ({_counts(self.quantize)})" if self.quantize else ""),
                  f"{len(self.prune)} groups pruned", f"{len(self.drop)} blocks dropped"]

@@ -15,19 +15,18 @@ are then built and timed for real."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-import torch.fx as fx
 
-from ...ir import Graph, copy_graph, tensor_meta
+from ...errors import InputError
+from ...ir import Graph, copy_graph
 from ..base import PassContext
 from ..quant.layers import CONV, LINEAR, QuantOptions, layer_name, layers as quant_layers, weight_max
 from ..quant.quantize import Quantize
 from ..skip.blocks import Block, find_blocks
 from ..sparsity.groups import Group, find_groups
 from ..sparsity.prune import GroupPruning, keyed
-from ..sparsity.shrink import hint
+from ..sparsity.shrink import node_macs
 from .plan import Plan
 
 LINEAR_LEVELS = ("float", "int8", "int8-dynamic", "int4")
@@ -62,9 +61,8 @@ class Space:
         self.blocks: list[Block] = find_blocks(graph) if "skip" in families else []
         for b in self.blocks:
             knobs.append(Knob("skip", b.add.name, (False, True), f"block {b.index} {b.path}"))
-        self.layers = {n.name: n for n in quant_layers(graph)} if "quant" in families else {}
-        for name, n in self.layers.items():
-            knobs.append(Knob("quant", name, LINEAR_LEVELS if n.target is LINEAR else CONV_LEVELS, layer_name(n)))
+        for n in quant_layers(graph) if "quant" in families else ():
+            knobs.append(Knob("quant", n.name, LINEAR_LEVELS if n.target is LINEAR else CONV_LEVELS, layer_name(n)))
         self.knobs = knobs
         self.qopts = dataclasses.replace(QuantOptions(), weight_max=weight_max(QuantOptions(), ctx)[0])
         self._block_of = {b.add.name: b for b in self.blocks}
@@ -84,11 +82,6 @@ class Space:
             else:
                 p.drop[knob.key] = self._block_of[knob.key].skip.name
         return p
-
-    def genome(self, plan: Plan) -> Genome:
-        chosen = {("quant", k): v for k, v in plan.quantize.items()} | {("prune", k): v for k, v in plan.prune.items()} \
-            | {("skip", k): True for k in plan.drop}
-        return tuple(k.levels.index(chosen[k.family, k.key]) if (k.family, k.key) in chosen else 0 for k in self.knobs)
 
     def dense(self) -> Genome:
         return (0,) * len(self.knobs)
@@ -136,7 +129,7 @@ class Space:
                                          0.0) / len(members) for kind, members in kinds.items() for b in members}
         self.timing = times
         self.dense_ms = times["dense"]
-        self.macs = {n.name: _macs(n) for n in self.graph.ops() if n.target in (CONV, LINEAR)}
+        self.macs = {n.name: float(node_macs(n)) for n in self.graph.ops() if n.target in (CONV, LINEAR)}
         self.rate = {}     # ms saved per multiply-add, per precision
         for level in LINEAR_LEVELS[1:]:
             if level in times:
@@ -144,7 +137,7 @@ class Space:
                 self.rate[level] = max(self.dense_ms - times[level], 0.0) / max(moved, 1)
         self.dense_rate = 0.0  # ms per multiply-add of the dense layers, from pruning half of every group
         if "prune half" in times:
-            removed = sum(self.macs.values()) - sum(_macs(n) for n in graphs["prune half"].ops()
+            removed = sum(self.macs.values()) - sum(float(node_macs(n)) for n in graphs["prune half"].ops()
                                                     if n.target in (CONV, LINEAR))
             self.dense_rate = max(self.dense_ms - times["prune half"], 0.0) / max(removed, 1)
         self._index_layers()
@@ -233,15 +226,8 @@ def _steps(steps: list[int], units: int) -> list[int]:
     return [r for r in aligned if 0 < r < units]
 
 
-def _mismatch(what: str, name: str):
-    from ...errors import InputError
+def _mismatch(what: str, name: str) -> InputError:
     return InputError(f"the plan names {what} {name!r}, which this graph does not have: a plan rebuilds the model "
                       "it was searched on, with the same pipeline and target; search again with graphopt.Auto(...)")
 
-
-def _macs(n: fx.Node) -> float:
-    out = tensor_meta(n)
-    w = n.args[1].meta["val"]
-    per_out = math.prod(w.shape[1:]) if n.target is CONV else w.shape[1]
-    return float(per_out * math.prod(map(hint, out.shape)))
 

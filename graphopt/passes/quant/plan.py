@@ -63,7 +63,7 @@ class QuantizeAuto(Pass):
         ms = {"float": _latency_ms(graph, ctx, {})}
         ms |= {m: _latency_ms(graph, ctx, p) if any(v != "float" for v in p.values()) else ms["float"]
                for m, p in uniform.items()}
-        flops = {n.name: layer_flops(n) for n in layers(graph)}
+        flops = {n.name: _flops(n) for n in layers(graph)}
         saving = {}
         for name, choices in options.items():
             for o in choices:
@@ -193,7 +193,7 @@ def _latency_ms(graph: Graph, ctx: PassContext, plan: dict[str, str]) -> float:
     return ctx.cost.graph_ms(trial, ctx.example_args, ctx.example_kwargs)
 
 
-def layer_flops(n: fx.Node) -> float:
+def _flops(n: fx.Node) -> float:
     w = n.args[1].meta["val"]
     out = n.meta["val"]
     per_out = math.prod(w.shape[1:]) if n.target is CONV else w.shape[1]

@@ -25,7 +25,7 @@ from ..quant.layers import layer_name
 from .detect import layers as weighted_layers
 from .groups import CONV, LINEAR, Group, find_groups
 from .options import Sparsity, misfit
-from .shrink import hint, macs, parameters, refresh_meta, remove_inert, shrink
+from .shrink import macs, node_macs, parameters, refresh_meta, remove_inert, shrink
 
 STEPS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)     # fractions of a group's units a budget plan may remove
 BLOCK_RATIOS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)             # uniform block ratios a budget plan tries, sparsest first
@@ -210,12 +210,7 @@ def keyed(groups: list[Group]) -> list[Group]:
 
 def group_macs(g: Group) -> float:
     """Multiply-adds of every layer holding the group's channels (what removing all of them would save)."""
-    total = 0
-    for n in g.producers + g.consumers + g.depthwise:
-        out = tensor_meta(n)
-        w = n.args[1].meta["val"]
-        total += math.prod(map(hint, out.shape)) * math.prod(w.shape[1:])
-    return float(total)
+    return float(sum(node_macs(n) for n in g.producers + g.consumers + g.depthwise))
 
 
 # --- the pass ----------------------------------------------------------------------------------------

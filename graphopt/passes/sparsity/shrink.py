@@ -94,19 +94,20 @@ def hint(d) -> int:
 
 def macs(graph: Graph) -> int:
     """Multiply-adds of the graph's convs, linears and block-sparse linears, from their shapes."""
-    total = 0
-    for n in graph.ops():
-        out = n.meta.get("val")
-        if not isinstance(out, torch.Tensor):
-            continue
-        numel = math.prod(map(hint, out.shape))
-        if n.target is CONV:
-            total += numel * math.prod(n.args[1].meta["val"].shape[1:])
-        elif n.target is torch.ops.aten.linear.default:
-            total += numel * n.args[1].meta["val"].shape[1]
-        elif n.target is torch.ops.graphopt.bsr_linear.default:
-            total += numel * n.args[1].meta["val"].shape[1]      # blocks [R, k·bw, bh]: k·bw inputs per output
-    return total
+    return sum(node_macs(n) for n in graph.ops())
+
+
+def node_macs(n: fx.Node) -> int:
+    """Multiply-adds of one conv, linear or block-sparse linear from its shapes (0 for any other node)."""
+    out = n.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return 0
+    numel = math.prod(map(hint, out.shape))
+    if n.target is CONV:
+        return numel * math.prod(n.args[1].meta["val"].shape[1:])
+    if n.target in (torch.ops.aten.linear.default, torch.ops.graphopt.bsr_linear.default):
+        return numel * n.args[1].meta["val"].shape[1]   # bsr blocks [R, k·bw, bh]: k·bw inputs per output
+    return 0
 
 
 def parameters(graph: Graph) -> int:
