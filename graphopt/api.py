@@ -37,7 +37,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             tune: Tune | None = None, quantize: str | Quantization | None = None, calibration: Any = None,
             accuracy_budget: float | None = None, layer_skip: LayerSkip | None = None,
             early_exit: EarlyExit | None = None, sparsity: Sparsity | None = None,
-            optimize=None, precision: str = "fp32") -> CompiledModule:
+            optimize=None, precision: str = "fp32", check: bool = True) -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
@@ -77,6 +77,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     held-out calibration batches fits (needs ≥ 2 `calibration` batches); `cm.plan` is what it chose, savable as JSON
     and given back as optimize=plan (or its path) to rebuild the same model without searching.
 
+    check: run the built module once on the example inputs and raise VerificationError where an output is NaN or
+    infinite and eager's is not, or, when every pass is lossless, further than 1e-2 of the output scale from eager's
+    (a defect in a backend's lowering would otherwise be silent). check=False skips that one call.
+
     What planning passes decided (quantize="auto"'s per-layer plan, early exit's exits) is in `cm.plans`."""
     # 1. everything the user gave is checked before any work
     tgt = get_target(target)
@@ -96,6 +100,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             or tolerance <= 0:
         raise InputError(f"tolerance={tolerance!r}: give a finite number > 0, the allowed drift relative to the "
                          "output scale (default 1e-4)")
+    if not isinstance(check, bool):
+        raise InputError(f"check={check!r}: give True (run the build once and compare it with eager) or False")
     args, kwargs = _example(model, example_inputs)
     if isinstance(dynamic_shapes, str):
         if dynamic_shapes != "batch":
@@ -120,7 +126,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         dump_dir = writable_dir(dump_dir, "dump_dir")
 
     eager = flat_tensors(_run_eager(model, args, kwargs))   # inputs the model rejects fail here, before any work
-    reference = eager if verify or dump_dir is not None else None
+    reference = eager if verify or check or dump_dir is not None else None
 
     # 2. capture → passes → build
     graph = capture(model, args, kwargs, dynamic_shapes)
@@ -129,7 +135,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     if has_cond(graph):
         _check_cond_options(pipeline, dynamic_shapes)
     cost = be.cost_model(tgt)            # every measured decision, timed as this backend runs the model
-    manager = PassManager(pipeline, default_instruments(dump_dir, verify, tolerance, reference))
+    manager = PassManager(pipeline, default_instruments(dump_dir, verify, tolerance, reference, check))
     manager.run(graph, PassContext(tgt, args, kwargs, calibration, cost))
     t0 = time.perf_counter()
     inputs = BuildInputs(args, kwargs, dynamic_shapes, tune, precision, cost)

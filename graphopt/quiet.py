@@ -28,3 +28,22 @@ def quiet(stdout: bool = False):
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def native_quiet():
+    """Keep native libraries' log lines (TVM's C++ LOG(WARNING), written straight to file descriptor 2: "Fast mode
+    segfaults when there are out-of-bounds indices…" for every gather it lowers) off the user's console. Errors
+    still reach the user as exceptions, with their messages."""
+    import os
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

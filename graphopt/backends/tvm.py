@@ -16,6 +16,7 @@ import torch
 from ..codegen.relax import size_limits, to_relax
 from ..errors import InputError, UnsupportedError
 from ..ir import Graph
+from ..quiet import native_quiet
 from ..cost import CostModel
 from ..targets import Target, host_cores
 from .base import BuildInputs
@@ -122,6 +123,12 @@ class TvmBackend:
         return CostModel(target, "tvm", lower)
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> TvmExecutable:
+        if inputs.tune is not None and inputs.tune.progress:   # its progress lines go to the same stderr
+            return self._build(graph, target, inputs)
+        with native_quiet():
+            return self._build(graph, target, inputs)
+
+    def _build(self, graph: Graph, target: Target, inputs: BuildInputs) -> TvmExecutable:
         import tvm
         mod = to_relax(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes, target)
         if inputs.precision == "fp16":   # before fast_math, whose TE-built kernels the rewrite does not take

@@ -26,26 +26,53 @@ def to_relax(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shap
     constants = {s.arg.name: values[s.target] for s in ep.graph_signature.input_specs if s.target in values}
     try:
         converters = {**relax_convert_map(target, constants.get), "cumsum.default": cumsum,
-                      **{op: shape_keeping(method) for op, method in SHAPE_LOSING.items()}}
-        return integer_powers_as_products(shapes_within_bounds(from_exported_program(ep, custom_convert_map=converters)))
+                      "index.Tensor": shape_keeping("_index_tensor", wrapped_indices)}
+        with quiet(stdout=True):   # its decompositions warn through torch's deprecated pytree API
+            imported = from_exported_program(ep, custom_convert_map=converters)
+        return integer_powers_as_products(shapes_within_bounds(imported))
     except (AssertionError, KeyError, ValueError, NotImplementedError) as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise UnsupportedError(f"TVM Relax import failed: {first[:300]}. Remove the pass that introduced the "
                                "op, or compile with backend='ort'.") from e
 
 
-# the TVM converters (importer methods) that give dynamically shaped results no shape (ndim only)
-SHAPE_LOSING = {"index.Tensor": "_index_tensor"}
+def wrapped_indices(node, importer) -> dict:
+    """{index node: its Relax value with negative indices wrapped as torch does (i + size)}, for aten.index.Tensor.
+    TVM lowers indexing to take / index_tensor in their 'fast' mode, which reads out of bounds for a negative
+    index: Falcon picks its shared key and value heads as qkv[..., [-2], :] and qkv[..., [-1], :], and on TVM read
+    memory before the tensor (NaN or garbage logits, silently). Cheap: index tensors are small."""
+    from tvm import relax
+    data, indices = node.args[0], node.args[1]
+    wrapped = {}
+    for axis, index in enumerate(indices):
+        if not isinstance(index, torch.fx.Node) or index in wrapped:
+            continue
+        meta = index.meta.get("val")
+        if meta is None or meta.dtype == torch.bool or not meta.dtype.is_signed:
+            continue
+        value, size, dtype = importer.env[index], importer.env[data].ty.shape[axis], str(meta.dtype)[len("torch."):]
+        bb = importer.block_builder
+        sizes = bb.emit(relax.op.astype(relax.op.shape_to_tensor(relax.ShapeExpr([size])), dtype))
+        negative = bb.emit(relax.op.less(value, relax.const(0, dtype)))
+        wrapped[index] = bb.emit(relax.op.where(negative, relax.op.add(value, sizes), value))
+    return wrapped
 
 
-def shape_keeping(method: str):
+def shape_keeping(method: str, rewrite_args=None):
     """TVM's converter `method`, its result cast to the shape torch.export recorded for the node where TVM's own
     inference has none. GPT-2's causal mask indexes the [b, s] attention mask by [b, 1, s, 1] indices: Relax gave
     the result no shape, and R.where on it then crashed the process (a segfault in TVM's shape inference).
-    R.match_cast also checks the shape when the module runs."""
+    R.match_cast also checks the shape when the module runs. `rewrite_args(node, importer)` may first replace some
+    arguments' Relax values ({fx node: value}) for this call."""
     def convert(node, importer):
         from tvm import relax
-        value = getattr(importer, method)(node)
+        replaced = rewrite_args(node, importer) if rewrite_args else {}
+        kept = {n: importer.env[n] for n in replaced}
+        importer.env.update(replaced)
+        try:
+            value = getattr(importer, method)(node)
+        finally:
+            importer.env.update(kept)
         meta = node.meta.get("val")
         shape = value.ty.shape if isinstance(value.ty, relax.TensorType) else None
         if shape is not None or meta is None:

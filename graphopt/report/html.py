@@ -44,7 +44,7 @@ def render(folder: Path, data: dict | None = None) -> Path:
 
 
 def _over(step: dict, tolerance: float) -> bool:
-    return step["checked"] is not None and step["checked"]["rel_err"] > tolerance
+    return step["checked"] is not None and not step["checked"]["rel_err"] <= tolerance   # NaN is over too
 
 
 def _delta(op_delta: dict[str, int], limit: int = 6) -> str:

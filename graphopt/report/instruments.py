@@ -5,7 +5,10 @@
   WriteDumps    NN-<pass>/ with graph.txt, diff.txt, a picture with the nodes it created highlighted and
                 stats.json, then report.json, report.html and report.md indexing every step so far
   Verify        a VerificationError at the first step whose checked drift exceeds the tolerance, naming it
-                (after the dumps, so the report shows the failing step)"""
+                (after the dumps, so the report shows the failing step)
+  CheckBuild    on by default (compile(check=False) turns it off): the built module's outputs on the example
+                inputs against eager's — non-finite where eager is finite, or (all passes lossless) further than
+                1e-2 of the output scale — is a VerificationError naming the backend and the output"""
 from __future__ import annotations
 
 import difflib
@@ -102,15 +105,46 @@ class Verify(Instrument):
                 f"tolerance {self.tolerance:g}{where}")
 
 
+class CheckBuild(Instrument):
+    """No silently wrong build: a lowering defect (Falcon's logits were NaN on TVM, and compile returned) is caught
+    for the price of one call of the built module, whose outputs the manager already has."""
+    TOLERANCE = 1e-2   # of the output scale: far above any lossless backend's rounding (≤ 1e-5 measured)
+
+    def __init__(self, reference: list[torch.Tensor]):
+        self.reference, self.lossy = reference, False
+
+    def after_step(self, step: Step) -> None:
+        self.lossy |= step.lossy or step.rounds is not None
+        if step.ctx is not None or step.outputs is None:   # a pass, or a build this machine cannot run
+            return
+        backend = step.record.name.removeprefix("backend-")
+        outputs = flat_tensors(step.outputs)
+        for i, (out, ref) in enumerate(zip(outputs, self.reference)):
+            if out.is_floating_point() and out.shape == ref.shape:
+                wrong = ~torch.isfinite(out) & torch.isfinite(ref)
+                if wrong.any():
+                    kind = "NaN" if torch.isnan(out[wrong]).any() else "infinity"
+                    raise VerificationError(
+                        f"the {backend} build returns {kind} in output {i} ({int(wrong.sum())} of {out.numel()} "
+                        f"values) where eager PyTorch is finite on the example inputs: a defect in the {backend} "
+                        f"lowering. Compile with another backend, or pass check=False to get the module anyway")
+        d = drift(outputs, self.reference)
+        if not self.lossy and not d.rel <= self.TOLERANCE:
+            raise VerificationError(
+                f"the {backend} build's output {d.output} is {d.rel:.3g} of the output scale away from eager PyTorch "
+                f"(max abs {d.max_abs:.3g}) on the example inputs, and every pass was lossless: a defect in the "
+                f"{backend} lowering. Compile with another backend, or pass check=False to get the module anyway")
+
+
 def default_instruments(dump_dir: Path | None, verify: bool, tolerance: float,
-                reference: list[torch.Tensor] | None) -> list[Instrument]:
-    """compile()'s instruments: drift when there is an eager reference (dumps or verify), then the dumps, then
-    verify."""
+                        reference: list[torch.Tensor] | None, check: bool = True) -> list[Instrument]:
+    """compile()'s instruments: drift when dumps or verify are asked for, then the dumps, then verify, then the
+    default check of the build (which needs only the eager `reference`)."""
     if reference is None:
         return []
-    measure = MeasureDrift(reference)
-    return [measure] + ([WriteDumps(dump_dir, tolerance)] if dump_dir is not None else []) + \
-        ([Verify(tolerance, measure, dump_dir)] if verify else [])
+    measure = MeasureDrift(reference) if dump_dir is not None or verify else None
+    return ([measure] if measure else []) + ([WriteDumps(dump_dir, tolerance)] if dump_dir is not None else []) + \
+        ([Verify(tolerance, measure, dump_dir)] if verify else []) + ([CheckBuild(reference)] if check else [])
 
 
 def _pictures(step: Step, folder: Path) -> list[str]:

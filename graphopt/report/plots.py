@@ -9,31 +9,36 @@ _COLOURS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2")
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.3g}" if v == v else "—"
+    return f"{v:.3g}" if v == v else "NaN"
 
 
 def log_line(labels: list[str], values: list[float | None], *, title: str, limit: float | None = None,
              marked: set[int] = frozenset(), css: str = "plot", second: tuple[str, list] | None = None) -> str:
-    """Values per step on a log axis (None: not measured, a gap; 0 on a floor of its own), `limit` as a dashed
-    line, `marked` steps as red dots with their value; `second` = (name, values) a second, dashed series."""
+    """Values per step on a log axis (None: not measured, a gap; 0 on a floor of its own, NaN and infinity on a
+    ceiling of their own), `limit` as a dashed line, `marked` steps as red dots with their value; `second` =
+    (name, values) a second, dashed series."""
     w, h, left, right, top, bottom = 860, 250, 64, 110, 26, 80
     both = values + (second[1] if second else [])
-    seen = [v for v in both if v is not None and v > 0] + ([limit] if limit else [])
+    seen = [v for v in both if v is not None and math.isfinite(v) and v > 0] + ([limit] if limit else [])
     lo = 10 ** math.floor(math.log10(min(seen))) if seen else 1e-9
     hi = 10 ** math.ceil(math.log10(max(seen))) if seen else 1.0
     lo, hi = (lo / 10, hi * 10) if lo == hi else (lo, hi)
     zero = any(v == 0 for v in both)
     if zero:                    # exact zeros sit on a floor of their own, a decade below the smallest value
         lo /= 10
+    broken = any(v is not None and not math.isfinite(v) for v in both)
+    if broken:                  # NaN and infinity sit on a ceiling of their own, a decade above the largest value
+        hi *= 10
     step = (w - left - right) / max(len(values) - 1, 1)
     x = lambda i: left + i * step
-    y = lambda v: top + (h - top - bottom) * (1 - (math.log10(max(v, lo)) - math.log10(lo)) /
-                                              (math.log10(hi) - math.log10(lo)))
+    y = lambda v: top + (h - top - bottom) * (1 - (math.log10(min(max(v, lo), hi)) - math.log10(lo)) /
+                                              (math.log10(hi) - math.log10(lo))) if v == v else top
     out = [f'<svg class="{css}" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
            f'aria-label="{html.escape(title)}"><text x="{left}" y="16" class="title">{html.escape(title)}</text>']
     for e in range(int(round(math.log10(lo))), int(round(math.log10(hi))) + 1):
         yy = y(10 ** e)
-        tick = "0 (exact)" if zero and 10 ** e <= lo * 1.01 else f"1e{e}"
+        tick = ("0 (exact)" if zero and 10 ** e <= lo * 1.01 else "NaN / ∞" if broken and 10 ** e >= hi * 0.99
+                else f"1e{e}")
         out.append(f'<line x1="{left}" x2="{w - right}" y1="{yy:.1f}" y2="{yy:.1f}" class="grid"/>'
                    f'<text x="{left - 6}" y="{yy + 4:.1f}" class="tick" text-anchor="end">{tick}</text>')
     if limit:
