@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 from .artifacts import writable_dir
 from .backends import BuildInputs, get_backend
 from .backends.tvm_tune import Tune
-from .capture import batch_dynamic_shapes, capture
+from .capture import batch_dynamic_shapes, capture, register_kv_caches
 from .compiled import CompiledModule
 from .errors import InputError, UnsupportedError
 from .options import Option, check_calibration
@@ -106,7 +106,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     if isinstance(dynamic_shapes, str):
         if dynamic_shapes != "batch":
             raise InputError(f"dynamic_shapes={dynamic_shapes!r}: give 'batch' or a torch.export dynamic_shapes spec")
-        dynamic_shapes = batch_dynamic_shapes(args, kwargs)
+        dynamic_shapes = batch_dynamic_shapes(model, args, kwargs)
     for option in options:
         option.check(model, tgt, be.name)
     if be.name in ("ort", "auto") and torch.bfloat16 in _dtypes(model, args, kwargs):
@@ -121,10 +121,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         raise InputError(f"pass {needy[0]} needs calibration data: pass calibration=[batch, ...] with a few "
                          "representative inputs shaped like example_inputs")
     if any(o.dynamic_batch for o in options) and dynamic_shapes is None:
-        dynamic_shapes = batch_dynamic_shapes(args, kwargs)
+        dynamic_shapes = batch_dynamic_shapes(model, args, kwargs)
     if dump_dir is not None:
         dump_dir = writable_dir(dump_dir, "dump_dir")
 
+    register_kv_caches()   # a model's KV cache counts as outputs, eager's too
     eager = flat_tensors(_run_eager(model, args, kwargs))   # inputs the model rejects fail here, before any work
     reference = eager if verify or check or dump_dir is not None else None
 

@@ -55,7 +55,11 @@ def write_atomically(path, what: str, write: Callable[[Path], None]) -> Path:
     """Check `path`, let `write` produce the artifact at a temporary path beside it, then rename it into place."""
     path = checked_path(path, what)
     # the suffix is kept: writers such as TVM's export_library choose the format by it
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial" + path.suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial" + path.suffix, dir=path.parent)
+    except OSError as e:   # a folder that exists but holds no files (/proc), a read-only mount, a full disk
+        raise InputError(f"{what}: cannot create a file in {str(path.parent)!r} ({e.strerror or e}); name a path in "
+                         "a folder you can write in") from e
     os.close(fd)
     try:
         write(Path(tmp))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 import traceback
 from typing import Any
 
@@ -43,19 +44,77 @@ def dynamic_export(dynamic_shapes: Any):
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> Graph:
-    try:
-        with quiet(stdout=True), dynamic_export(dynamic_shapes):
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as e:  # torch raises many types here; all mean "could not capture"
-        raise CaptureError(describe_capture_failure(e, model)) from e
     table = torch.export.default_decompositions()
     for op in KEPT_OPS:
         table.pop(op, None)
-    with quiet():
-        ep = ep.run_decompositions(table)
+    with kv_caches_as_outputs():
+        try:
+            with quiet(stdout=True), dynamic_export(dynamic_shapes):
+                ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as e:  # torch raises many types here; all mean "could not capture"
+            raise CaptureError(describe_capture_failure(e, model)) from e
+        with quiet():
+            ep = ep.run_decompositions(table)
     graph = Graph(ep.module(check_guards=False), ep.call_spec.in_spec, ep.call_spec.out_spec)
     _views_to_reshapes(graph)
+    _drop_empty_concat_inputs(graph)
     return graph
+
+
+def register_kv_caches() -> bool:
+    """Hugging Face's DynamicCache as a pytree node (transformers' own registration for torch.export), so its
+    tensors count as outputs, in eager's reference outputs too. False where transformers is not in use."""
+    if "transformers" not in sys.modules:   # no Hugging Face model can be in play
+        return False
+    from transformers.integrations.executorch import register_dynamic_cache_export_support
+    register_dynamic_cache_export_support()   # idempotent
+    return True
+
+
+@contextlib.contextmanager
+def kv_caches_as_outputs():
+    """Hugging Face models return a DynamicCache by default (use_cache=True): its key and value tensors become
+    outputs like any other, through the pytree support transformers ships for torch.export, and the compiled
+    module returns a DynamicCache again. While capturing (export, and the decompositions' retrace, which rebuilds
+    the cache from its tensors), a cache layer starts from an empty tensor made from the keys (`new_empty`) instead
+    of `torch.tensor([])`: torch 2.13's run_decompositions drops the constants such a tensor becomes
+    ("Constant tensor lifted_tensor_0 is not in the constants dictionary", pytorch#164461)."""
+    if not register_kv_caches():
+        yield
+        return
+    from transformers import cache_utils
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+        self.keys, self.values = key_states.new_empty((0,)), value_states.new_empty((0,))
+        self.is_initialized = True
+
+    original = cache_utils.DynamicLayer.lazy_initialization
+    cache_utils.DynamicLayer.lazy_initialization = lazy_initialization
+    try:
+        yield
+    finally:
+        cache_utils.DynamicLayer.lazy_initialization = original
+
+
+def _drop_empty_concat_inputs(graph: Graph) -> None:
+    """torch.cat skips 1-D empty tensors whatever the others' rank (a KV cache's first update concatenates its
+    empty start with the keys); ONNX's Concat and Relax's concat require one rank: those inputs are dropped."""
+    changed = False
+    for node in graph.fx.find_nodes(op="call_function", target=torch.ops.aten.cat.default):
+        tensors = node.args[0]
+        metas = [t.meta.get("val") if isinstance(t, torch.fx.Node) else None for t in tensors]
+        kept = [t for t, m in zip(tensors, metas) if not (m is not None and m.dim() == 1 and m.shape[0] == 0)]
+        if len(kept) == len(tensors) or not kept or all(m is not None and m.dim() == 1 for m in metas):
+            continue
+        changed = True
+        if len(kept) == 1:
+            node.replace_all_uses_with(kept[0])
+        else:
+            node.args = (kept, *node.args[1:])
+    if changed:
+        graph.eliminate_dead_code()
+        graph.module.recompile()
 
 
 def _views_to_reshapes(graph: Graph) -> None:
@@ -68,8 +127,10 @@ def _views_to_reshapes(graph: Graph) -> None:
     graph.module.recompile()
 
 
-def batch_dynamic_shapes(args: tuple, kwargs: dict | None) -> tuple:
-    """`dynamic_shapes="batch"`: dim 0 of every tensor input is dynamic, the rest static."""
+def batch_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> tuple | dict:
+    """`dynamic_shapes="batch"`: dim 0 of every tensor input is dynamic, the rest static. With keyword inputs (as
+    Hugging Face models are called: input_ids=, attention_mask=) the spec is keyed by forward()'s parameter names,
+    the form torch.export takes for keyword inputs."""
     def spec(x):
         if isinstance(x, torch.Tensor):
             return {0: Dim.DYNAMIC} if x.dim() > 0 else None
@@ -78,10 +139,13 @@ def batch_dynamic_shapes(args: tuple, kwargs: dict | None) -> tuple:
         if isinstance(x, dict):
             return {k: spec(v) for k, v in x.items()}
         return None
-    if kwargs:
-        raise InputError('dynamic_shapes="batch" supports positional inputs only; give a torch.export '
-                         "dynamic_shapes spec for keyword inputs")
-    return tuple(spec(a) for a in args)
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from e
+    return {name: spec(value) for name, value in bound.arguments.items()}
 
 
 # --- capture errors ------------------------------------------------------------------------------
@@ -100,10 +164,15 @@ def describe_capture_failure(err: BaseException, model: torch.nn.Module) -> str:
             where += f" in module {module}"
         if frame.line:
             where += f"\n    {frame.line.strip()}"
-    hint = ("Rewrite data-dependent Python control flow with torch.where or torch.cond, or move it out of "
-            "forward()." if "data-dependent" in reason else
-            "Make forward() traceable by torch.export (non-strict): tensor inputs, no data-dependent Python "
-            "control flow, no unsupported Python side effects.")
+    if "data-dependent" in reason:
+        hint = "Rewrite data-dependent Python control flow with torch.where or torch.cond, or move it out of forward()."
+    elif "not a known type" in reason:
+        hint = ("The model returns (or takes) an object torch.export cannot flatten into tensors: return tensors, or "
+                "register its class with torch.utils._pytree.register_pytree_node; a Hugging Face cache other than "
+                "DynamicCache can be left out with use_cache=False in the model's config.")
+    else:
+        hint = ("Make forward() traceable by torch.export (non-strict): tensor inputs, no data-dependent Python "
+                "control flow, no unsupported Python side effects.")
     return f"could not capture {type(model).__name__} with torch.export{where}\nreason: {reason}\n{hint}"
 
 
@@ -121,7 +190,8 @@ def _user_frame(err: BaseException):
     for e in _chain(err):
         for fr in traceback.extract_tb(e.__traceback__):
             f = fr.filename
-            if f.startswith(_TORCH_DIR) or f.startswith(_OWN_DIR) or "/lib/python3" in f and "site-packages" not in f:
+            if f.startswith(_TORCH_DIR) or f.startswith(_OWN_DIR) or f.startswith("<") or \
+                    "/lib/python3" in f and "site-packages" not in f:   # <string>: code torch generated
                 continue
             best = fr
         if best is not None:

@@ -108,3 +108,64 @@ def test_report_draws_a_pass_that_wrote_nan(tmp_path):
         page = (folder / "report.html").read_text()
         assert "NaN / ∞" in page                        # the ceiling the non-finite steps sit on
         assert 'class="bad"' in page                     # drawn as over the tolerance
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+def test_kv_cache_outputs_as_configured_by_default(backend):
+    """use_cache=True (transformers' default): the DynamicCache's keys and values are outputs, returned as a
+    DynamicCache again."""
+    if backend == "tvm":
+        need_module("tvm")
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=500)).eval()
+    args = (torch.randint(0, 500, (2, 16)),)
+    cm = graphopt.compile(model, args, backend=backend)
+    got, want = cm(*args), model(*args)
+    assert isinstance(got.past_key_values, transformers.DynamicCache)
+    assert len(got.past_key_values.layers) == 2
+    for g, w in zip(got.past_key_values.layers, want.past_key_values.layers):
+        torch.testing.assert_close(g.keys, w.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(g.values, w.values, atol=1e-5, rtol=1e-4)
+    assert_matches(cm, model, args)
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+def test_dynamic_batch_with_keyword_inputs(backend):
+    if backend == "tvm":
+        need_module("tvm")
+    model = transformers.BertModel(transformers.BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                                           intermediate_size=128, vocab_size=500)).eval()
+
+    def batch(b):
+        mask = torch.ones(b, 16, dtype=torch.long)
+        mask[0, 10:] = 0
+        return {"input_ids": torch.randint(0, 500, (b, 16)), "attention_mask": mask}
+    cm = graphopt.compile(model, batch(2), dynamic_shapes="batch", backend=backend)
+    for b in (1, 3):
+        inputs = batch(b)
+        with torch.no_grad():
+            want = model(**inputs).last_hidden_state
+        torch.testing.assert_close(cm(**inputs).last_hidden_state, want, atol=1e-4, rtol=1e-4)
+
+
+class Unique(torch.nn.Module):
+    def forward(self, x):
+        return torch.unique(x) * 2
+
+
+def test_data_dependent_shapes():
+    """ONNX Runtime runs an output whose size depends on the data (its Unique op); TVM's frontend has no converter:
+    a clear error naming the op and the module."""
+    x = torch.tensor([1.0, 2.0, 2.0, 5.0])
+    cm = graphopt.compile(Unique().eval(), (x,), backend="ort")
+    other = torch.tensor([3.0, 3.0, 1.0, 7.0])    # three distinct values where the example had three too, but others
+    torch.testing.assert_close(cm(other), torch.unique(other) * 2)
+    torch.testing.assert_close(cm(torch.tensor([4.0, 4.0, 4.0, 4.0])), torch.tensor([8.0]))
+    need_module("tvm")
+    with pytest.raises(graphopt.errors.UnsupportedError, match=r"_unique2.*top module.*Unique.*backend='ort'"):
+        graphopt.compile(Unique().eval(), (x,), backend="tvm")
+
+
+def test_export_to_a_folder_that_holds_no_files(tmp_path):
+    cm = graphopt.compile(*small_mlp())
+    with pytest.raises(graphopt.errors.InputError, match="cannot create a file in '/proc'"):
+        cm.export_onnx("/proc/x.onnx")

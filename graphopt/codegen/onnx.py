@@ -17,7 +17,7 @@ from ..quiet import quiet
 
 def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> onnx.ModelProto:
     try:
-        with quiet(stdout=True), dynamic_export(dynamic_shapes):
+        with quiet(stdout=True), dynamic_export(dynamic_shapes), graph.flat_outputs():
             program = torch.onnx.export(
                 graph.module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
                 custom_translation_table=onnx_translation_table(), optimize=True, verbose=False,

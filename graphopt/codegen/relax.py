@@ -1,13 +1,14 @@
 """IR → TVM Relax through TVM's own torch frontend, with graphopt ops converted by their Relax part."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 
 from ..capture import dynamic_export
 from ..errors import UnsupportedError
-from ..ir import Graph
+from ..ir import Graph, op_name
 from ..ops import relax_convert_map
 from ..quiet import quiet
 
@@ -17,23 +18,52 @@ def to_relax(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shap
     """The optimized graph as a Relax IRModule (weights bound as constants), for `target` (a graphopt
     Target or its name: graphopt ops may lower to kernels written for it)."""
     from tvm.relax.frontend.torch import from_exported_program
-    if isinstance(dynamic_shapes, (tuple, list)):   # exported at batch 2 where the batch is dynamic and 1:
-        # from a batch-1 example TVM built a broadcast it then rejected (topi broadcast_to, a Whisper encoder)
-        args = tuple(torch.cat([a, a]) if isinstance(spec, dict) and 0 in spec and a.shape[0] == 1 else a
-                     for a, spec in zip(args, dynamic_shapes))
-    ep = _export(graph, args, kwargs, dynamic_shapes)
+    # exported at batch 2 where the batch is dynamic and 1: from a batch-1 example TVM built a broadcast it then
+    # rejected (topi broadcast_to, a Whisper encoder)
+    def doubled(a, spec):
+        return torch.cat([a, a]) if isinstance(spec, dict) and 0 in spec and a.shape[0] == 1 else a
+    if isinstance(dynamic_shapes, (tuple, list)):
+        args = tuple(doubled(a, spec) for a, spec in zip(args, dynamic_shapes))
+    elif isinstance(dynamic_shapes, dict) and kwargs:   # keyed by parameter name (keyword inputs)
+        kwargs = {k: doubled(v, dynamic_shapes.get(k)) for k, v in kwargs.items()}
+    with graph.flat_outputs():
+        ep = _export(graph, args, kwargs, dynamic_shapes)
     values = {**dict(ep.named_parameters()), **dict(ep.named_buffers()), **ep.constants}
     constants = {s.arg.name: values[s.target] for s in ep.graph_signature.input_specs if s.target in values}
     try:
         converters = {**relax_convert_map(target, constants.get), "cumsum.default": cumsum,
                       "index.Tensor": shape_keeping("_index_tensor", wrapped_indices)}
-        with quiet(stdout=True):   # its decompositions warn through torch's deprecated pytree API
+        with quiet(stdout=True):   # its decompositions warn (torch's pytree API)
             imported = from_exported_program(ep, custom_convert_map=converters)
         return integer_powers_as_products(shapes_within_bounds(imported))
     except (AssertionError, KeyError, ValueError, NotImplementedError) as e:
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise UnsupportedError(f"TVM Relax import failed: {first[:300]}. Remove the pass that introduced the "
-                               "op, or compile with backend='ort'.") from e
+        raise import_error(e, graph) from e
+
+
+def import_error(e: Exception, graph: Graph) -> UnsupportedError:
+    """One line from TVM's import failure; for ops it has no converter for, each op with where it came from (the
+    model's module, or a graphopt pass) and what to do."""
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+    unsupported = re.search(r"Unsupported function types \[(.*?)\]", first)
+    if unsupported is None:
+        return UnsupportedError(f"TVM Relax import failed: {first}. Compile with backend='ort', or report the model "
+                                "to graphopt.")
+    names = {n.strip(" '") for n in unsupported.group(1).split(",")}
+    places = []
+    for name in sorted(names):
+        node = next((n for n in graph.ops() if op_name(n) == name.removesuffix(".default")
+                     or str(n.target).endswith(name)), None)
+        stack = list((node.meta.get("nn_module_stack") or {}).values()) if node is not None else []
+        where = ""
+        if stack:   # (path, class) of the innermost module the op was traced in
+            path, cls = stack[-1]
+            where = f" in module {path!r} ({getattr(cls, '__name__', cls)})" if path else f" in the top module ({cls})"
+        origin = "written by a graphopt pass: compile with that pass left out of passes=" \
+            if name.startswith("graphopt") else "from the model"
+        places.append(f"{name}{where}, {origin}")
+    return UnsupportedError(f"TVM's Relax frontend has no converter for {'; '.join(places)}. Compile with "
+                            "backend='ort' (ONNX Runtime runs these, data-dependent shapes included), or keep the op "
+                            "out of the compiled module.")
 
 
 def wrapped_indices(node, importer) -> dict:

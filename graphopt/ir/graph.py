@@ -117,6 +117,24 @@ class Graph:
         with torch.no_grad():
             return self.module(*args, **kwargs)
 
+    @contextlib.contextmanager
+    def flat_outputs(self) -> Iterator[fx.GraphModule]:
+        """The module returning its outputs as one flat tuple, as the backends build them (the compiled module
+        gives them the model's structure again), instead of rebuilding that structure inside what an exporter
+        traces: a Hugging Face DynamicCache's rebuild would add its own concats to the exported graph."""
+        spec = getattr(self.module, "_out_spec", None)
+        if spec is None:   # a module made by subgraph(): flat already
+            yield self.module
+            return
+        codegen = self.module.graph._codegen   # torch.export reads the spec there, the module's code here
+        info = codegen.pytree_info
+        flat = pytree.tree_flatten(tuple(range(spec.num_leaves)))[1]
+        self.module._out_spec, codegen.pytree_info = flat, info._replace(out_spec=flat)
+        try:
+            yield self.module
+        finally:
+            self.module._out_spec, codegen.pytree_info = spec, info
+
     def flat_inputs(self, args: tuple, kwargs: dict) -> list:
         """(args, kwargs) → the graph's placeholders in order (what fx.Interpreter.run takes)."""
         keys = self.in_spec.child(1).context

@@ -102,11 +102,11 @@ def node_macs(n: fx.Node) -> int:
     out = n.meta.get("val")
     if not isinstance(out, torch.Tensor):
         return 0
-    numel = math.prod(map(hint, out.shape))
     if n.target is CONV:
-        return numel * math.prod(n.args[1].meta["val"].shape[1:])
+        return math.prod(map(hint, out.shape)) * math.prod(n.args[1].meta["val"].shape[1:])
     if n.target in (torch.ops.aten.linear.default, torch.ops.graphopt.bsr_linear.default):
-        return numel * n.args[1].meta["val"].shape[1]   # bsr blocks [R, k·bw, bh]: k·bw inputs per output
+        # bsr blocks [R, k·bw, bh]: k·bw inputs per output
+        return math.prod(map(hint, out.shape)) * n.args[1].meta["val"].shape[1]
     return 0
 
 
