@@ -12,7 +12,8 @@ from torch.utils import _pytree as pytree
 from .artifacts import writable_dir
 from .backends import BuildInputs, get_backend
 from .backends.tvm_tune import Tune
-from .capture import batch_dynamic_shapes, capture, register_kv_caches
+from .capture import batch_dynamic_shapes, capture
+from .hf import register_kv_caches
 from .compiled import CompiledModule
 from .errors import InputError, UnsupportedError
 from .options import Option, check_calibration

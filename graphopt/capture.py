@@ -16,6 +16,7 @@ from torch.export import Dim
 
 from .errors import CaptureError, InputError
 from .ir import Graph
+from .hf import transformers_capture
 from .quiet import quiet
 
 # Ops kept whole (not decomposed): passes and backends have better lowerings for them.
@@ -47,7 +48,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dyn
     table = torch.export.default_decompositions()
     for op in KEPT_OPS:
         table.pop(op, None)
-    with kv_caches_as_outputs():
+    with transformers_capture(model):
         try:
             with quiet(stdout=True), dynamic_export(dynamic_shapes):
                 ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
@@ -59,42 +60,6 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dyn
     _views_to_reshapes(graph)
     _drop_empty_concat_inputs(graph)
     return graph
-
-
-def register_kv_caches() -> bool:
-    """Hugging Face's DynamicCache as a pytree node (transformers' own registration for torch.export), so its
-    tensors count as outputs, in eager's reference outputs too. False where transformers is not in use."""
-    if "transformers" not in sys.modules:   # no Hugging Face model can be in play
-        return False
-    from transformers.integrations.executorch import register_dynamic_cache_export_support
-    register_dynamic_cache_export_support()   # idempotent
-    return True
-
-
-@contextlib.contextmanager
-def kv_caches_as_outputs():
-    """Hugging Face models return a DynamicCache by default (use_cache=True): its key and value tensors become
-    outputs like any other, through the pytree support transformers ships for torch.export, and the compiled
-    module returns a DynamicCache again. While capturing (export, and the decompositions' retrace, which rebuilds
-    the cache from its tensors), a cache layer starts from an empty tensor made from the keys (`new_empty`) instead
-    of `torch.tensor([])`: torch 2.13's run_decompositions drops the constants such a tensor becomes
-    ("Constant tensor lifted_tensor_0 is not in the constants dictionary", pytorch#164461)."""
-    if not register_kv_caches():
-        yield
-        return
-    from transformers import cache_utils
-
-    def lazy_initialization(self, key_states, value_states):
-        self.device = key_states.device
-        self.keys, self.values = key_states.new_empty((0,)), value_states.new_empty((0,))
-        self.is_initialized = True
-
-    original = cache_utils.DynamicLayer.lazy_initialization
-    cache_utils.DynamicLayer.lazy_initialization = lazy_initialization
-    try:
-        yield
-    finally:
-        cache_utils.DynamicLayer.lazy_initialization = original
 
 
 def _drop_empty_concat_inputs(graph: Graph) -> None:

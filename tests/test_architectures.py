@@ -169,3 +169,112 @@ def test_export_to_a_folder_that_holds_no_files(tmp_path):
     cm = graphopt.compile(*small_mlp())
     with pytest.raises(graphopt.errors.InputError, match="cannot create a file in '/proc'"):
         cm.export_onnx("/proc/x.onnx")
+
+
+# --- mixture of experts --------------------------------------------------------------------------------------------
+def routed_experts(x, index, weights, up, down, up_bias, down_bias, act, gated):
+    """An independent reference: each token, each of its k choices, through that expert with torch.nn.functional."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(index.shape[1]):
+            e = int(index[t, j])
+            h = torch.nn.functional.linear(x[t], up[e], None if up_bias is None else up_bias[e])
+            if gated:
+                gate, lin = h.chunk(2)
+                h = act(gate) * lin
+            else:
+                h = act(h)
+            out[t] += weights[t, j] * torch.nn.functional.linear(h, down[e], None if down_bias is None else down_bias[e])
+    return out
+
+
+class Experts(torch.nn.Module):
+    """A router and graphopt::moe_experts, as capture makes of a transformers experts module."""
+
+    def __init__(self, gated: bool, bias: bool, act: str, experts=4, hidden=16, inner=24, k=2):
+        super().__init__()
+        self.router = torch.nn.Linear(hidden, experts, bias=False)
+        self.up = torch.nn.Parameter(torch.randn(experts, inner * (2 if gated else 1), hidden) / 4)
+        self.down = torch.nn.Parameter(torch.randn(experts, hidden, inner) / 4)
+        self.up_bias = torch.nn.Parameter(torch.randn(experts, self.up.shape[1])) if bias else None
+        self.down_bias = torch.nn.Parameter(torch.randn(experts, hidden)) if bias else None
+        self.gated, self.act, self.k = gated, act, k
+
+    def route(self, x):
+        weights, index = torch.topk(torch.softmax(self.router(x), -1), self.k)
+        return index, weights / weights.sum(-1, keepdim=True)
+
+    def forward(self, x):
+        index, weights = self.route(x)
+        return torch.ops.graphopt.moe_experts(x, index, weights, self.up, self.down, self.up_bias, self.down_bias,
+                                              self.act, self.gated)
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+@pytest.mark.parametrize("gated, bias, act", [(True, False, "silu"), (False, True, "gelu")])
+def test_moe_experts_op_against_a_per_token_loop(backend, gated, bias, act):
+    if backend == "tvm":
+        need_module("tvm")
+    model, x = Experts(gated, bias, act).eval(), torch.randn(12, 16)
+    with torch.no_grad():
+        index, weights = model.route(x)
+        want = routed_experts(x, index, weights, model.up, model.down, model.up_bias, model.down_bias,
+                              {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[act], gated)
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-4)   # the op's reference
+    cm = graphopt.compile(model, (x,), backend=backend)
+    assert cm.graph.op_counts().get("graphopt.moe_experts") == 1
+    torch.testing.assert_close(cm(x), want, atol=1e-5, rtol=1e-4)
+    other = torch.randn(12, 16)    # other tokens route to other experts
+    with torch.no_grad():
+        torch.testing.assert_close(cm(other), model(other), atol=1e-5, rtol=1e-4)
+
+
+def tiny_moe(name):
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, vocab_size=500)
+    if name == "mixtral":
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4, **common)).eval()
+    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=64, **common)).eval()
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_models_match_eager(name, backend):
+    """Their experts become graphopt::moe_experts through transformers' experts interface; the configs come back."""
+    if backend == "tvm":
+        need_module("tvm")
+    model, args = tiny_moe(name), (torch.randint(0, 500, (2, 16)),)
+    implementation = model.config._experts_implementation
+    cm = graphopt.compile(model, args, backend=backend)
+    assert cm.graph.op_counts().get("graphopt.moe_experts") == 2          # one per layer
+    assert "grouped_mm" not in str(cm.graph.op_counts()) and "histc" not in str(cm.graph.op_counts())
+    assert model.config._experts_implementation == implementation        # the user's model as it was
+    assert_matches(cm, model, args)
+    other = (torch.randint(0, 500, (2, 16)),)
+    assert_matches(cm, model, other)
+
+
+class LoopExperts(torch.nn.Module):
+    """A mixture of experts as users write it by hand: a loop over experts, tokens picked with torch.where."""
+
+    def __init__(self, experts=4, hidden=16):
+        super().__init__()
+        self.router = torch.nn.Linear(hidden, experts)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(experts))
+
+    def forward(self, x):
+        weights, index = torch.topk(torch.softmax(self.router(x), -1), 2)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(index == e)
+            out = out.index_add(0, token, expert(x[token]) * weights[token, slot, None])
+        return out
+
+
+def test_loop_written_moe_runs_on_ort_with_data_dependent_shapes():
+    model, x = LoopExperts().eval(), torch.randn(10, 16)
+    cm = graphopt.compile(model, (x,), backend="ort")
+    for batch in (x, torch.randn(10, 16)):
+        with torch.no_grad():
+            torch.testing.assert_close(cm(batch), model(batch), atol=1e-5, rtol=1e-4)

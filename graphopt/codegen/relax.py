@@ -80,11 +80,11 @@ def wrapped_indices(node, importer) -> dict:
         meta = index.meta.get("val")
         if meta is None or meta.dtype == torch.bool or not meta.dtype.is_signed:
             continue
-        value, size, dtype = importer.env[index], importer.env[data].ty.shape[axis], str(meta.dtype)[len("torch."):]
-        bb = importer.block_builder
-        sizes = bb.emit(relax.op.astype(relax.op.shape_to_tensor(relax.ShapeExpr([size])), dtype))
-        negative = bb.emit(relax.op.less(value, relax.const(0, dtype)))
-        wrapped[index] = bb.emit(relax.op.where(negative, relax.op.add(value, sizes), value))
+        value, dtype, R = importer.env[index], str(meta.dtype)[len("torch."):], relax.op
+        bb = importer.block_builder   # the size from the tensor's runtime shape: its type may know only its rank
+        sizes = bb.emit(R.astype(R.take(R.shape_to_tensor(R.shape_of(importer.env[data])), relax.const([axis])), dtype))
+        negative = bb.emit(R.less(value, relax.const(0, dtype)))
+        wrapped[index] = bb.emit(R.where(negative, R.add(value, sizes), value))
     return wrapped
 
 

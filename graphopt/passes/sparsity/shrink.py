@@ -88,8 +88,8 @@ def refresh_meta(graph: Graph) -> None:
 
 def hint(d) -> int:
     """A dim's example size, without guarding on it: int() of a symbolic batch dim would specialize the graph
-    to the example's batch size."""
-    return d if isinstance(d, int) else int(d.node.hint)
+    to the example's batch size. A data-dependent size (the tokens routed to one expert) has no example size: 1."""
+    return d if isinstance(d, int) else int(d.node.hint) if d.node.hint is not None else 1
 
 
 def macs(graph: Graph) -> int:
