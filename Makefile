@@ -27,4 +27,12 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_spine.py
 
-.PHONY: install demo test test-slow test-all bench
+# the documentation site: every page's examples run first (doctest), then the HTML; any warning (a broken link or
+# anchor, a docstring autodoc cannot read) fails the build. Open docs/_build/html/index.html
+SPHINX := $(PY) -m sphinx -E -W --keep-going -n -q
+docs: $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	$(SPHINX) -b doctest -d docs/_build/doctrees docs docs/_build/doctest
+	$(SPHINX) -b html -d docs/_build/doctrees docs docs/_build/html
+
+.PHONY: install demo test test-slow test-all bench docs
