@@ -24,6 +24,7 @@ from .numerics import flat_tensors
 from .passes.quant.options import Quantization, quantization
 from .passes.skip import EarlyExit, LayerSkip
 from .passes.sparsity import Sparsity
+from .progress import Progress
 from .report import default_instruments
 from .runtime import build_program, has_cond
 from .targets import Target, get_target
@@ -38,7 +39,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             tune: Tune | None = None, quantize: str | Quantization | None = None, calibration: Any = None,
             accuracy_budget: float | None = None, layer_skip: LayerSkip | None = None,
             early_exit: EarlyExit | None = None, sparsity: Sparsity | None = None,
-            optimize=None, precision: str = "fp32", check: bool = True) -> CompiledModule:
+            optimize=None, precision: str = "fp32", check: bool = True,
+            progress: bool | None = None) -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
@@ -82,6 +84,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     infinite and eager's is not, or, when every pass is lossless, further than 1e-2 of the output scale from eager's
     (a defect in a backend's lowering would otherwise be silent). check=False skips that one call.
 
+    progress: a progress line on stderr (each phase and what it measures now): True, False, or None (default) for
+    only when stderr is a terminal.
+
     What planning passes decided (quantize="auto"'s per-layer plan, early exit's exits) is in `cm.plans`."""
     # 1. everything the user gave is checked before any work
     tgt = get_target(target)
@@ -101,6 +106,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             or tolerance <= 0:
         raise InputError(f"tolerance={tolerance!r}: give a finite number > 0, the allowed drift relative to the "
                          "output scale (default 1e-4)")
+    if progress is not None and not isinstance(progress, bool):
+        raise InputError(f"progress={progress!r}: give True, False, or None (only on a terminal)")
     if not isinstance(check, bool):
         raise InputError(f"check={check!r}: give True (run the build once and compare it with eager) or False")
     args, kwargs = _example(model, example_inputs)
@@ -127,28 +134,34 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         dump_dir = writable_dir(dump_dir, "dump_dir")
 
     register_kv_caches()   # a model's KV cache counts as outputs, eager's too
-    eager = flat_tensors(_run_eager(model, args, kwargs))   # inputs the model rejects fail here, before any work
+    eager = _outputs(_run_eager(model, args, kwargs))   # inputs the model rejects fail here, before any work
     reference = eager if verify or check or dump_dir is not None else None
 
     # 2. capture → passes → build
-    graph = capture(model, args, kwargs, dynamic_shapes)
-    for option in options:
-        option.check_graph(graph)
-    if has_cond(graph):
-        _check_cond_options(pipeline, dynamic_shapes)
-    cost = be.cost_model(tgt)            # every measured decision, timed as this backend runs the model
-    manager = PassManager(pipeline, default_instruments(dump_dir, verify, tolerance, reference, check))
-    manager.run(graph, PassContext(tgt, args, kwargs, calibration, cost))
-    t0 = time.perf_counter()
-    inputs = BuildInputs(args, kwargs, dynamic_shapes, tune, precision, cost)
-    executable = build_program(graph, be, tgt, inputs, pipeline, manager.plans)
-    build_s = time.perf_counter() - t0
-    compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records,
-                              [(p.name, getattr(p, "phase", "unknown")) for p in pipeline], (graph.flat_inputs(args, kwargs), eager),
-                              manager.plans)
-    outputs = compiled(*args, **kwargs) if reference is not None and compiled.runs_here else None
-    manager.record_backend(f"backend-{compiled.backend}", outputs, build_s, graph, executable.describe(),
-                           getattr(executable, "tables", list)(), rounds=None if precision == "fp32" else precision)
+    with Progress(progress, phases=len(pipeline) + 3) as shown:
+        shown.phase("capture")
+        graph = capture(model, args, kwargs, dynamic_shapes)
+        for option in options:
+            option.check_graph(graph)
+        if has_cond(graph):
+            _check_cond_options(pipeline, dynamic_shapes)
+        cost = be.cost_model(tgt)            # every measured decision, timed as this backend runs the model
+        cost.on_measure = shown.step
+        manager = PassManager(pipeline, default_instruments(dump_dir, verify, tolerance, reference, check))
+        manager.run(graph, PassContext(tgt, args, kwargs, calibration, cost, shown))
+        shown.phase(f"build ({be.name})")
+        t0, asked = time.perf_counter(), len(cost.ledger)
+        inputs = BuildInputs(args, kwargs, dynamic_shapes, tune, precision, cost)
+        executable = build_program(graph, be, tgt, inputs, pipeline, manager.plans)
+        build_s = time.perf_counter() - t0
+        verdicts = [line] if (line := cost.summary(asked)) else []
+        compiled = CompiledModule(graph, executable, tgt, getattr(executable, "backend", be.name), manager.records,
+                                  [(p.name, getattr(p, "phase", "unknown")) for p in pipeline],
+                                  (graph.flat_inputs(args, kwargs), eager), manager.plans)
+        shown.phase("check")
+        outputs = compiled(*args, **kwargs) if reference is not None and compiled.runs_here else None
+        manager.record_backend(f"backend-{compiled.backend}", outputs, build_s, graph, executable.describe() + verdicts,
+                               getattr(executable, "tables", list)(), rounds=None if precision == "fp32" else precision)
     return compiled
 
 
@@ -178,6 +191,17 @@ def _run_eager(model: torch.nn.Module, args: tuple, kwargs: dict):
         raise InputError(f"the model raised on example_inputs in {name or 'the top module'!r} "
                          f"({type(mod).__name__}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
                          f"inputs given: {given}. Give inputs of the dtype and shape the model takes") from e
+
+
+def _outputs(outputs) -> list[torch.Tensor]:
+    """The model's output tensors; a cache transformers' export support cannot flatten is an UnsupportedError."""
+    try:
+        return flat_tensors(outputs)
+    except RuntimeError as e:   # transformers' DynamicCache flattening refuses caches of other layer kinds
+        if "DynamicCache" not in str(e):
+            raise
+        raise UnsupportedError(f"the model returns a KV cache graphopt cannot return as tensors ({str(e).strip()}): "
+                               "set use_cache=False in the model's config (or call it with use_cache=False)") from e
 
 
 def _check_cond_options(pipeline: list[Pass], dynamic_shapes) -> None:

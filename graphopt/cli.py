@@ -71,7 +71,7 @@ def _compile(ns: argparse.Namespace) -> int:
     cm = compile(model, example, target=ns.target, backend=ns.backend, passes=passes, dump_dir=ns.dump_dir,
                  verify=ns.verify, tolerance=ns.tolerance, dynamic_shapes="batch" if ns.dynamic_batch else None,
                  quantize=ns.quantize, calibration=calibration, accuracy_budget=ns.accuracy_budget,
-                 precision=ns.precision)
+                 precision=ns.precision, progress=ns.progress)
     for rec in cm.report:
         drift = f"drift {rec.drift.rel:.2e}" if rec.drift else ""
         print(f"{rec.index:>2} {rec.name:<16} {rec.rewrites:>4} rewrites  {rec.nodes_before:>5} → {rec.nodes_after:<5} ops"
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compile", help="compile a model; write dumps and an ONNX artifact")
     c.add_argument("model", help="file.py (calls build()), file.py:factory or package.module:factory")
     c.add_argument("--target", default="cpu")
-    c.add_argument("--backend", help="ort | tvm | auto (default: ort; on arm64 auto, which ships both)")
+    c.add_argument("--backend", help="ort | tvm | auto (default: the target's: auto on cpu and arm64, ort on cuda)")
     c.add_argument("--passes", help="comma-separated pass names (default: the target's pipeline)")
     c.add_argument("--dump-dir", help="write per-pass dumps and report.html here")
     c.add_argument("--onnx", help="write the optimized model as ONNX to this path")
@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--quantize", help="int8 | int8-dynamic | int4-weight | auto")
     c.add_argument("--calibration", help="file.py:function (or package.module:function) returning a list of batches")
     c.add_argument("--accuracy-budget", type=float, help="with --quantize auto: allowed mean (1 - cosine) output error")
+    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress line on stderr (default: when stderr is a terminal)")
     c.add_argument("--precision", default="fp32", help="fp32 | fp16 (with --backend tvm: half-precision convs and "
                                                        "matmuls, fp32 accumulation)")
     c.set_defaults(func=_compile)

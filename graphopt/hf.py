@@ -91,7 +91,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     rows before up rows, the activation named. A variant the op does not express (a custom gate, a norm after each
     expert, expert parallelism) runs transformers' batched_mm form, standard gathers and batched matmuls."""
     from transformers.integrations import moe
-    act = _activation(self.act_fn)
+    act = _activation(getattr(self, "act_fn", None))
     if (act is None or self.has_post_expert_norm or getattr(self, "_is_expert_parallel", False)
             or type(self)._apply_gate is not moe._default_apply_gate):
         return moe.batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)

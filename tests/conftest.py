@@ -13,6 +13,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Each test its own cache directory: the verdicts one test measured on disk never decide another's (within a
+    worker process they are shared in memory, as in any process), and nothing lands in the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 def assert_matches(compiled, model, inputs, tol=1e-4):
     """Compiled outputs equal eager's within `tol` relative to the output scale (fp32)."""
     with torch.no_grad():

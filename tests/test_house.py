@@ -101,3 +101,48 @@ def test_loading_a_bundle_measures_nothing(tmp_path, monkeypatch):
     loaded = graphopt.load(tmp_path / "b")
     with torch.no_grad():
         torch.testing.assert_close(loaded(*x), model(*x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_second_compile_measures_nothing(monkeypatch):
+    """Verdicts on disk: a compile in a fresh process (the in-memory verdicts cleared) reads every measured decision
+    from the cache, says so in the report, and decides the same."""
+    from graphopt.ir.text import graph_text
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    monkeypatch.setattr(cost_model, "_VERDICTS", {})
+    first = graphopt.compile(m, (x,))
+    measured = [r for r in first.report if any("measured on" in n for n in r.notes)]
+    assert measured, "the first compile measured nothing: nothing to cache"
+    monkeypatch.setattr(cost_model, "_VERDICTS", {})     # as a new process
+    second = graphopt.compile(m, (x,))
+    notes = [n for r in second.report for n in r.notes if n.startswith("cost model verdicts")]
+    assert notes and all("measured" not in n and "from the cache" in n for n in notes), notes
+    assert graph_text(second.graph) == graph_text(first.graph)
+
+
+def test_a_compile_off_a_terminal_writes_nothing_and_warns_nothing(capfd):
+    """No progress unless asked or on a terminal, and no warning reaches the user — graphopt's own or the
+    exporters' (filtered where graphopt calls them), on the demo's models."""
+    import warnings
+    from graphopt import zoo
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("resnet", "bert"):
+            model, args = zoo.build(name, size="tiny")
+            graphopt.compile(model, args)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", ""), (out, err)
+    assert not caught, [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
+
+
+def test_progress_when_asked(capfd):
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()).eval()
+    capfd.readouterr()
+    graphopt.compile(m, (torch.randn(2, 4),), progress=True)
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "graphopt capture" in err and "graphopt done" in err and "it/s" not in err
+    with pytest.raises(graphopt.InputError, match="progress="):
+        graphopt.compile(m, (torch.randn(2, 4),), progress="yes")

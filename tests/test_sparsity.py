@@ -5,6 +5,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import graphopt
 from conftest import need_module
@@ -233,3 +235,25 @@ def test_block_sparse_kernel_in_tvm_matches_dense():
     out = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
     got = out[0] if not hasattr(out, "numpy") else out
     torch.testing.assert_close(torch.as_tensor(got.numpy()), dense(x), rtol=1e-5, atol=1e-4)
+
+
+def test_structured_pruning_through_a_residual_block():
+    """A linear that reads and writes the residual stream is a consumer and a producer of one group: its
+    reconstructed weight (every output row) must then lose the pruned rows too (was: a broadcast error)."""
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.fc = nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + torch.relu(self.fc(x))
+    model = nn.Sequential(nn.Linear(16, 32), Block(32), nn.Linear(32, 10)).eval()
+    x = torch.randn(8, 16)
+    cm = graphopt.compile(model, (x,), sparsity=graphopt.Sparsity("structured", ratio=0.5),
+                          calibration=[(torch.randn(8, 16),) for _ in range(4)])
+    shapes = sorted(tuple(t.shape) for name, t in cm.graph.module.named_buffers() if t.dim() == 2)
+    assert shapes == [(10, 16), (16, 16), (16, 16)], shapes          # the residual stream went from 32 to 16
+    with torch.no_grad():
+        got, want = cm(x), model(x)
+    assert torch.isfinite(got).all() and got.shape == want.shape
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.5   # an approximation of the model, not noise

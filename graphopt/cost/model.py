@@ -6,12 +6,15 @@ backend (`BuildInputs.cost`); passes never time anything themselves. Graphs and 
 the backend will run them: lowered to ONNX Runtime on the target's providers for "ort", built by TVM (the
 backend's own `lower`) for "tvm", so a decision for `backend="tvm"` is measured on TVM and one for `cuda` on
 the GPU; one it cannot measure from this machine (`arm64`, or `cuda` without a GPU) is refused by
-`unmeasurable` rather than made on the wrong device. Verdicts are cached for the process, keyed by target,
-backend, ISA and library versions."""
+`unmeasurable` rather than made on the wrong device. Verdicts — probe results and graph timings — are cached for
+the process and on disk (cost/verdicts.py), keyed by target, backend, ISA, library versions and what was measured;
+`ledger` lists each verdict a compile asked for, measured or from the cache, for the report."""
 from __future__ import annotations
 
 import hashlib
 import math
+import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -24,8 +27,20 @@ from ..targets import Target
 from . import probes
 from .clock import median_run_seconds, time_side_by_side
 from .fft import Conv2dShape, ConvShape, Decision, decide, rate_probes
+from .verdicts import MISSING, VerdictStore, default_path, graph_signature, key_of
 
-_VERDICTS: dict[tuple, object] = {}
+_VERDICTS: dict[str, object] = {}          # this process's verdicts, by key
+_STORES: dict[str, VerdictStore] = {}      # one open store per path
+
+
+@dataclass
+class Entry:
+    """One verdict a compile asked for: measured now (and how long that took) or read from the cache."""
+    name: str
+    seconds: float
+    cached: bool
+
+
 BACKEND_NAMES = {"ort": "ONNX Runtime", "tvm": "TVM"}
 
 # (graph, args, kwargs) → a callable taking the graph's flat inputs: how a backend other than ORT builds a graph
@@ -41,6 +56,14 @@ class CostModel:
         isa = hashlib.sha1(" ".join(sorted(target.features)).encode()).hexdigest()[:8]
         versions = (ort.__version__, torch.__version__) + ((_tvm_version(),) if backend == "tvm" else ())
         self.key = (target.name, backend, target.arch, isa, *versions)
+        self.ledger: list[Entry] = []   # every verdict asked for, in order
+        self._asked: set[str] = set()
+        self.on_measure: Callable[[str], None] = lambda text: None   # progress: what is being timed now
+
+    @property
+    def store(self) -> VerdictStore:
+        path = str(default_path())
+        return _STORES.setdefault(path, VerdictStore(path))
 
     def __repr__(self) -> str:
         return f"CostModel(target={self.target}, backend={self.backend})"
@@ -56,14 +79,27 @@ class CostModel:
         return self.target.ort_unavailable() if self.backend == "ort" else self.target.unmeasurable
 
     def _verdict(self, name: str, args: tuple, compute: Callable[[], object]):
-        key = (self.key, name, args)
-        if key not in _VERDICTS:
-            _VERDICTS[key] = compute()
-        return _VERDICTS[key]
+        """The verdict `name` for `args`: from this process, else from the store on disk, else measured (and
+        kept in both)."""
+        key = key_of(self.key, name, args)
+        self._asked.add(name)
+        value = _VERDICTS.get(key, MISSING)
+        if value is MISSING:
+            value = self.store.get(key)
+        if value is MISSING:
+            self.on_measure(f"measuring {name.replace('_', ' ')}")
+            t0 = time.perf_counter()
+            value = compute()
+            self.ledger.append(Entry(name, time.perf_counter() - t0, False))
+            self.store.put(key, value)
+        else:
+            self.ledger.append(Entry(name, 0.0, True))
+        _VERDICTS[key] = value
+        return value
 
     def measured(self, name: str) -> bool:
-        """Whether verdict `name` has been measured in this process (its notes cite the rates then)."""
-        return any(k[0] == self.key and k[1] == name for k in _VERDICTS)
+        """Whether verdict `name` is known in this process (its notes cite the rates then)."""
+        return name in self._asked
 
     # --- the clock, on this target --------------------------------------------------------------
     def seconds(self, model: bytes, feeds: dict, **options) -> float:
@@ -102,17 +138,34 @@ class CostModel:
 
     def graph_ms(self, graph, args: tuple, kwargs: dict | None = None) -> float:
         """Milliseconds per call of an IR graph as the backend runs it."""
-        if self.backend == "ort":
-            model, feeds, disabled = self._lowered(graph, args, kwargs)
-            return self.seconds(model, feeds, disabled=disabled) * 1e3
-        return _alone_ms(self._graph_runner(graph, args, kwargs))
+        def measure():
+            if self.backend == "ort":
+                model, feeds, disabled = self._lowered(graph, args, kwargs)
+                return self.seconds(model, feeds, disabled=disabled) * 1e3
+            return _alone_ms(self._graph_runner(graph, args, kwargs))
+        return self._verdict("graph_ms", (graph_signature(graph, args, kwargs),), measure)
 
     def graphs_ms(self, graphs: dict[str, object], args: tuple, kwargs: dict | None = None) -> dict[str, float]:
         """Milliseconds per call of IR graphs as the backend runs them, timed side by side in interleaved
         rounds: a choice between near-equal graphs timed one after the other followed the machine's load (the
         digits ResNet's conv epilogues: 51 vs 53 ms measured apart, 59 vs 56 ms side by side)."""
-        runners = {name: self._graph_runner(graph, args, kwargs) for name, graph in graphs.items()}
-        return time_side_by_side(runners, (), rounds=7, min_round_s=0.1)
+        def measure():
+            runners = {name: self._graph_runner(graph, args, kwargs) for name, graph in graphs.items()}
+            return time_side_by_side(runners, (), rounds=7, min_round_s=0.1)
+        signature = tuple((name, graph_signature(graph, args, kwargs)) for name, graph in graphs.items())
+        return self._verdict("graphs_ms", signature, measure)
+
+    def summary(self, since: int = 0) -> str | None:
+        """The ledger from entry `since` in one line for a step's notes (None: nothing was asked)."""
+        entries = self.ledger[since:]
+        if not entries:
+            return None
+        measured = [e for e in entries if not e.cached]
+        cached = len(entries) - len(measured)
+        parts = ([f"{len(measured)} measured on {self.on} ({sum(e.seconds for e in measured):.1f} s: "
+                  f"{', '.join(sorted({e.name for e in measured}))})"] if measured else []) + \
+                ([f"{cached} from the cache ({self.store.path})"] if cached else [])
+        return "cost model verdicts: " + "; ".join(parts)
 
     def _lowered(self, graph, args: tuple, kwargs: dict | None) -> tuple[bytes, dict, tuple[str, ...]]:
         """(ONNX bytes, feeds, ORT fusions to disable) of an IR graph, as the ORT backend would run it."""

@@ -13,6 +13,7 @@ import torch.fx as fx
 from ..cost import CostModel
 from ..errors import InputError
 from ..ir import Graph
+from ..progress import Progress
 from ..targets import Target
 
 Batch = tuple[tuple, dict]   # one calibration batch: (args, kwargs) shaped like the example inputs
@@ -27,6 +28,7 @@ class PassContext:
     example_kwargs: dict = field(default_factory=dict)
     calibration: list[Batch] = field(default_factory=list)
     cost: CostModel | None = None
+    progress: Progress = field(default_factory=Progress)   # ctx.progress.step("...") says what a long pass does now
 
     def __post_init__(self):   # a pass run on its own (tests, tools): decisions timed on ONNX Runtime
         if self.cost is None:

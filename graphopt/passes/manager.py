@@ -76,9 +76,13 @@ class PassManager:
                         counts))
         for i, p in enumerate(self.passes, start=1):
             before_counts = graph.op_counts()
-            t0 = time.perf_counter()
+            ctx.progress.phase(p.name)
+            t0, asked = time.perf_counter(), len(ctx.cost.ledger)
             with torch.no_grad():   # weights are Parameters: math on them would build (and keep) autograd graphs
                 result = p.run(graph, ctx)
+            verdicts = ctx.cost.summary(asked)   # what the pass had measured, and what came from the cache
+            if verdicts:
+                result.notes.append(verdicts)
             if result.changed:   # the chores every rewrite needs: drop what became dead, check, recompile
                 graph.eliminate_dead_code()
                 graph.tidy()

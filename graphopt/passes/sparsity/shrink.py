@@ -24,11 +24,11 @@ def shrink(graph: Graph, group: Group, keep_units, consumer_weights: dict | None
     keep = group.channels(sorted(int(u) for u in keep_units))
     consumer_weights = consumer_weights or {}
     heads = {n: n.args[4] for n in group.attention}
+    for n in group.consumers:   # first: a layer that reads and writes the group (a residual block's linear,
+        w, b = consumer_weights.get(n) or _sliced(graph, n, keep, 1, bias=False)   # whose reconstructed weight
+        _set_weights(graph, n, w, b)                        # still has every output row) is then cut as a producer
     for n in group.producers:
         _set_weights(graph, n, *_sliced(graph, n, keep, 0))
-    for n in group.consumers:
-        w, b = consumer_weights.get(n) or _sliced(graph, n, keep, 1, bias=False)
-        _set_weights(graph, n, w, b)
     for n in group.depthwise:
         w, b = _sliced(graph, n, keep, 0)
         _set_weights(graph, n, w, b)
