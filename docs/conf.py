@@ -36,7 +36,8 @@ autodoc_inherit_docstrings = False
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|pathlib|typing|collections|onnx|numpy|tvm|abc|dataclasses)(\..*)?"),
     (r"py:.*", r"(Path|Any|Callable|Sequence|ClassVar|Iterator|Metric|quality\.Metric)"),
-    (r"py:class", r"graphopt\.(ir|backends|runtime|cost|passes\.manager)\..*"),
+    (r"py:class", r"graphopt\.(ir|backends|runtime|cost|passes\.manager|progress)\..*"),
+    (r"py:class", r"list\[tuple\[tuple.*"),   # PassContext's calibration batches, split by the signature cleanup
 ]
 
 # the examples: every page's doctests run in a fresh temporary folder, their cache directory in it (the files they
