@@ -15,10 +15,6 @@ class Progress:
             self.bar = tqdm(total=phases, desc="graphopt", unit=" phase", file=sys.stderr, dynamic_ncols=True,
                             bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:12}| {elapsed} {postfix}")
 
-    @property
-    def shown(self) -> bool:
-        return self.bar is not None
-
     def phase(self, name: str) -> None:
         """A new phase begins (the previous one is done)."""
         if self.bar is not None:

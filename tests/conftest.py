@@ -1,6 +1,7 @@
 import importlib
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -47,3 +48,14 @@ def need_tool(command: str, why: str) -> None:
     """Skip where `command` is not installed; on CI fail."""
     if shutil.which(command) is None:
         (pytest.fail if ON_CI else pytest.skip)(f"{command} is not installed ({why})")
+
+
+def chromium(url: str, why: str = "the headless browser pages are checked in") -> tuple[str, str]:
+    """The DOM after scripts ran, and the browser's log (console messages included): report.html and the docs are
+    checked in Debian's chromium."""
+    need_tool("chromium", why)
+    done = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                           "--v=0", "--virtual-time-budget=5000", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, done.stderr

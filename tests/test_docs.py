@@ -14,23 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need_module, need_tool
+from conftest import chromium, need_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BUILD = DOCS / "_build"
 HTML = BUILD / "html"
 CONSOLE_ERROR = re.compile(r"CONSOLE.*(Error|Uncaught)|Uncaught")
-
-
-def chromium(url: str) -> tuple[str, str]:
-    """The DOM after scripts ran, and the browser's log (console messages included)."""
-    need_tool("chromium", "Debian's chromium, the headless browser the docs are checked in")
-    done = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-                           "--v=0", "--virtual-time-budget=5000", "--dump-dom", url],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout, done.stderr
 
 
 def text(dom: str) -> str:

@@ -3,7 +3,6 @@ and no console errors; report.json's documented schema; `graphopt report DIR`; l
 pass changed."""
 import json
 import re
-import subprocess
 
 import pytest
 import torch
@@ -13,20 +12,10 @@ from graphopt import zoo
 from graphopt.cli import main as cli
 from graphopt.report import instruments as dump_instruments
 
-from conftest import need_tool
+from conftest import chromium
 
 STEP_KEYS = {"index", "name", "rewrites", "time_s", "nodes_before", "nodes_after", "op_delta", "notes", "drift",
              "checked", "folder", "files", "tables"}
-
-
-def chromium(url: str) -> tuple[str, str]:
-    """The DOM after scripts ran, and the browser's log (console messages included)."""
-    need_tool("chromium", "Debian's chromium, the headless browser the report is checked in")
-    done = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-                           "--v=0", "--virtual-time-budget=5000", "--dump-dom", url],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout, done.stderr
 
 
 @pytest.fixture(scope="module")
