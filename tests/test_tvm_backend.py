@@ -275,7 +275,8 @@ def test_tune_needs_the_tvm_backend():
 def test_auto_backend_keeps_the_faster_and_says_why(tmp_path):
     model, x = TwoConvs().eval(), (torch.randn(1, 8, 16, 16),)
     plain = graphopt.compile(model, x, backend="auto")
-    assert plain.backend == "ort" and "without building TVM" in plain.report[-1].notes[-1]
+    assert plain.backend == "ort" and any("without building TVM" in n for n in plain.report[-1].notes), \
+        plain.report[-1].notes
     both = graphopt.compile(model, x, backend="auto", tune=graphopt.Tune(trials=4, db=tmp_path / "db", progress=False))
     decision = next(n for n in both.report[-1].notes if n.startswith("backend auto"))
     ms = dict(re.findall(r"(ONNX Runtime|tuned TVM) ([\d.]+) ms", decision))
