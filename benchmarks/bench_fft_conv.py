@@ -4,8 +4,9 @@ SLaK); then the Hyena-style and RepLKNet-style examples end to end. All side by 
 the same inputs. The systems:
   eager direct / ORT direct   the conv itself in PyTorch, and torch.onnx's export of it in ONNX Runtime
   eager torch.fft             what such models do in eager: rfft · spectrum · irfft, the kernel's spectrum
-                              computed once per length (as graphopt does), under inference_mode
-  torch.compile torch.fft     the same function through torch.compile (default mode; 1-D only)
+                              computed once per length (as graphopt does), under inference_mode, at a 5-smooth
+                              FFT size (pocketfft's fast sizes)
+  torch.compile torch.fft     the same function through torch.compile (inductor with freezing; 1-D only)
   graphopt                    the direct conv module compiled for ONNX Runtime: the matmul (Monarch) FFT
   graphopt TVM                compiled for TVM: depthwise FFT convs run graphopt's fused TIR kernel (no
                               tuning needed for it); the 2-D --tvm configs tune with MetaSchedule for
@@ -31,8 +32,18 @@ from graphopt.cli import load_factory
 from graphopt.numerics import drift, flat_tensors
 from graphopt.cost import ConvShape, CostModel
 
-SLOW_S = 0.5      # systems slower than this per call are timed by single calls, not interleaved rounds
+SLOW_S = 0.5      # with a system slower than this per call (after its first), 2 interleaved rounds, not --rounds
 SKIP_S = 20.0     # direct convs estimated slower than this are not run at all
+
+
+def smooth(n: int) -> int:
+    """The smallest 2^a·3^b·5^c ≥ n: an FFT size pocketfft runs at its best (86 → 90, 114 → 120)."""
+    def factors_left(m):
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        return m
+    return next(m for m in range(max(n, 1), 2 * max(n, 1) + 1) if factors_left(m) == 1)
 
 
 class CausalConv(nn.Module):
@@ -72,7 +83,7 @@ def torch_fft_conv2d(w):
 
     def run(x):
         with torch.inference_mode():
-            s = (x.shape[-2] + k - 1, x.shape[-1] + k - 1)
+            s = (smooth(x.shape[-2] + k - 1), smooth(x.shape[-1] + k - 1))
             if s not in spectra:
                 spectra[s] = torch.fft.rfft2(h, s=s)
             y = torch.fft.irfft2(torch.fft.rfft2(x, s=s) * spectra[s], s=s)
@@ -81,20 +92,21 @@ def torch_fft_conv2d(w):
 
 
 def compare(title, systems, args, reference, rounds, subject="graphopt"):
-    """Time fast systems interleaved, slow ones by single calls; print ms and graphopt's speedups."""
-    once = {}
+    """Every system timed in the same interleaved rounds (fewer rounds when one is slow); print ms and
+    graphopt's speedups. A system's first call is a warm-up (torch.compile compiles in it), its second says
+    how slow it is."""
+    second = {}
     for name, fn in systems.items():
-        t0 = time.perf_counter()
         out = fn(*args)
-        once[name] = time.perf_counter() - t0
         out = [torch.as_tensor(o) for o in out] if isinstance(out, list) else out   # plain ORT returns numpy
         if name != "eager direct":
             err = drift(out, flat_tensors(reference)).rel
             title += f"  {name} err {err:.1e};"
-    fast = {k: v for k, v in systems.items() if once[k] < SLOW_S}
-    ms = bench.time_side_by_side(fast, args, rounds=rounds, min_round_s=0.1)
-    ms.update({k: bench.time_single_calls(v, args) for k, v in systems.items() if k not in fast})
-    ms = {k: ms[k] for k in systems}
+        t0 = time.perf_counter()
+        fn(*args)
+        second[name] = time.perf_counter() - t0
+    slow = max(second.values()) >= SLOW_S
+    ms = bench.time_side_by_side(systems, args, rounds=2 if slow else rounds, min_round_s=0.1, warmup=0)
     print("\n".join(bench.format_table(title, ms, subject)), flush=True)
     return ms
 

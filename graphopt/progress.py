@@ -13,7 +13,7 @@ class Progress:
         if enabled if enabled is not None else sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=phases, desc="graphopt", unit=" phase", file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:12}| {elapsed} {postfix}")
+                            bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:12}| {elapsed}{postfix}")
 
     def phase(self, name: str) -> None:
         """A new phase begins (the previous one is done)."""
@@ -28,6 +28,13 @@ class Progress:
         """What the phase is doing now."""
         if self.bar is not None:
             self.bar.set_postfix_str(text[:80])
+
+    def each(self, items, what: str):
+        """Yield `items`, saying "what i/n" before each: a pass's sub-steps (layers measured, blocks checked)."""
+        items = list(items)
+        for i, item in enumerate(items, 1):
+            self.step(f"{what} {i}/{len(items)}")
+            yield item
 
     def __enter__(self) -> "Progress":
         return self

@@ -146,3 +146,32 @@ def test_progress_when_asked(capfd):
     assert "graphopt capture" in err and "graphopt done" in err and "it/s" not in err
     with pytest.raises(graphopt.InputError, match="progress="):
         graphopt.compile(m, (torch.randn(2, 4),), progress="yes")
+
+
+def test_progress_shows_a_planners_sub_steps(capfd):
+    """quantize='auto' says which layer it is measuring; the same compile off the bar prints nothing."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    calib = [(torch.randn(8, 16),) for _ in range(4)]
+    capfd.readouterr()
+    graphopt.compile(m, (torch.randn(8, 16),), quantize="auto", calibration=calib, backend="ort", progress=True)
+    err = capfd.readouterr().err
+    assert "graphopt quantize_auto" in err and "layer sensitivities measured 1/" in err, err[-400:]
+    assert "uniform plans measured 3/3" in err
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_the_clock_balances_position_and_predecessor(n):
+    """Every system is timed in every position, and right after every other system, equally often (a cyclic
+    rotation fails the second: B always follows A)."""
+    import collections
+    from graphopt.cost.clock import balanced_orders, time_side_by_side
+    rows = balanced_orders(n)
+    assert all(sorted(r) == list(range(n)) for r in rows)
+    assert len(set(collections.Counter((r[i], i) for r in rows for i in range(n)).values())) == 1
+    follows = collections.Counter((r[i], r[i + 1]) for r in rows for i in range(n - 1))
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) <= 1
+    calls = []
+    time_side_by_side({k: (lambda k=k: calls.append(k)) for k in "abcde"[:n]}, (), rounds=3, min_round_s=0.001,
+                      warmup=0, settle_s=0)
+    assert set(calls) == set("abcde"[:n])

@@ -2,9 +2,9 @@
 
 `median_run_seconds` times an ONNX model in an ONNX Runtime session on the providers it is given
 (the cost model passes the target's); `time_side_by_side` times callables in interleaved rounds
-(A B C, B C A, C A B, …: each takes every position equally often) after a warm-up, each figure
-the median over rounds, so drift in machine load and the previous system's spinning threads hit
-every system alike."""
+ordered by a Williams design (each system takes every position equally often and follows every
+other system equally often) after a warm-up, each figure the median over rounds, so drift in
+machine load and the previous system's spinning threads hit every system alike."""
 from __future__ import annotations
 
 import statistics
@@ -44,8 +44,9 @@ def time_side_by_side(systems: dict[str, Callable], args: tuple, rounds: int = 1
         calls[name] = max(1, int(min_round_s / _seconds_per_call(fn, args, min_round_s / 2)))
     samples: dict[str, list[float]] = {name: [] for name in systems}
     names = list(systems)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:   # rotate: no system always goes first
+    orders = balanced_orders(len(names))
+    for r in range(-(-rounds // len(orders)) * len(orders)):   # whole repetitions of the design
+        for name in (names[i] for i in orders[r % len(orders)]):
             fn = systems[name]
             time.sleep(settle_s)   # let the previous system's spinning worker threads go idle
             t0 = time.perf_counter()
@@ -53,6 +54,16 @@ def time_side_by_side(systems: dict[str, Callable], args: tuple, rounds: int = 1
                 fn(*args)
             samples[name].append((time.perf_counter() - t0) / calls[name] * 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of n systems, one per round, where each system is in every position equally often and directly
+    follows every other system equally often (a Williams Latin square: n rows for even n, 2n for odd n). A
+    cyclic rotation (A B C, B C A, C A B) balances positions only: B always follows A, so A's spinning
+    threads always slow B."""
+    first = [0] + [(k + 1) // 2 if k % 2 else n - k // 2 for k in range(1, n)]
+    rows = [[(v + r) % n for v in first] for r in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 and n > 1 else rows
 
 
 def _seconds_per_call(fn: Callable, args: tuple, at_least_s: float) -> float:

@@ -125,9 +125,14 @@ class CostModel:
         from ..capture import capture
         return self._graph_runner(capture(module.eval(), (x,), {}, None), (x,), {})
 
-    def _runner(self, model: bytes, feeds: dict, disabled: tuple[str, ...] = ()) -> Callable:
-        session = ort_session(model, self.providers, disabled=disabled)
+    def _runner(self, model: bytes, feeds: dict, disabled: tuple[str, ...] = (), optimize: bool = True) -> Callable:
+        session = ort_session(model, self.providers, optimize=optimize, disabled=disabled)
         return lambda: session.run(None, feeds)
+
+    def _interleaved_us(self, runners: dict[str, Callable[[], Any]]) -> dict[str, float]:
+        """µs per call of each runner, timed side by side in interleaved rounds: a decision between two kernels
+        timed one after the other follows the machine's load instead of the kernels."""
+        return {name: ms * 1e3 for name, ms in time_side_by_side(runners, (), rounds=7, min_round_s=0.1).items()}
 
     def _graph_runner(self, graph, args: tuple, kwargs: dict | None) -> Callable[[], Any]:
         """A no-argument call of an IR graph as the backend runs it."""
@@ -218,7 +223,7 @@ class CostModel:
             if wrong > 1:
                 return False, (f"ORT's int8 GEMM path (weight zero point {probes.SHIFT}) computed outputs up to "
                                f"{wrong} steps away from its conv kernel on the same numbers here: not used")
-            times = {zp: self.seconds(m, {"x": x}, calls=10, rounds=3) * 1e6 for zp, m in models.items()}
+            times = self._interleaved_us({zp: self._runner(m, {"x": x}) for zp, m in models.items()})
             use = times[probes.SHIFT] < 0.95 * times[0]
             return use, (f"ORT's int8 GEMM path {times[probes.SHIFT]:.0f} µs vs its symmetric conv kernel "
                          f"{times[0]:.0f} µs for this shape")
@@ -263,14 +268,18 @@ class CostModel:
     def _fusion_timings(self) -> tuple:
         rng = np.random.default_rng(1)
         feeds = {n: rng.standard_normal((probes.ROWS, probes.HIDDEN)).astype(np.float32) for n in ("x", "s")}
-        return tuple((name, *(self.seconds(m, feeds, optimize=False, calls=100, rounds=5, warmup=20) * 1e6
-                              for m in (fused, unfused))) for name, (fused, unfused) in probes.fusion_pairs().items())
+        timings = []
+        for name, (fused, unfused) in probes.fusion_pairs().items():
+            us = self._interleaved_us({form: self._runner(m, feeds, optimize=False)
+                                       for form, m in (("fused", fused), ("unfused", unfused))})
+            timings.append((name, us["fused"], us["unfused"]))
+        return tuple(timings)
 
     def _int8_fusion_timings(self) -> tuple:
         model, feeds = probes.qdq_linear()
-        fused, unfused = (self.seconds(model, feeds, calls=50, rounds=5, warmup=5, disabled=d) * 1e6
-                          for d in ((), ("MatMulAddFusion",)))
-        return (("MatMulAddFusion", fused, unfused),)
+        us = self._interleaved_us({"fused": self._runner(model, feeds),
+                                   "unfused": self._runner(model, feeds, disabled=("MatMulAddFusion",))})
+        return (("MatMulAddFusion", us["fused"], us["unfused"]),)
 
     # --- sparsity: block-sparse and N:M linears against dense ------------------------------------
     def sparse_linear_choice(self, rows: int, in_f: int, out_f: int, k: int, block: tuple[int, int]) -> tuple[float, float]:
@@ -291,12 +300,14 @@ class CostModel:
                 return None, self.module_seconds(dense, torch.randn(1, rows, in_f)), \
                     f"{BACKEND_NAMES[self.backend]} has no sparse matmul"
             dense, sparse, feeds = probes.sparse_to_dense_matmul(rows, in_f, out_f, n, m)
-            t_dense = self.seconds(dense, feeds)
             try:
-                return self.seconds(sparse, feeds), t_dense, "SparseToDenseMatMul ran"
+                sparse_run = self._runner(sparse, feeds)
+                sparse_run()
             except Exception as e:   # ORT rejects the model: it turns sparse initializers into dense ones
                 msg = str(e).splitlines()[0]
-                return None, t_dense, "ONNX Runtime refused it: " + msg[msg.find("Type Error"):][:110]
+                return None, self.seconds(dense, feeds), "ONNX Runtime refused it: " + msg[msg.find("Type Error"):][:110]
+            us = self._interleaved_us({"sparse": sparse_run, "dense": self._runner(dense, feeds)})
+            return us["sparse"] / 1e6, us["dense"] / 1e6, "SparseToDenseMatMul ran"
         return self._verdict("nm_linear", (rows, in_f, out_f, n, m), measure)
 
 

@@ -81,7 +81,9 @@ class JointPlan(Pass):
             return quality.loss(run_batches(space.built(genome), everything), all_refs, self.metric,
                                 per_batch) <= self.budget
 
-        show = _progress(self.progress)
+        # the compile's own progress line, unless Auto(progress=) asks for a bar of its own or for none
+        show = _progress(self.progress) if self.progress is not None else (
+            lambda line: line is not None and ctx.progress.step(line))
         search = Search(space, loss, self.budget, proxy, deadline, self.seed, progress=show)
         # timing the finalists takes about what timing the rates took: keep that much of the time budget for it
         finalists = search.run(measure_reserve_s=rates_s)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ...errors import InputError
 from ...ir import Graph, copy_graph
 from ...ops import quant
+from ...progress import Progress
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import observe, run_batches
 from ...numerics import cosine_error, rank_correlation
@@ -53,13 +54,14 @@ class QuantizeAuto(Pass):
         options = {n.name: (["int8"] if n.target is CONV else ["int8", "int8-dynamic", "int4"]) for n in layers(graph)}
         refs = run_batches(graph, batches)
         uniform = {m: uniform_plan(graph, m) for m in ("int8", "int8-dynamic", "int4")}
-        uniform_err = {m: _plan_error(graph, ctx, refs, p, opts) for m, p in uniform.items()}
+        uniform_err = {m: _plan_error(graph, ctx, refs, uniform[m], opts)
+                       for m in ctx.progress.each(uniform, "uniform plans measured")}
         swaps = quantized_layers(graph, batches[:2], options, opts)
         local = _local_noise(graph, batches[:2], swaps)
         # the cheap proxy: a layer's own output noise, scaled so the uniform int8 plan's sum matches its measurement
         k = uniform_err["int8"] / max(sum(v for (_, o), v in local.items() if o == "int8"), 1e-30)
         proxy = {key: k * v for key, v in local.items()}
-        errors = proxy if self.sensitivity == "proxy" else _sensitivities(graph, batches[:2], swaps)
+        errors = proxy if self.sensitivity == "proxy" else _sensitivities(graph, batches[:2], swaps, ctx.progress)
         ms = {"float": _latency_ms(graph, ctx, {})}
         ms |= {m: _latency_ms(graph, ctx, p) if any(v != "float" for v in p.values()) else ms["float"]
                for m, p in uniform.items()}
@@ -131,10 +133,11 @@ def quantized_layers(graph: Graph, batches, options: dict[str, list[str]], qopts
             for name, opts in options.items() for o in opts}
 
 
-def _sensitivities(graph: Graph, batches, swaps: dict) -> dict:
+def _sensitivities(graph: Graph, batches, swaps: dict, progress: Progress) -> dict:
     """(layer, option) → output error with only that layer quantized."""
     refs = run_batches(graph, batches)
-    return {key: cosine_error(run_batches(graph, batches, dict([swap])), refs) for key, swap in swaps.items()}
+    return {key: cosine_error(run_batches(graph, batches, dict([swaps[key]])), refs)
+            for key in progress.each(swaps, "layer sensitivities measured")}
 
 
 def _local_noise(graph: Graph, batches, swaps: dict) -> dict:

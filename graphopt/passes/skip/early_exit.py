@@ -86,7 +86,7 @@ class PlanExits(Pass):
         y_all = torch.cat([y[i] for fold in folds for i in fold])
 
         heads, conf, err = [], [], []
-        for cut in cuts:
+        for cut in ctx.progress.each(cuts, "exit heads fitted"):
             values = seen[cut.name].values
             dims = pool_dims(values[0].dim())
             x = [pool(v, dims).double() for v in values]

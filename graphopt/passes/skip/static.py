@@ -44,7 +44,7 @@ class DropBlocks(Pass):
         refs = run_batches(graph, batches)
         per_batch = len(refs) // len(batches)
         errors = [quality.loss(run_batches(graph, batches, {b.add: b.bypass}), refs, self.metric, per_batch)
-                  for b in blocks]
+                  for b in ctx.progress.each(blocks, "blocks checked")]
         influence = block_influence(graph, batches, blocks)
         saved, timing = latency_saved(graph, ctx, blocks)
 
@@ -58,6 +58,7 @@ class DropBlocks(Pass):
         while chosen and measured > self.budget:            # back off the worst until the whole set fits
             chosen.remove(max(chosen, key=ratio.get))
             measured = self._verify(graph, batches, refs, blocks, chosen)
+        ctx.progress.step(f"{len(chosen)} blocks fit the budget; retrying the others")
         for i in sorted(set(ratio) - set(chosen), key=ratio.get):   # then retry the others, one run each
             if measured + errors[i] <= self.budget:
                 trial = self._verify(graph, batches, refs, blocks, chosen + [i])

@@ -276,7 +276,8 @@ class Sparsify(Pass):
             sub = check[:2]
             sub_refs = run_batches(graph, sub)
             steps = {g.key: pruning.steps(g) for g in groups}
-            err = {(g.key, r): error({g.key: r}, sub, sub_refs) for g in groups for r in steps[g.key]}
+            err = {(g.key, r): error({g.key: r}, sub, sub_refs)
+                   for g in ctx.progress.each(groups, "channel groups measured") for r in steps[g.key]}
             plan, spent = {g.key: 0 for g in groups}, 0.0
             while True:          # greedy: the next step of some group costing least error per MAC saved
                 moves = []
@@ -353,6 +354,7 @@ class Sparsify(Pass):
                 return
         else:
             for ratio in BLOCK_RATIOS:
+                ctx.progress.step(f"block sparsity {ratio:.0%} measured")
                 weights = pruned(ratio)
                 measured = error(weights)
                 if measured <= o.budget:
