@@ -8,7 +8,10 @@ from ..backends import Backend, BuildInputs
 from ..ir import Graph, tensor_meta
 from ..passes import Pass, PassContext, PassManager
 from ..targets import Target
+from ..backends.ort import OrtExecutable
+from ..sessions import ort_session
 from .dispatch import EarlyExitExecutable
+from .exit_graph import exits_as_if
 
 
 def build_early_exit(plan, backend: Backend, target: Target, passes: list[Pass], tune=None,
@@ -26,9 +29,37 @@ def build_early_exit(plan, backend: Backend, target: Target, passes: list[Pass],
             blocked_layout_entry(segment.graph, segment.graph.inputs[:1])
         dynamic = tuple({0: Dim.DYNAMIC} for _ in example)
         executables.append(backend.build(segment.graph, target, BuildInputs(example, {}, dynamic, tune, cost=cost)))
-    return EarlyExitExecutable(executables, [s.inputs for s in plan.segments], plan.thresholds, plan.labels,
-                               getattr(executables[0], "backend", backend.name),
-                               [s.graph for s in plan.segments], plan.example)
+    routes = [s.inputs for s in plan.segments]
+    dispatcher = EarlyExitExecutable(executables, routes, plan.thresholds, plan.labels,
+                                     getattr(executables[0], "backend", backend.name),
+                                     [s.graph for s in plan.segments], plan.example)
+    dispatcher.single, dispatcher.single_notes = one_sample_graph(dispatcher, plan, target, cost)
+    return dispatcher
+
+
+def one_sample_graph(dispatcher: EarlyExitExecutable, plan, target: Target, cost) -> tuple:
+    """(ONNX Runtime session of the exits nested in `If` nodes, or None; why): for one sample per call,
+    kept where the cost model times it faster than the dispatcher on a calibration sample. The dispatcher's
+    per-segment calls and host work cost more than the segments themselves on a small model (the digits
+    classifier: 0.25 ms against 0.11 ms for ORT's `If`)."""
+    if cost is None or not all(isinstance(s, OrtExecutable) and s.runs_here for s in dispatcher.segments):
+        return None, ["one sample per call: the host dispatcher (the exits as ONNX `If` need every segment "
+                      "on ONNX Runtime, run here)"]
+    model = exits_as_if([s.model for s in dispatcher.segments], dispatcher.routes, dispatcher.thresholds)
+    session = ort_session(model.SerializeToString(), target.providers or ("CPUExecutionProvider",))
+    given = {}                            # the model's inputs, first sample: from each segment's example inputs
+    for k, (route, example) in enumerate(zip(dispatcher.routes, plan.example)):
+        given.update(zip(route, example[0 if k == 0 else 1:]))
+    sample = [given[i][:1] if i in given else None for i in range(max(given, default=-1) + 1)]
+    order = [(i.name, int(i.name.removeprefix("input"))) for i in session.get_inputs()]
+    feeds = {name: sample[i].numpy() for name, i in order}
+    ms = cost.compare({"dispatcher": lambda: dispatcher.run_segments(sample),
+                       "If": lambda: session.run(None, feeds)}, ())
+    why = (f"one sample per call: the exits as one ONNX graph with If {ms['If']:.3f} ms vs the host dispatcher "
+           f"{ms['dispatcher']:.3f} ms (timed on a calibration sample)")
+    if ms["If"] < ms["dispatcher"]:
+        return (model, session, order), [why + ": If kept for batch 1; batches run on the dispatcher"]
+    return None, [why + ": the dispatcher kept"]
 
 
 def blocked_layout_entry(graph: Graph, inputs) -> None:

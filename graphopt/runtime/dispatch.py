@@ -24,8 +24,20 @@ class EarlyExitExecutable:
         self.backend = backend
         self.graphs, self.examples = graphs, examples   # the segments' IR and example inputs (for export)
         self.last_exits: torch.Tensor | None = None
+        self.single = None                # (ONNX model, session, [(input name, flat index)]): the exits as `If`
+                                          # nodes, for one sample per call
+        self.single_notes: list[str] = []
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.single is not None and inputs[0].shape[0] == 1:
+            _, session, order = self.single
+            out, exit_index = session.run(None, {name: _np(inputs[i]) for name, i in order})
+            self.last_exits = torch.tensor([int(exit_index)])
+            return [torch.from_numpy(out)]
+        return self.run_segments(inputs)
+
+    def run_segments(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The host dispatcher: segment by segment on the samples still going."""
         # the host's work is done in numpy: torch's ops on these small arrays, right after an ONNX Runtime
         # call, waited on its still-spinning threads (10 ms per segment measured on 2 cores, against 0.2 ms)
         n = inputs[0].shape[0]
@@ -69,7 +81,7 @@ class EarlyExitExecutable:
                  ", ".join(f"after {label} at confidence ≥ {t:.4f}" for label, t in zip(self.labels, self.thresholds))]
         for k, s in enumerate(self.segments):
             lines += [f"segment {k}: {line}" for line in s.describe()[:1]]
-        return lines
+        return lines + self.single_notes
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,131 @@
+"""Replacement maps for skipped blocks (LLM-Streamline): instead of removing a residual block's branch f(x),
+replace it with a cheap map g(x) fitted by least squares on the calibration activations, so y = x + g(x).
+
+The map acts where the block's features live — per token on the last dimension (transformers), per position on
+the channel dimension (NCHW convolutions: a 1×1 conv) — and is full rank (d × d) or low rank (d → r → d, a
+reduced-rank regression: the full fit projected on the top-r principal directions of its own fitted outputs,
+which keeps the most output variance a rank-r map can). Fitted in float64 on centred data with a small ridge,
+so a block whose branch is near-linear in x costs almost nothing to skip."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ...ir import Graph
+from ..calibration import observe
+from .blocks import Block
+
+aten = torch.ops.aten
+CONV_OPS = {"aten.conv1d", "aten.conv2d", "aten.convolution", "graphopt.conv_act", "graphopt.fft_conv2d"}
+RIDGE = 1e-3          # relative to the mean input variance: keeps the fit stable on few calibration tokens
+
+
+@dataclass
+class BlockMap:
+    """g(x) = x·A + b along `dim` of x, A either `weight` (d_in × d_out) or `down` · `up` (rank r)."""
+    dim: int                          # the feature dimension of x: -1 (tokens) or 1 (channels, NCHW)
+    bias: torch.Tensor                # (d_out,)
+    weight: torch.Tensor | None = None
+    down: torch.Tensor | None = None  # (d_in × r)
+    up: torch.Tensor | None = None    # (r × d_out)
+
+    @property
+    def form(self) -> str:
+        return "linear map" if self.weight is not None else f"rank-{self.down.shape[1]} map"
+
+    @property
+    def macs_per_position(self) -> int:
+        if self.weight is not None:
+            return self.weight.numel()
+        return self.down.numel() + self.up.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """g(x) in torch, for measuring a candidate on the calibration batches."""
+        h = x.movedim(self.dim, -1).to(self.bias.dtype)
+        h = h @ self.weight if self.weight is not None else (h @ self.down) @ self.up
+        return (h + self.bias).movedim(-1, self.dim).to(x.dtype)
+
+    def emit(self, graph: Graph, x: fx.Node, before: fx.Node, name: str) -> fx.Node:
+        """Insert nodes computing g(x) before `before`: aten.linear on the last dimension, or a 1×1 conv on
+        channels (the ops every backend already lowers)."""
+        mats = [self.weight] if self.weight is not None else [self.down, self.up]
+        spatial = len(x.meta["val"].shape) - 2
+        h = x
+        for i, m in enumerate(mats):
+            w = m.t().contiguous().float()                         # (out, in), as linear and conv take it
+            if self.dim != -1:
+                w = w.reshape(*w.shape, *[1] * spatial)
+            w = graph.add_constant(w, f"{name}_map{i}", before=before)
+            b = graph.add_constant(self.bias.float(), f"{name}_map_bias", before=before) \
+                if i == len(mats) - 1 else None
+            op = aten.linear.default if self.dim == -1 else aten.conv2d.default if spatial == 2 else aten.conv1d.default
+            h = graph.call(op, (h, w, b), before=before)
+        return h
+
+
+def feature_dim(block: Block) -> int | None:
+    """Where the block's features are: channels (dim 1) for a conv block on NCHW/NCL tensors, else the last
+    dimension; None where neither fits (a scalar stream)."""
+    val = block.skip.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    convs = any(str(n.target).removesuffix(".default").replace("::", ".").startswith(tuple(CONV_OPS))
+                for n in block.region if n.op == "call_function")
+    return 1 if convs and val.dim() in (3, 4) else -1
+
+
+def fit_maps(graph: Graph, batches, blocks: list[Block], ranks: dict[int, tuple[int, ...]] | None = None
+             ) -> dict[int, list[BlockMap]]:
+    """Per block (by index): the full-rank map and a low-rank one per rank in `ranks[index]` (default: d/8,
+    in multiples of 8), fitted on `batches` from the block's input to its branch's output, in one pass."""
+    dims = {b.index: feature_dim(b) for b in blocks}
+    usable = [b for b in blocks if dims[b.index] is not None and _same_features(b)]
+    by_add = {b.add: b for b in usable}
+    stats: dict[int, list] = {}
+
+    def on_node(node, args, out):
+        b = by_add.get(node)
+        if b is None:
+            return
+        x = b.bypass(*args)
+        y = out - x                                            # the branch: y = x + f(x)
+        x = x.movedim(dims[b.index], -1).reshape(-1, x.shape[dims[b.index]]).double()
+        y = y.movedim(dims[b.index], -1).reshape(-1, y.shape[dims[b.index]]).double()
+        s = stats.setdefault(b.index, [0, 0, 0, 0, 0])
+        s[0] += len(x)
+        s[1] = s[1] + x.sum(0)
+        s[2] = s[2] + y.sum(0)
+        s[3] = s[3] + x.T @ x
+        s[4] = s[4] + x.T @ y
+    observe(graph, batches, on_node=on_node)
+
+    maps = {}
+    for b in usable:
+        if b.index not in stats:
+            continue
+        n, sx, sy, xx, xy = stats[b.index]
+        mx, my = sx / n, sy / n
+        cxx = xx / n - torch.outer(mx, mx)                     # centred covariances
+        cxy = xy / n - torch.outer(mx, my)
+        d = len(mx)
+        ridge = RIDGE * cxx.diagonal().mean().clamp_min(1e-12)
+        a = torch.linalg.solve(cxx + ridge * torch.eye(d, dtype=cxx.dtype), cxy)
+        found = [BlockMap(dims[b.index], my - mx @ a, weight=a)]
+        # reduced rank: the fitted outputs' covariance Aᵀ Cxx A, its top-r eigenvectors V; A_r = A V Vᵀ
+        _, vecs = torch.linalg.eigh(a.T @ cxx @ a)
+        for r in (ranks or {}).get(b.index, (max(8, d // 8 // 8 * 8),)):
+            if 2 * r >= d:
+                continue
+            v = vecs[:, -r:]
+            down, up = a @ v, v.T
+            found.append(BlockMap(dims[b.index], my - mx @ down @ up, down=down, up=up))
+        maps[b.index] = found
+    return maps
+
+
+def _same_features(b: Block) -> bool:
+    """The map adds g(x) to x: the branch output must have x's shape."""
+    x, y = b.skip.meta.get("val"), b.branch.meta.get("val")
+    return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and tuple(x.shape) == tuple(y.shape)
