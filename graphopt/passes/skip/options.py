@@ -1,13 +1,15 @@
 """compile()'s layer_skip= and early_exit= options.
 
-    LayerSkip(budget=0.01, metric="cosine")   drop the residual blocks that save most time within the budget
+    LayerSkip(budget=0.01, metric="cosine", replace=True)
+                                              drop the residual blocks that save most time within the budget, or
+                                              replace them by least-squares maps where that costs less quality per ms
     EarlyExit(budget=0.01, metric="top1")     let each sample leave after a block when an exit head is confident:
                                               the graph compiled as segments run by a host dispatcher
 Both spend their budget on the calibration batches (mean 1 − cosine to the full model, top-1
 disagreement, or for LayerSkip the user's metric callable; graphopt/quality.py)."""
 from __future__ import annotations
 
-from ...errors import UnsupportedError
+from ...errors import InputError, UnsupportedError
 from ...ir import Graph
 from ...options import Option
 from ... import quality
@@ -44,8 +46,18 @@ class _Skipping(Option):
 class LayerSkip(_Skipping):
     keyword = "layer_skip"
 
+    def __init__(self, budget: float = 0.01, metric: quality.Metric = "cosine", replace: bool = True):
+        super().__init__(budget, metric)
+        if not isinstance(replace, bool):
+            raise InputError(f"LayerSkip(replace={replace!r}): give True (a block may be replaced by a map fitted on "
+                             "the calibration data, where that costs less quality per ms) or False (removal only)")
+        self.replace = replace
+
+    def __repr__(self) -> str:
+        return f"LayerSkip(budget={self.budget:g}, metric={quality.name(self.metric)!r}, replace={self.replace})"
+
     def passes(self) -> list:
-        return [DropBlocks(self.budget, self.metric)]
+        return [DropBlocks(self.budget, self.metric, self.replace)]
 
 
 class EarlyExit(_Skipping):

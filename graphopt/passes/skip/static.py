@@ -18,22 +18,23 @@ from ..calibration import observe, run_batches
 from ...numerics import rank_correlation
 from ... import quality
 from .blocks import LOOKED_FOR, Block, find_blocks
+from .maps import fit_maps
 
 
 @register
 class DropBlocks(Pass):
     name = "layer_skip"
     phase = "lossy"
-    summary = "drop residual blocks (attention/FFN sub-blocks, conv blocks) within a quality budget"
+    summary = "drop residual blocks (attention/FFN sub-blocks, conv blocks) within a quality budget, or replace them by fitted maps"
     lossy = True
     needs_calibration = True
 
-    def __init__(self, budget: float = 0.01, metric: quality.Metric = "cosine"):
+    def __init__(self, budget: float = 0.01, metric: quality.Metric = "cosine", replace: bool = True):
         quality.check("DropBlocks", budget, metric)
-        self.budget, self.metric = float(budget), metric
+        self.budget, self.metric, self.replace = float(budget), metric, bool(replace)
 
     def __repr__(self) -> str:
-        return f"DropBlocks(budget={self.budget:g}, metric={quality.name(self.metric)!r})"
+        return f"DropBlocks(budget={self.budget:g}, metric={quality.name(self.metric)!r}, replace={self.replace})"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -42,65 +43,110 @@ class DropBlocks(Pass):
             raise UnsupportedError(f"layer_skip: the graph has no skippable block; looked for {LOOKED_FOR}")
         batches = ctx.calibration
         refs = run_batches(graph, batches)
-        per_batch = len(refs) // len(batches)
-        errors = [quality.loss(run_batches(graph, batches, {b.add: b.bypass}), refs, self.metric, per_batch)
-                  for b in ctx.progress.each(blocks, "blocks checked")]
-        influence = block_influence(graph, batches, blocks)
-        saved, timing = latency_saved(graph, ctx, blocks)
 
-        ratio = {b.index: errors[b.index] / saved[b.index] for b in blocks if saved[b.index] > 0}
-        chosen, total = [], 0.0
-        for i in sorted(ratio, key=ratio.get):
-            if total + errors[i] <= self.budget:
-                chosen.append(i)
-                total += errors[i]
-        measured = self._verify(graph, batches, refs, blocks, chosen)
-        while chosen and measured > self.budget:            # back off the worst until the whole set fits
-            chosen.remove(max(chosen, key=ratio.get))
-            measured = self._verify(graph, batches, refs, blocks, chosen)
+        def loss(on, reference, moves: dict) -> float:
+            return quality.loss(run_batches(graph, on, {blocks[i].add: _skipped(blocks[i], m) for i, m in moves.items()}),
+                                reference, self.metric, len(reference) // len(on))
+
+        maps, judged, judged_refs = {}, batches, refs
+        if self.replace and len(batches) >= 2:       # maps fitted on half the batches, every move judged on the other
+            fit, judged = batches[0::2], batches[1::2]
+            judged_refs = run_batches(graph, judged)
+            maps = fit_maps(graph, fit, blocks)
+        errors = {(b.index, REMOVED): loss(judged, judged_refs, {b.index: REMOVED})
+                  for b in ctx.progress.each(blocks, "blocks checked")}
+        influence = block_influence(graph, batches, blocks)
+        for b in ctx.progress.each([b for b in blocks if b.index in maps], "replacement maps measured"):
+            errors |= {(b.index, m.form): loss(judged, judged_refs, {b.index: m}) for m in maps[b.index]}
+        saved, timing = latency_saved(graph, ctx, blocks, maps)
+        moves = {(b.index, REMOVED): REMOVED for b in blocks} | {(i, m.form): m for i, ms in maps.items() for m in ms}
+
+        ratio = {key: errors[key] / saved[key] for key in moves if saved.get(key, 0) > 0}
+        chosen: dict[int, object] = {}
+        total = 0.0
+        for key in sorted(ratio, key=ratio.get):      # least quality per ms saved first, one move per block
+            if key[0] not in chosen and total + errors[key] <= self.budget:
+                chosen[key[0]] = moves[key]
+                total += errors[key]
+        measured = loss(judged, judged_refs, chosen) if chosen else 0.0
+        while chosen and measured > self.budget:      # back off the worst until the whole set fits
+            del chosen[max(chosen, key=lambda i: ratio[i, _form(chosen[i])])]
+            measured = loss(judged, judged_refs, chosen) if chosen else 0.0
         ctx.progress.step(f"{len(chosen)} blocks fit the budget; retrying the others")
-        for i in sorted(set(ratio) - set(chosen), key=ratio.get):   # then retry the others, one run each
-            if measured + errors[i] <= self.budget:
-                trial = self._verify(graph, batches, refs, blocks, chosen + [i])
+        for key in sorted(ratio, key=ratio.get):      # then retry the others, one run each
+            if key[0] not in chosen and measured + errors[key] <= self.budget:
+                trial = loss(judged, judged_refs, chosen | {key[0]: moves[key]})
                 if trial <= self.budget:
-                    chosen, measured = chosen + [i], trial
+                    chosen, measured = chosen | {key[0]: moves[key]}, trial
 
         result.notes.append(f"{len(blocks)} residual blocks; metric {quality.name(self.metric)}, budget {self.budget:g}; "
                             "latency measured by the cost model on the example inputs: "
                             + "; ".join(f"{k} {v:.3f} ms" for k, v in timing.items()))
-        result.table("Residual blocks: error with the block removed alone, ShortGPT block influence, ms saved",
-                     ["block", "kind", "error alone", "block influence", "ms saved", "dropped"],
-                     [[f"{b.index} {b.path}", b.kind, errors[b.index], influence[b.index], saved[b.index],
-                       "yes" if b.index in chosen else "no"] for b in blocks],
-                     bars=("error alone", "block influence", "ms saved"))
-        result.notes.append("block | module | kind | error removed alone | block influence | ms saved | dropped")
+        if self.replace and not maps:
+            result.notes.append("replacement maps: none fitted (they need 2 calibration batches or more: fitted on "
+                                "one half, judged on the other)")
+        best_map = {b.index: min((m for m in maps.get(b.index, [])), key=lambda m: errors[b.index, m.form],
+                                 default=None) for b in blocks}
+        result.table("Residual blocks: error and ms saved when removed alone, and when replaced by its best "
+                     "fitted map (judged on held-out calibration batches); ShortGPT block influence",
+                     ["block", "kind", "error removed", "ms saved removed", "best map", "error mapped",
+                      "ms saved mapped", "block influence", "chosen"],
+                     [[f"{b.index} {b.path}", b.kind, errors[b.index, REMOVED], saved[b.index, REMOVED],
+                       best_map[b.index].form if best_map[b.index] else "-",
+                       errors[b.index, best_map[b.index].form] if best_map[b.index] else None,
+                       saved.get((b.index, best_map[b.index].form)) if best_map[b.index] else None,
+                       influence[b.index], _form(chosen[b.index]) if b.index in chosen else "kept"] for b in blocks],
+                     bars=("error removed", "ms saved removed", "error mapped", "block influence"))
+        result.notes.append("block | module | kind | error removed alone | block influence | ms saved | chosen")
         for b in blocks:
-            result.notes.append(f"  {b.index:3d} | {b.path} | {b.kind} | {errors[b.index]:.5f} | "
-                                f"{influence[b.index]:.5f} | {saved[b.index]:.3f} | {'yes' if b.index in chosen else 'no'}")
+            result.notes.append(f"  {b.index:3d} | {b.path} | {b.kind} | {errors[b.index, REMOVED]:.5f} | "
+                                f"{influence[b.index]:.5f} | {saved[b.index, REMOVED]:.3f} | "
+                                f"{_form(chosen[b.index]) if b.index in chosen else 'kept'}")
         if len(blocks) > 2:
             result.notes.append(f"rank correlation (Spearman) of block influence with the measured error: "
-                                f"{rank_correlation(errors, influence):.3f} over {len(blocks)} blocks")
+                                f"{rank_correlation([errors[b.index, REMOVED] for b in blocks], influence):.3f} "
+                                f"over {len(blocks)} blocks")
         if not chosen:
-            result.skipped(f"no block fits the budget {self.budget:g} (smallest error alone "
-                           f"{min(errors):.4g}); the graph is unchanged")
+            smallest = min(errors.values())
+            result.skipped(f"no block fits the budget {self.budget:g} removed or replaced (smallest error "
+                           f"{smallest:.4g}); the graph is unchanged")
             return result
         full_ms = (timing["full"] + timing["full, again"]) / 2
-        saving = sum(saved[i] for i in chosen)
-        result.notes.append(f"dropped set verified as a whole on the calibration data: {quality.name(self.metric)} loss "
+        saving = sum(saved[i, _form(m)] for i, m in chosen.items())
+        on = "the calibration data" if judged is batches else f"{len(judged)} calibration batches the maps were not fitted on"
+        result.notes.append(f"chosen set verified as a whole on {on}: {quality.name(self.metric)} loss "
                             f"{measured:.5f} ≤ {self.budget:g}; estimated {saving:.3f} ms saved of {full_ms:.3f}")
-        for i in sorted(chosen, reverse=True):               # last first: a later block's skip may be this add
-            b = blocks[i]
-            b.add.replace_all_uses_with(b.skip)
-        for i in sorted(chosen):
-            result.did(f"dropped {blocks[i]} (error alone {errors[i]:.5f})")
-        result.stats.update(blocks=len(blocks), dropped=len(chosen))
+        for i, m in sorted(chosen.items()):            # maps first: a removal below may rewire their input
+            if m is not REMOVED:
+                b = blocks[i]
+                b.add.replace_input_with(b.branch, m.emit(graph, b.skip, b.add, f"block{i}"))
+        for i in sorted(chosen, reverse=True):          # last first: a later block's skip may be this add
+            if chosen[i] is REMOVED:
+                blocks[i].add.replace_all_uses_with(blocks[i].skip)
+        graph.eliminate_dead_code()
+        for i, m in sorted(chosen.items()):
+            if m is REMOVED:
+                result.did(f"dropped {blocks[i]} (error alone {errors[i, REMOVED]:.5f})")
+            else:
+                result.did(f"replaced {blocks[i]} by a {m.form} ({m.macs_per_position} MACs per position; error alone "
+                           f"{errors[i, m.form]:.5f} on held-out batches, {errors[i, REMOVED]:.5f} removed)")
+        result.stats.update(blocks=len(blocks), dropped=sum(m is REMOVED for m in chosen.values()),
+                            replaced=sum(m is not REMOVED for m in chosen.values()))
         return result
 
-    def _verify(self, graph, batches, refs, blocks, chosen) -> float:
-        if not chosen:
-            return 0.0
-        return quality.loss(run_batches(graph, batches, {blocks[i].add: blocks[i].bypass for i in chosen}),
-                            refs, self.metric, len(refs) // len(batches))
+
+REMOVED = "removed"
+
+
+def _form(move) -> str:
+    return REMOVED if move is REMOVED else move.form
+
+
+def _skipped(block: Block, move):
+    """What the block's add returns under `move` (for calibration.run_batches): its skip input, or x + g(x)."""
+    if move is REMOVED:
+        return block.bypass
+    return lambda *operands: (lambda x: x + move(x))(block.bypass(*operands))
 
 
 def block_influence(graph: Graph, batches, blocks: list[Block]) -> list[float]:
@@ -121,26 +167,39 @@ def block_influence(graph: Graph, batches, blocks: list[Block]) -> list[float]:
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
-def latency_saved(graph: Graph, ctx: PassContext, blocks: list[Block]) -> tuple[list[float], dict]:
-    """ms saved per block, measured by ctx.cost: the full graph vs the graph without every block of a kind
-    (the saving shared among them: one block alone saves too little to time reliably)."""
+def latency_saved(graph: Graph, ctx: PassContext, blocks: list[Block], maps: dict | None = None
+                  ) -> tuple[dict, dict]:
+    """ms saved per (block, move), measured by ctx.cost: the full graph vs the graph with every block of a kind
+    removed (or replaced by its maps of one form), the saving shared among them: one block alone saves too
+    little to time reliably."""
     args, kwargs = ctx.example_args, ctx.example_kwargs
     timing = {"full": ctx.cost.graph_ms(graph, args, kwargs)}
-    saved = [0.0] * len(blocks)
+    trials = {}
     for kind in sorted({b.kind for b in blocks}):
         members = [b for b in blocks if b.kind == kind]
-        trial = copy_graph(graph)
-        nodes = {n.name: n for n in trial.fx.nodes}
-        for b in reversed(members):
-            nodes[b.add.name].replace_all_uses_with(nodes[b.skip.name])
-        trial.eliminate_dead_code()
-        trial.tidy()
-        timing[f"without kind {kind} (×{len(members)})"] = ctx.cost.graph_ms(trial, args, kwargs)
+        forms = [REMOVED] + [m.form for m in (maps or {}).get(members[0].index, [])]
+        for form in forms:
+            if form != REMOVED and not all(b.index in maps and any(m.form == form for m in maps[b.index])
+                                           for b in members):
+                continue
+            trial = copy_graph(graph)
+            nodes = {n.name: n for n in trial.fx.nodes}
+            for b in reversed(members):
+                add, skip = nodes[b.add.name], nodes[b.skip.name]
+                if form == REMOVED:
+                    add.replace_all_uses_with(skip)
+                else:
+                    m = next(m for m in maps[b.index] if m.form == form)
+                    add.replace_input_with(nodes[b.branch.name], m.emit(trial, skip, add, f"block{b.index}"))
+            trial.eliminate_dead_code()
+            trial.tidy()
+            label = f"kind {kind} (×{len(members)}) " + ("removed" if form == REMOVED else f"as {form}s")
+            timing[label] = ctx.cost.graph_ms(trial, args, kwargs)
+            trials[kind, form] = (label, members)
     timing["full, again"] = ctx.cost.graph_ms(graph, args, kwargs)   # timed on both sides of the trials: load drifts
     full = (timing["full"] + timing["full, again"]) / 2
-    for kind in sorted({b.kind for b in blocks}):
-        members = [b for b in blocks if b.kind == kind]
+    saved = {}
+    for (kind, form), (label, members) in trials.items():
         for b in members:
-            saved[b.index] = max(full - timing[f"without kind {kind} (×{len(members)})"], 0.0) / len(members)
+            saved[b.index, form] = max(full - timing[label], 0.0) / len(members)
     return saved, timing
-
