@@ -1,15 +1,19 @@
 """Issue 13 benchmark: layer skipping side by side in one process, quality columns beside speed.
 
 (a) MiniLM (all-MiniLM-L6-v2, trained weights) as a sentence encoder (mean-pooled, normalised embeddings,
-    as sentence-transformers runs it): static skipping at budgets 0.5%, 1%, 2%, 5% (mean 1 − cosine of
-    the embeddings on the calibration sentences); speed against graphopt without skipping, cosine to the
-    full model on held-out sentences.
+    as sentence-transformers runs it): static skipping at budgets 1%, 2%, 5% (mean 1 − cosine of the
+    embeddings on the calibration sentences), blocks removed only (replace=False) and removed or replaced by
+    fitted maps (the default); speed against graphopt without skipping, cosine to the full model on held-out
+    sentences never calibrated on.
 (b) A DigitsResNet (8 residual blocks) trained here on scikit-learn's bundled digits: held-out accuracy
     and speed of the full model, static skipping and early exit (top-1 budget 1%), and the alternative a
     user has today: the same exits written with torch.cond, exported by torch.onnx (ONNX `If` nodes) and
     run by ONNX Runtime; and that torch.cond model compiled by graphopt (segments and branches run by the host).
     The torch.cond model leaves at an exit only when every sample of the batch is confident. Throughput on the
     whole test split in one batch, and latency one sample per call.
+(c) A DigitsTransformer (4 pre-LN layers, 64 wide) trained here: early exit after its attention and FFN
+    sub-blocks (PABEE/DeeBERT style, heads on pooled tokens): throughput and one sample per call, the early
+    exit's one-sample graph (exits as ONNX If) and its host dispatcher both timed.
 
     python benchmarks/bench_skip.py [--parts minilm,digits] [--rounds 9]
 """
@@ -27,8 +31,12 @@ from graphopt.quiet import quiet
 
 def dropped(cm) -> str:
     rec = next((r for r in cm.report if r.name == "layer_skip"), None)
-    names = [n.split("[")[1].split("]")[0] for n in rec.notes if n.startswith("dropped block")] if rec else []
-    return f"{len(names)} dropped" + (f" ({', '.join(names)})" if names else "")
+    notes = rec.notes if rec else []
+    gone = [n.split("[")[1].split("]")[0] for n in notes if n.startswith("dropped block")]
+    mapped = [n.split("[")[1].split("]")[0] + " → " + n.split(" by a ")[1].split(" (")[0]
+              for n in notes if n.startswith("replaced block")]
+    return (f"{len(gone)} dropped" + (f" ({', '.join(gone)})" if gone else "")
+            + (f", {len(mapped)} replaced ({', '.join(mapped)})" if mapped else ""))
 
 
 def minilm(rounds: int) -> list[str]:
@@ -38,14 +46,15 @@ def minilm(rounds: int) -> list[str]:
     enc = [tok(texts[i:i + 16], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
            for i in range(0, len(texts), 16)]
     batches = [(e["input_ids"], e["attention_mask"]) for e in enc]
-    calibration, held_out = batches[:6], batches[6:]          # 96 sentences to spend the budget on, 224 to judge
+    calibration, held_out = batches[:8], batches[8:]          # 128 sentences to spend the budget on, 192 to judge
     args = batches[0]
     with torch.no_grad():
         ref = torch.cat([encoder(*b) for b in held_out])
     systems, compile_s = {"eager": bench.eager(encoder), "torch.compile": bench.torch_compiled(encoder),
                           "plain ORT": bench.plain_ort(encoder, args)}, {}
-    for label, option in [("graphopt", None)] + [(f"skip {b:.1%}", graphopt.LayerSkip(budget=b))
-                                                 for b in (0.005, 0.01, 0.02, 0.05)]:
+    for label, option in [("graphopt", None)] + [(f"{'replace' if r else 'remove'} {b:.0%}",
+                                                  graphopt.LayerSkip(budget=b, replace=r))
+                                                 for b in (0.01, 0.02, 0.05) for r in (False, True)]:
         t0 = time.perf_counter()
         systems[label] = graphopt.compile(encoder, args, layer_skip=option,
                                           calibration=calibration if option else None)
@@ -56,7 +65,7 @@ def minilm(rounds: int) -> list[str]:
     for label, t in ms.items():
         cos = "" if label in ("eager", "torch.compile", "plain ORT") else \
             f"cosine {F.cosine_similarity(torch.cat([systems[label](*b) for b in held_out]), ref).mean().item():.4f}"
-        extra = f"  {dropped(systems[label])}" if label.startswith("skip") else ""
+        extra = f"  {dropped(systems[label])}" if label.startswith(("remove", "replace")) else ""
         comp = f"  (compile {compile_s[label]:.0f} s)" if label in compile_s else ""
         lines.append(f"  {label:<14} {t:8.2f} ms  ×{ms['graphopt'] / t:5.2f} vs graphopt  ×{ms['eager'] / t:5.2f} "
                      f"vs eager  {cos}{extra}{comp}")
@@ -163,26 +172,67 @@ def digits(rounds: int) -> list[str]:
     # latency: one image per call, over 100 test images (graphopt's full model compiled for batch 1)
     full1 = graphopt.compile(model, (xt[:1],))
     samples = [xt[i:i + 1] for i in range(100)]
-    per_call = {"graphopt": full1, "early exit 1%": early, "graphopt torch.cond": graphopt.compile(cond, (xt[:1],)),
-                f"If in ORT ({n_if} If)": if_ort}
+    per_call = {"graphopt": full1, "early exit 1%": early,
+                "early exit, dispatcher": lambda s: early.executable.run_segments([s]),
+                "graphopt torch.cond": graphopt.compile(cond, (xt[:1],)), f"If in ORT ({n_if} If)": if_ort}
     loops = {name: (lambda fn=fn: [fn(s) for s in samples]) for name, fn in per_call.items()}
     ms1 = bench.time_side_by_side(loops, (), rounds=rounds)
-    lines.append("  latency: one image per call, mean over 100 test images")
+    lines.append(f"  latency: one image per call, mean over 100 test images ({early.executable.single_notes[0]})")
     for label, t in ms1.items():
         lines.append(f"    {label:<20} {t / len(samples):8.3f} ms  ×{ms1['graphopt'] / t:5.2f} vs graphopt  "
                      f"×{ms1[f'If in ORT ({n_if} If)'] / t:5.2f} vs If in ORT")
     return lines
 
 
+def transformer(rounds: int) -> list[str]:
+    t0 = time.perf_counter()
+    model = zoo.train_digits_transformer()
+    train_s = time.perf_counter() - t0
+    data = zoo.digits()
+    xc, _ = data["calibration"]
+    xt, yt = data["test"]
+    calibration = [(xc[i:i + 100],) for i in range(0, len(xc), 100)]
+    acc = lambda out: (torch.as_tensor(out).argmax(-1) == yt).float().mean().item() * 100  # noqa: E731
+    with torch.no_grad():
+        full_acc = acc(model(xt))
+    t0 = time.perf_counter()
+    early = graphopt.compile(model, (xt,), early_exit=graphopt.EarlyExit(0.01, metric="top1"), calibration=calibration)
+    compile_s = time.perf_counter() - t0
+    full = graphopt.compile(model, (xt,))
+    ex = early.executable
+    early(xt)
+    shares = torch.bincount(early.last_exits, minlength=len(ex.thresholds) + 1).tolist()
+    lines = [f"(c) DigitsTransformer, 4 layers × 64, trained here in {train_s:.0f} s; exits after "
+             f"{len(ex.thresholds)} sub-blocks, test samples leaving at each exit / the end: {shares}; "
+             f"early exit compiled in {compile_s:.0f} s", f"  {ex.single_notes[0]}"]
+    ms = bench.time_side_by_side({"eager": bench.eager(model), "graphopt": full, "early exit 1%": early}, (xt,),
+                                 rounds=rounds)
+    lines.append(f"  throughput: the {len(yt)} test images in one batch (full model {full_acc:.2f}%)")
+    for label, t in ms.items():
+        out = model(xt) if label == "eager" else (full if label == "graphopt" else early)(xt)
+        lines.append(f"    {label:<22} {t:8.2f} ms  ×{ms['graphopt'] / t:5.2f} vs graphopt  accuracy {acc(out):.2f}%")
+    full1 = graphopt.compile(model, (xt[:1],))
+    samples = [xt[i:i + 1] for i in range(100)]
+    per_call = {"eager": bench.eager(model), "graphopt": full1, "early exit 1%": early,
+                "early exit, dispatcher": lambda s: ex.run_segments([s])}
+    loops = {name: (lambda fn=fn: [fn(s) for s in samples]) for name, fn in per_call.items()}
+    ms1 = bench.time_side_by_side(loops, (), rounds=rounds)
+    lines.append("  latency: one image per call, mean over 100 test images")
+    for label, t in ms1.items():
+        lines.append(f"    {label:<22} {t / len(samples):8.3f} ms  ×{ms1['graphopt'] / t:5.2f} vs graphopt")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="minilm,digits")
+    ap.add_argument("--parts", default="minilm,digits,transformer")
     ap.add_argument("--rounds", type=int, default=9)
     ns = ap.parse_args()
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.get_num_threads()} threads; "
           "median ms per call, interleaved rounds", flush=True)
     for part in ns.parts.split(","):
-        print("\n".join({"minilm": minilm, "digits": digits}[part](ns.rounds)), flush=True)
+        print("\n".join({"minilm": minilm, "digits": digits, "transformer": transformer}[part](ns.rounds)),
+              flush=True)
 
 
 if __name__ == "__main__":
