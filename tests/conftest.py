@@ -59,3 +59,22 @@ def chromium(url: str, why: str = "the headless browser pages are checked in") -
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout, done.stderr
+
+
+def fake_clock(monkeypatch, ms: dict[str, float]) -> list[dict[str, float]]:
+    """The cost model's clock (graphopt.cost.model.time_side_by_side) faked for a timing of exactly the systems
+    named in `ms`: each is called once (a candidate must still run), and `ms` (milliseconds per call) is the
+    answer, so a measured choice can be checked both ways. Other timings go to the real clock. Returns the
+    list of answers given: a test checks that the choice asked the clock."""
+    import graphopt.cost.model as cost_model
+    real, answered = cost_model.time_side_by_side, []
+
+    def clock(systems, args, *a, **k):
+        if set(systems) != set(ms):
+            return real(systems, args, *a, **k)
+        for fn in systems.values():
+            fn(*args)
+        answered.append(dict(ms))
+        return dict(ms)
+    monkeypatch.setattr(cost_model, "time_side_by_side", clock)
+    return answered

@@ -1,8 +1,10 @@
 """Bad inputs and faults, one table: each case names the error class and the culprit the message must name, and
 the harness checks what every case must keep — the error is a GraphoptError raised before any work (compile()
-cases: before capture), the user's model is bit-identical afterwards, and nothing was written outside the paths
-the case named (the working directory and the user's cache directory stay empty). CLI cases must exit 2 with
-one `graphopt: error:` line and no traceback."""
+cases: before capture), every model the case handed to graphopt is bit-identical afterwards (its parameters and
+buffers, their dtypes and devices, each submodule's training flag; for calls of the compiled module, the model it
+was compiled from, the inputs given, and the module still computing the model's outputs), and nothing was written
+outside the paths the case named (the working directory and the user's cache directory stay empty). CLI cases
+must exit 2 with one `graphopt: error:` line and no traceback."""
 import collections
 import json
 import math
@@ -34,14 +36,62 @@ class Noop(Pass):
 
 
 X = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+X_VALUES = X.clone()       # what X holds: a case may hand graphopt X or a view of it, and must get it back unchanged
+
+
+def state(model: nn.Module):
+    """What must not change in a model graphopt was handed: each parameter and buffer (dtype, device,
+    requires_grad, values) and each submodule's training flag."""
+    return ({k: (v.dtype, v.device, v.requires_grad, v.detach().clone())
+             for k, v in model.state_dict(keep_vars=True).items()}, [m.training for m in model.modules()])
+
+
+def changes(model: nn.Module, before) -> list[str]:
+    """What differs in `model` from `before` (a `state`): the names of the changed entries."""
+    tensors, flags = before
+    now = model.state_dict(keep_vars=True)
+    changed = sorted(set(now) ^ set(tensors))
+    for k, (dtype, device, grad, value) in tensors.items():
+        v = now.get(k)
+        if v is not None and ((v.dtype, v.device, v.requires_grad) != (dtype, device, grad)
+                              or not torch.equal(v.detach(), value)):
+            changed.append(k)
+    return changed + (["training flags"] if [m.training for m in model.modules()] != flags else [])
 
 
 @dataclass
+class Shared:
+    model: nn.Module       # the module's Small, compiled once
+    before: tuple          # its state right after compile()
+    cm: object             # the compiled module
+    bundle: object         # a bundle folder exported from it
+
+
 class Env:
-    model: nn.Module
-    tmp: object            # a Path the case may name
-    compiled: Callable     # the module's compiled Small (built once)
-    bundle: Callable       # a bundle folder exported from it (a fresh copy per call)
+    """What a case may use. Every model a case hands to graphopt goes through `use`, which records its state
+    first (env.model, compile_'s model=, and env.compiled(): the model it was compiled from); the harness checks
+    each recorded model afterwards."""
+
+    def __init__(self, model: nn.Module, tmp, shared: Shared, bundle: Callable):
+        self._model, self.tmp, self._shared = model, tmp, shared   # tmp: a Path the case may name
+        self.bundle = bundle   # a bundle folder exported from the compiled Small (a fresh copy per call)
+        self.used: dict[int, tuple[nn.Module, tuple]] = {}
+
+    def use(self, model):
+        if id(model) not in self.used:      # what is no nn.Module (a case's bad "model") has no state to keep
+            self.used[id(model)] = (model, state(model) if isinstance(model, nn.Module) else None)
+        return model
+
+    @property
+    def model(self) -> nn.Module:
+        """A fresh Small for this case."""
+        return self.use(self._model)
+
+    def compiled(self):
+        """The module's compiled Small (built once); the model it came from counts as used, checked against its
+        state right after compile()."""
+        self.used.setdefault(id(self._shared.model), (self._shared.model, self._shared.before))
+        return self._shared.cm
 
 
 @dataclass
@@ -53,11 +103,18 @@ class Case:
     match: str = ""
     before_capture: bool = True
 
+    @property
+    def hands_a_model(self) -> bool:
+        """compile() cases and calls of the compiled module: the harness checks a model was used."""
+        return getattr(self.run, "hands_a_model", False) or self.kind == "call"
+
 
 def compile_(**kw):
     def run(env):
-        model = kw.pop("model", env.model)
-        return graphopt.compile(model, kw.pop("example", (X,)), **kw)
+        model = env.use(kw["model"]) if "model" in kw else env.model
+        options = {k: v for k, v in kw.items() if k not in ("model", "example")}
+        return graphopt.compile(model, kw.get("example", (X,)), **options)
+    run.hands_a_model = True
     return run
 
 
@@ -67,6 +124,9 @@ def train_mode(env):
         graphopt.compile(env.model, (X,))
     finally:
         env.model.eval()
+
+
+train_mode.hands_a_model = True
 
 
 def write(path, text):
@@ -291,12 +351,11 @@ def shared(tmp_path_factory):
     model = Small().eval()
     cm = graphopt.compile(model, (X,))
     bundle = cm.export(tmp_path_factory.mktemp("bundle") / "b")
-    return cm, bundle
+    return Shared(model, state(model), cm, bundle)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.kind}:{c.id}" for c in CASES])
 def test_bad_input(case, shared, tmp_path, monkeypatch, capsys):
-    cm, bundle = shared
     cwd, cache, named = tmp_path / "cwd", tmp_path / "cache", tmp_path / "named"
     for d in (cwd, cache, named):
         d.mkdir()
@@ -305,12 +364,10 @@ def test_bad_input(case, shared, tmp_path, monkeypatch, capsys):
     copies = iter(range(100))
 
     def fresh_bundle():
-        return shutil.copytree(bundle, named / f"bundle{next(copies)}")
-    model = Small().eval()
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
+        return shutil.copytree(shared.bundle, named / f"bundle{next(copies)}")
     if case.before_capture:
         monkeypatch.setattr(graphopt.api, "capture", lambda *a, **k: pytest.fail("capture ran: work started"))
-    env = Env(model, named, lambda: cm, fresh_bundle)
+    env = Env(Small().eval(), named, shared, fresh_bundle)
     if case.kind == "cli":
         assert case.run(env) == 2
         err = capsys.readouterr().err
@@ -320,7 +377,16 @@ def test_bad_input(case, shared, tmp_path, monkeypatch, capsys):
         with pytest.raises(case.error, match=case.match) as info:
             case.run(env)
         assert isinstance(info.value, GraphoptError), type(info.value)
-    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()), "the model's weights changed"
+    assert env.used or not case.hands_a_model, "the case handed graphopt no model"
+    for model, before in env.used.values():
+        assert before is None or not changes(model, before), \
+            f"the model {type(model).__name__} changed: {changes(model, before)}"
+    changed_input = not torch.equal(X, X_VALUES)
+    X.copy_(X_VALUES)                       # (the next cases get X back either way)
+    assert not changed_input, "the input tensor changed"
+    if id(shared.model) in env.used:        # the compiled module still computes its model's outputs
+        with torch.no_grad():
+            torch.testing.assert_close(shared.cm(X), shared.model(X), rtol=1e-5, atol=1e-6)
     assert not list(cwd.iterdir()) and not list(cache.iterdir()), "wrote outside the named paths"
 
 
