@@ -2,6 +2,7 @@ import importlib
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -28,6 +29,35 @@ def assert_matches(compiled, model, inputs, tol=1e-4):
     d = drift(compiled(*inputs), ref)
     assert d.rel <= tol, f"relative error {d.rel:.3g} (max abs {d.max_abs:.3g}) on output {d.output}"
     return d
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """The float tensors of a model's output, in order: a tensor, tuples and lists, dicts (transformers' outputs)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
+def held_out_cosine_error(compiled, model, inputs) -> float:
+    """Mean (1 − cosine similarity) of the compiled module's outputs to the EAGER model's, each output flattened per
+    sample, in float64, over `inputs` (argument tuples; pass batches that were not calibration data). Plain torch
+    on purpose: lossy features are checked against this, not against the measurements their planners budget
+    with (graphopt.numerics.cosine_error, a plan's own loss), so a planner that mismeasures cannot pass itself."""
+    errors = []
+    with torch.no_grad():
+        for args in inputs:
+            got, want = output_tensors(compiled(*args)), output_tensors(model(*args))
+            assert got and len(got) == len(want), (len(got), len(want))
+            for g, w in zip(got, want):
+                assert g.shape == w.shape, (g.shape, w.shape)
+                cos = torch.nn.functional.cosine_similarity(g.reshape(len(g), -1).double(),
+                                                            w.reshape(len(w), -1).double(), dim=1)
+                errors.append((1 - cos).mean().item())
+    return sum(errors) / len(errors)
 
 
 ON_CI = os.environ.get("GRAPHOPT_CI") == "1"     # set by .ci/run, which installs every tool the tests need

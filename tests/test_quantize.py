@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from conftest import need_module
+from conftest import held_out_cosine_error, need_module
 from graphopt import InputError, UnsupportedError, VerificationError, bench, get_target, zoo
 from graphopt.passes import Pass, PassResult
-from graphopt.numerics import cosine_error, flat_tensors
+from graphopt.numerics import flat_tensors
 from graphopt.passes.pipelines import default_pipeline
 from graphopt.passes.quant.observers import Observer, quantization_mse
 from graphopt.passes.quant.quantize import Quantize, QuantOptions
@@ -44,6 +44,20 @@ def ort_kernels(cm, tmp_path) -> collections.Counter:
 @pytest.fixture(scope="module")
 def resnet():
     return zoo.build("resnet", size="tiny")
+
+
+def int8_convs(cm) -> int:
+    """Convolutions of the compiled graph whose weight is an int8 tensor dequantized (graphopt's QDQ form)."""
+    return sum(n.target is torch.ops.aten.convolution.default and n.args[1].op == "call_function"
+               and "dequantize" in str(n.args[1].target) for n in cm.graph.fx.nodes)
+
+
+def quantized_layers_are_faster(monkeypatch):
+    """quantize='auto' times its plans; on this small CNN float can measure fastest, the plan then quantizes nothing
+    and a budget check passes by doing nothing. Faked here: each int8 layer saves 0.01 ms, so the plan quantizes
+    what the budget allows."""
+    from graphopt.passes.quant import plan as planner
+    monkeypatch.setattr(planner, "_latency_ms", lambda graph, ctx, p: 1.0 - 0.01 * sum(v != "float" for v in p.values()))
 
 
 def test_static_int8_cnn_runs_integer_kernels_with_25db(resnet, tmp_path):
@@ -106,8 +120,11 @@ def test_minilm_real_weights_keep_embeddings_and_ranking(mode):
     assert torch.corrcoef(ranks)[0, 1] >= 0.98
 
 
-def test_user_weights_untouched_and_plan_in_dumps(resnet, tmp_path):
+def test_user_weights_untouched_and_plan_in_dumps(resnet, tmp_path, monkeypatch):
+    """quantize='auto' leaves the user's weights alone, dumps its plan and says it in the notes; what it compiled
+    has int8 convs and keeps the budget on held-out inputs against the eager model (plain torch; 2e-4 measured)."""
     model, args = resnet
+    quantized_layers_are_faster(monkeypatch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = calibration_for(args)
     cm = graphopt.compile(model, args, quantize="auto", calibration=calibration, accuracy_budget=0.01,
@@ -119,11 +136,10 @@ def test_user_weights_untouched_and_plan_in_dumps(resnet, tmp_path):
     assert (tmp_path / "dumps" / step.folder / "stats.json").exists()
     chosen = step.notes[[i for i, n in enumerate(step.notes) if "chosen plan" in n][0]]
     assert float(chosen.split("error ")[1].split()[0]) <= 0.01
-    # the compiled model (ONNX Runtime's int8 kernels, not the planner's simulation) keeps the budget on the
-    # calibration batches, measured like the budget: mean (1 − cosine) to the float model's outputs
-    with torch.no_grad():
-        ref = [t for b in calibration for t in flat_tensors(model(*b))]
-    assert cosine_error([t for b in calibration for t in flat_tensors(cm(*b))], ref) <= 0.01
+    # the compiled model (ONNX Runtime's int8 kernels, not the planner's simulation) quantizes convs and keeps the
+    # budget on inputs it was not calibrated on, measured in plain torch against the eager model
+    assert int8_convs(cm) > 0 and cm.graph.op_counts().get("graphopt.quantize", 0) > 0
+    assert held_out_cosine_error(cm, model, calibration_for(args, n=8)) <= 0.01
 
 
 def test_auto_respects_a_tight_budget(resnet):
@@ -228,20 +244,38 @@ def test_verify_checks_the_passes_after_quantization_against_the_quantized_graph
 
 @pytest.mark.parametrize("name,mode", [("mobilenet_v2", "int8"), ("bert", "int8-dynamic")])
 def test_quantized_models_keep_a_dynamic_batch(name, mode):
+    """Compiled at batch 2 with a dynamic batch: batches of 1, 3 and 5 (never calibrated on) run through ONNX
+    Runtime's integer ops and stay as close to the eager float model as int8 noise allows (plain torch; measured
+    mean 1 − cosine ≈ 0.01 for MobileNetV2's int8, ≈ 1e-7 for the tiny BERT's int8 dynamic linears)."""
     model, args = zoo.build(name, size="tiny", batch=2, seq=16)
     cm = graphopt.compile(model, args, quantize=mode, calibration=calibration_for(args), dynamic_shapes="batch")
-    x = tuple(torch.cat([t, t[:1]]) for t in calibration_for(args, n=1)[0])      # batch 3
-    out, ir = flat_tensors(cm(*x))[0], flat_tensors(cm.graph.run(*x))[0]
-    assert out.shape[0] == 3
-    assert F.cosine_similarity(out.reshape(-1), ir.reshape(-1), dim=0) > 0.99
+    ops = collections.Counter(n.op_type for n in cm.executable.artifact().graph.node)
+    if mode == "int8":
+        assert int8_convs(cm) == ops["Conv"] > 0 and ops["QuantizeLinear"] > 0, ops   # every conv's weight int8
+    else:
+        assert ops["MatMulIntegerToFloat"] == 12 and ops["MatMul"] == 0, ops
+    bound = {"int8": 0.03, "int8-dynamic": 1e-5}[mode]
+    for batch in (1, 3, 5):
+        x = tuple(torch.randn(batch, *t.shape[1:]) if t.is_floating_point() else
+                  torch.randint(0, 1000, (batch, *t.shape[1:])) for t in args)
+        assert flat_tensors(cm(*x))[0].shape[0] == batch
+        error = held_out_cosine_error(cm, model, [x])
+        assert error <= bound, (batch, error)
 
 
-def test_auto_with_the_cheap_proxy_still_fits_its_budget(resnet):
+def test_auto_with_the_cheap_proxy_still_fits_its_budget(resnet, monkeypatch):
+    """A budget (3e-5) that fits some int8 layers but not all (uniform int8 measures ~1.4e-4): the plan ranked by
+    the proxy quantizes some convs and keeps others float, and on held-out inputs the compiled model's error to
+    the eager model (plain torch) stays within 3× the budget — slack for a budget measured on 4 one-image
+    calibration batches (1.8× measured); int8 everywhere would measure ~2e-4 and fail."""
     from graphopt.passes.quant.plan import QuantizeAuto
     model, args = resnet
-    planner = QuantizeAuto(0.01, sensitivity="proxy")
+    quantized_layers_are_faster(monkeypatch)
+    budget = 3e-5
+    planner = QuantizeAuto(budget, sensitivity="proxy")
     cm = graphopt.compile(model, args, passes=["fold_batchnorm", planner, "dce"], calibration=calibration_for(args))
-    assert cm.plans["quantize_auto"]["measured_loss"] <= 0.01
+    assert held_out_cosine_error(cm, model, calibration_for(args, n=8)) <= 3 * budget
+    assert 0 < int8_convs(cm) < 9, int8_convs(cm)
     with pytest.raises(InputError, match="sensitivity='hessian'"):
         QuantizeAuto(0.01, sensitivity="hessian")
 
@@ -275,8 +309,9 @@ def test_keep_float_and_smoothquant_switches():
 @pytest.mark.parametrize("gemm", [True, False])
 def test_int8_conv_path_forced_either_way_changes_the_encoding_not_the_numbers(resnet, gemm, monkeypatch):
     """The cost model's per-shape choice between ORT's two int8 conv paths, forced each way: the weights' zero
-    point says which (−1: im2col + int8 GEMM, 0: the symmetric conv kernel), the outputs agree with the other way
-    and the notes say why."""
+    point says which (−1: im2col + int8 GEMM, 0: the symmetric conv kernel), the notes say why, and the two paths
+    compute the same integers: outputs at most one output step apart and ≥ 60 dB (measured: identical). One
+    weight per channel one step off still gives 31 dB, which the 30 dB bound this replaced let through."""
     from graphopt.cost import CostModel
     model, args = resnet
     calibration = calibration_for(args)
@@ -290,8 +325,10 @@ def test_int8_conv_path_forced_either_way_changes_the_encoding_not_the_numbers(r
     assert sum(f"forced {gemm}" in n for n in notes) == 9                      # one per conv
     monkeypatch.setattr(CostModel, "int8_conv_gemm_path", lambda self, *a, **k: (not gemm, "the other way"))
     other = graphopt.compile(model, args, quantize="int8", calibration=calibration)
-    x = torch.randn_like(args[0])
-    assert sqnr_db(flat_tensors(cm(x))[0], flat_tensors(other(x))[0]) >= 30
+    for x in (torch.randn_like(args[0]) for _ in range(3)):    # the same integers: equal outputs (measured: 0 apart)
+        a, b = flat_tensors(cm(x))[0], flat_tensors(other(x))[0]
+        step = a.flatten().unique().diff().min()                 # the feature map is dequantized: values on a grid
+        assert (a - b).abs().max() <= step and sqnr_db(a, b) >= 60, ((a - b).abs().max(), step, sqnr_db(a, b))
 
 
 def test_auto_is_never_slower_than_the_best_uniform_plan_within_budget(monkeypatch):

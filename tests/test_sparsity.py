@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from conftest import need_module
+from conftest import held_out_cosine_error, need_module
 from graphopt import zoo
 from graphopt.capture import capture
 from graphopt.codegen.onnx import to_onnx
@@ -17,7 +17,6 @@ from graphopt.cost import probes
 from graphopt.errors import InputError
 from graphopt.ops import onnx_translation_table, sparse
 from graphopt.passes import PassContext, PassManager, resolve
-from graphopt.numerics import cosine_error
 from graphopt.passes.sparsity import Sparsity, find_groups
 from graphopt.passes.sparsity.shrink import macs
 from graphopt.quiet import quiet
@@ -38,6 +37,20 @@ def lowered(name, **kw):
 
 def by_producer(groups):
     return {p.name: g for g in groups for p in g.producers}
+
+
+def layer_weights(cm, kind: str) -> list[torch.Tensor]:
+    """The weight tensors (float, 2-D or more) the compiled graph's `kind` ops ("linear", "conv") read, found with
+    torch.fx alone: an independent count of what pruning removed."""
+    tensors = dict(cm.graph.module.named_buffers()) | dict(cm.graph.module.named_parameters())
+    return [tensors[a.target] for n in cm.graph.fx.nodes if n.op == "call_function" and kind in str(n.target)
+            for a in n.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+            and tensors[a.target].is_floating_point() and tensors[a.target].dim() >= 2]
+
+
+def model_weights(model, kind) -> int:
+    """Elements of the model's own weights of module type `kind`."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, kind))
 
 
 def test_resnet_groups_couple_residual_channels():
@@ -149,34 +162,41 @@ def test_block_sparse_kernel_in_onnx_runtime_matches_dense():
 
 
 def test_block_pattern_compiles_with_the_gate_in_the_notes():
+    """Block pattern at ratio 0.5: the linears' weights in the compiled graph keep half their elements (zeros
+    counted in the tensors the graph reads), every linear's kernel choice is in the notes, and on inputs that
+    were not calibration data the outputs stay close to the eager model's (plain torch; 1.4e-4 measured)."""
     model, args = zoo.build("bert", batch=2)
     cal = [(torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(s)),) for s in range(2)]
+    held_out = [(torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(s)),) for s in range(100, 103)]
     cm = graphopt.compile(model, args, passes=FAST, sparsity=Sparsity("block", ratio=0.5, block=(16, 16)),
                           calibration=cal)
     step = next(r for r in cm.report if r.name == "sparsify")
     gates = [n for n in step.notes if "block-sparse" in n and " ms vs dense " in n]
     assert len(gates) == 12                               # every linear: both timings, and the choice
-    with torch.no_grad():
-        ref = model(*args).last_hidden_state
-    assert cosine_error([torch.as_tensor(cm(*args)[0])], [ref]) < 0.05
+    kept = sum(int(w.count_nonzero()) for w in layer_weights(cm, "linear"))
+    assert kept <= 0.5 * model_weights(model, nn.Linear), (kept, model_weights(model, nn.Linear))
+    assert held_out_cosine_error(cm, model, held_out) < 2e-3
 
 
 def test_structured_budget_holds_on_held_out_data():
+    """A budget that binds (2e-5: pruning all it can costs this model ~1.4e-4): the compiled linears are smaller
+    (fewer weight elements than the model's), and on batches the planner never saw the compiled outputs stay
+    within the budget of the eager model's (plain torch; 2× for sampling slack: the planner measures on one
+    held-back batch of 2, 0.9× the budget measured here)."""
     model, args = zoo.build("bert", batch=2)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 1000, (2, 32), generator=gen),) for _ in range(8)]
-    budget = 0.002
+    budget = 2e-5
     cm = graphopt.compile(model, args, passes=FAST, sparsity=Sparsity("structured", budget=budget),
                           calibration=batches[:4])
-    step = next(r for r in cm.report if r.name == "sparsify")
-    assert step.rewrites > 0 and macs(cm.graph) < macs(lowered("bert", batch=2)[2])
-    with torch.no_grad():
-        refs = [model(*b).last_hidden_state for b in batches[4:]]
-    outs = [torch.as_tensor(cm(*b)[0]) for b in batches[4:]]
-    assert cosine_error(outs, refs) <= budget
+    left = sum(w.numel() for w in layer_weights(cm, "linear"))
+    assert left < 0.9 * model_weights(model, nn.Linear), (left, model_weights(model, nn.Linear))
+    assert held_out_cosine_error(cm, model, batches[4:]) <= 2 * budget
 
 
 def test_reconstruction_beats_plain_removal():
+    """Half the channels removed (the convs' weights shrink) both ways; refitting the readers keeps the outputs
+    closer to the eager model's on held-out batches (plain torch) than plain removal does."""
     model, args = zoo.build("resnet", batch=2)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(2, 3, 64, 64, generator=gen),) for _ in range(6)]
@@ -184,10 +204,10 @@ def test_reconstruction_beats_plain_removal():
     for how in ("none", "refit"):
         cm = graphopt.compile(model, args, passes=FAST, calibration=batches[:4],
                               sparsity=Sparsity("structured", ratio=0.5, reconstruct=how))
-        with torch.no_grad():
-            refs = [model(*b).last_hidden_state for b in batches[4:]]
-        errors[how] = cosine_error([torch.as_tensor(cm(*b)[0]) for b in batches[4:]], refs)
-    assert errors["refit"] < errors["none"]
+        left = sum(w.numel() for w in layer_weights(cm, "conv"))
+        assert left < 0.6 * model_weights(model, nn.Conv2d), (how, left, model_weights(model, nn.Conv2d))
+        errors[how] = held_out_cosine_error(cm, model, batches[4:])
+    assert errors["refit"] < errors["none"], errors
 
 
 @pytest.mark.parametrize("kwargs,match", [

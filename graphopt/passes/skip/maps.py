@@ -1,8 +1,9 @@
 """Replacement maps for skipped blocks (LLM-Streamline): instead of removing a residual block's branch f(x),
 replace it with a cheap map g(x) fitted by least squares on the calibration activations, so y = x + g(x).
 
-The map acts where the block's features live — per token on the last dimension (transformers), per position on
-the channel dimension (NCHW convolutions: a 1×1 conv) — and is full rank (d × d) or low rank (d → r → d, a
+The map acts where the block's features live — per token on the last dimension (transformers, plus a term from the
+mean over the sequence: attention mixes tokens, a per-token map alone cannot), per position on the channel
+dimension (NCHW convolutions: a 1×1 conv) — and is full rank (d × d) or low rank (d → r → d, a
 reduced-rank regression: the full fit projected on the top-r principal directions of its own fitted outputs,
 which keeps the most output variance a rank-r map can). Fitted in float64 on centred data with a small ridge,
 so a block whose branch is near-linear in x costs almost nothing to skip."""
@@ -30,6 +31,7 @@ class BlockMap:
     weight: torch.Tensor | None = None
     down: torch.Tensor | None = None  # (d_in × r)
     up: torch.Tensor | None = None    # (r × d_out)
+    seq: torch.Tensor | None = None   # (d_in × d_out): + mean over dim 1 (the tokens) of x, times seq
 
     @property
     def form(self) -> str:
@@ -44,8 +46,10 @@ class BlockMap:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """g(x) in torch, for measuring a candidate on the calibration batches."""
         h = x.movedim(self.dim, -1).to(self.bias.dtype)
-        h = h @ self.weight if self.weight is not None else (h @ self.down) @ self.up
-        return (h + self.bias).movedim(-1, self.dim).to(x.dtype)
+        out = h @ self.weight if self.weight is not None else (h @ self.down) @ self.up
+        if self.seq is not None:
+            out = out + h.mean(1, keepdim=True) @ self.seq
+        return (out + self.bias).movedim(-1, self.dim).to(x.dtype)
 
     def emit(self, graph: Graph, x: fx.Node, before: fx.Node, name: str) -> fx.Node:
         """Insert nodes computing g(x) before `before`: aten.linear on the last dimension, or a 1×1 conv on
@@ -62,6 +66,11 @@ class BlockMap:
                 if i == len(mats) - 1 else None
             op = aten.linear.default if self.dim == -1 else aten.conv2d.default if spatial == 2 else aten.conv1d.default
             h = graph.call(op, (h, w, b), before=before)
+        if self.seq is not None:
+            mean = graph.call(aten.mean.dim, (x, [1], True), before=before)
+            w = graph.add_constant(self.seq.t().contiguous().float(), f"{name}_map_seq", before=before)
+            h = graph.call(aten.add.Tensor, (h, graph.call(aten.linear.default, (mean, w), before=before)),
+                           before=before)
         return h
 
 
@@ -83,6 +92,7 @@ def fit_maps(graph: Graph, batches, blocks: list[Block], ranks: dict[int, tuple[
     dims = {b.index: feature_dim(b) for b in blocks}
     usable = [b for b in blocks if dims[b.index] is not None and _same_features(b)]
     by_add = {b.add: b for b in usable}
+    tokens = {b.index: dims[b.index] == -1 and b.skip.meta["val"].dim() == 3 for b in usable}
     stats: dict[int, list] = {}
 
     def on_node(node, args, out):
@@ -91,6 +101,8 @@ def fit_maps(graph: Graph, batches, blocks: list[Block], ranks: dict[int, tuple[
             return
         x = b.bypass(*args)
         y = out - x                                            # the branch: y = x + f(x)
+        if tokens[b.index]:                                    # features: [x, mean of x over the tokens]
+            x = torch.cat([x, x.mean(1, keepdim=True).expand_as(x)], -1)
         x = x.movedim(dims[b.index], -1).reshape(-1, x.shape[dims[b.index]]).double()
         y = y.movedim(dims[b.index], -1).reshape(-1, y.shape[dims[b.index]]).double()
         s = stats.setdefault(b.index, [0, 0, 0, 0, 0])
@@ -109,18 +121,21 @@ def fit_maps(graph: Graph, batches, blocks: list[Block], ranks: dict[int, tuple[
         mx, my = sx / n, sy / n
         cxx = xx / n - torch.outer(mx, mx)                     # centred covariances
         cxy = xy / n - torch.outer(mx, my)
-        d = len(mx)
         ridge = RIDGE * cxx.diagonal().mean().clamp_min(1e-12)
-        a = torch.linalg.solve(cxx + ridge * torch.eye(d, dtype=cxx.dtype), cxy)
-        found = [BlockMap(dims[b.index], my - mx @ a, weight=a)]
+        sol = torch.linalg.solve(cxx + ridge * torch.eye(len(mx), dtype=cxx.dtype), cxy)
+        d = len(my)
+        a, seq = (sol[:d], sol[d:]) if tokens[b.index] else (sol, None)
+        bias = my - mx @ sol
+        found = [BlockMap(dims[b.index], bias, weight=a, seq=seq)]
         # reduced rank: the fitted outputs' covariance Aᵀ Cxx A, its top-r eigenvectors V; A_r = A V Vᵀ
-        _, vecs = torch.linalg.eigh(a.T @ cxx @ a)
+        _, vecs = torch.linalg.eigh(a.T @ cxx[:d, :d] @ a)
         for r in (ranks or {}).get(b.index, (max(8, d // 8 // 8 * 8),)):
             if 2 * r >= d:
                 continue
             v = vecs[:, -r:]
             down, up = a @ v, v.T
-            found.append(BlockMap(dims[b.index], my - mx @ down @ up, down=down, up=up))
+            low = torch.cat([down @ up, seq]) if seq is not None else down @ up
+            found.append(BlockMap(dims[b.index], my - mx @ low, down=down, up=up, seq=seq))
         maps[b.index] = found
     return maps
 

@@ -61,7 +61,10 @@ class DropBlocks(Pass):
         saved, timing = latency_saved(graph, ctx, blocks, maps)
         moves = {(b.index, REMOVED): REMOVED for b in blocks} | {(i, m.form): m for i, ms in maps.items() for m in ms}
 
-        ratio = {key: errors[key] / saved[key] for key in moves if saved.get(key, 0) > 0}
+        # quality per ms saved; errors below a hundredth of the budget count as that much, so between two
+        # near-free moves for one block (a near-identity block removed, or mapped) the one saving more wins
+        floor = self.budget / 100
+        ratio = {key: max(errors[key], floor) / saved[key] for key in moves if saved.get(key, 0) > 0}
         chosen: dict[int, object] = {}
         total = 0.0
         for key in sorted(ratio, key=ratio.get):      # least quality per ms saved first, one move per block
