@@ -192,7 +192,7 @@ def test_options_place_their_passes_by_phase_pruning_before_quantization():
 
 
 def test_the_calibration_check_names_the_option_that_needs_it():
-    with pytest.raises(InputError, match=r"layer_skip=LayerSkip\(budget=0.01, metric='cosine'\) needs calibration"):
+    with pytest.raises(InputError, match=r"layer_skip=LayerSkip\(budget=0.01, metric='cosine', replace=True\) needs calibration"):
         check_calibration([graphopt.Quantization("int8-dynamic"), graphopt.LayerSkip(0.01)], [])
     with pytest.raises(InputError, match="at least 2 calibration batches"):
         check_calibration([graphopt.EarlyExit(0.01)], [((torch.randn(1),), {})])
