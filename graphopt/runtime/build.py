@@ -42,10 +42,11 @@ def one_sample_graph(dispatcher: EarlyExitExecutable, plan, target: Target, cost
     kept where the cost model times it faster than the dispatcher on a calibration sample. The dispatcher's
     per-segment calls and host work cost more than the segments themselves on a small model (the digits
     classifier: 0.25 ms against 0.11 ms for ORT's `If`)."""
-    if cost is None or not all(isinstance(s, OrtExecutable) and s.runs_here for s in dispatcher.segments):
+    segments = [getattr(s, "chosen", s) for s in dispatcher.segments]   # backend="auto": the executable it kept
+    if cost is None or not all(isinstance(s, OrtExecutable) and s.runs_here for s in segments):
         return None, ["one sample per call: the host dispatcher (the exits as ONNX `If` need every segment "
                       "on ONNX Runtime, run here)"]
-    model = exits_as_if([s.model for s in dispatcher.segments], dispatcher.routes, dispatcher.thresholds)
+    model = exits_as_if([s.model for s in segments], dispatcher.routes, dispatcher.thresholds)
     session = ort_session(model.SerializeToString(), target.providers or ("CPUExecutionProvider",))
     given = {}                            # the model's inputs, first sample: from each segment's example inputs
     for k, (route, example) in enumerate(zip(dispatcher.routes, plan.example)):
