@@ -32,7 +32,7 @@ class EarlyExitExecutable:
         if self.single is not None and inputs[0].shape[0] == 1:
             _, session, order = self.single
             out, exit_index = session.run(None, {name: _np(inputs[i]) for name, i in order})
-            self.last_exits = torch.tensor([int(exit_index)])
+            self.last_exits = torch.from_numpy(exit_index.reshape(1))   # numpy-built: see run_segments
             return [torch.from_numpy(out)]
         return self.run_segments(inputs)
 
