@@ -116,7 +116,7 @@ class CostModel:
     def modules_seconds(self, modules: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, float]:
         """Probe modules built and timed side by side in interleaved rounds (see graphs_ms)."""
         runners = {name: self._module_runner(module, x) for name, module in modules.items()}
-        return {name: ms / 1e3 for name, ms in time_side_by_side(runners, (), rounds=7, min_round_s=0.1).items()}
+        return {name: us / 1e6 for name, us in self._interleaved_us(runners).items()}
 
     def _module_runner(self, module: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
         if self.backend == "ort":
@@ -156,7 +156,7 @@ class CostModel:
         digits ResNet's conv epilogues: 51 vs 53 ms measured apart, 59 vs 56 ms side by side)."""
         def measure():
             runners = {name: self._graph_runner(graph, args, kwargs) for name, graph in graphs.items()}
-            return time_side_by_side(runners, (), rounds=7, min_round_s=0.1)
+            return {name: us / 1e3 for name, us in self._interleaved_us(runners).items()}
         signature = tuple((name, graph_signature(graph, args, kwargs)) for name, graph in graphs.items())
         return self._verdict("graphs_ms", signature, measure)
 

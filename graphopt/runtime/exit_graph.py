@@ -21,17 +21,14 @@ def exits_as_if(models: list[onnx.ModelProto], routes: list[list[int]], threshol
     inputs: dict[int, onnx.ValueInfoProto] = {}
     initializers: list[onnx.TensorProto] = []
     for k, (model, route) in enumerate(zip(models, routes)):
-        weights = {w.name for w in model.graph.initializer}
-        feeds = [i for i in model.graph.input if i.name not in weights]
-        for i, v in zip(route, feeds[0 if k == 0 else 1:]):
+        for i, v in zip(route, _feeds(model)[0 if k == 0 else 1:]):
             inputs.setdefault(i, helper.make_value_info(f"input{i}", v.type))
         initializers += [_renamed_tensor(w, f"s{k}/") for w in model.graph.initializer]
 
     def scope(k: int) -> tuple[list[onnx.NodeProto], str, str]:
         """Segment k's nodes and everything after it: (nodes, output name, exit index name)."""
         model, route = models[k], routes[k]
-        weights = {w.name for w in model.graph.initializer}
-        feeds = [i.name for i in model.graph.input if i.name not in weights]
+        feeds = [i.name for i in _feeds(model)]
         mapping = {name: f"input{i}" for name, i in zip(feeds[0 if k == 0 else 1:], route)}
         if k > 0:
             mapping[feeds[0]] = hidden_of[k - 1]
@@ -75,6 +72,12 @@ def exits_as_if(models: list[onnx.ModelProto], routes: list[list[int]], threshol
     functions = {(f.domain, f.name, getattr(f, "overload", "")): f for m in models for f in m.functions}
     return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                              functions=list(functions.values()), ir_version=max(m.ir_version for m in models))
+
+
+def _feeds(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs a caller feeds (hidden state first after segment 0), not the weights listed as inputs."""
+    weights = {w.name for w in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in weights]
 
 
 def _name(name: str, prefix: str, mapping: dict[str, str]) -> str:

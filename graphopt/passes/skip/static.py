@@ -88,8 +88,8 @@ class DropBlocks(Pass):
         if self.replace and not maps:
             result.notes.append("replacement maps: none fitted (they need 2 calibration batches or more: fitted on "
                                 "one half, judged on the other)")
-        best_map = {b.index: min((m for m in maps.get(b.index, [])), key=lambda m: errors[b.index, m.form],
-                                 default=None) for b in blocks}
+        best_map = {b.index: min(maps.get(b.index, []), key=lambda m: errors[b.index, m.form], default=None)
+                    for b in blocks}
         result.table("Residual blocks: error and ms saved when removed alone, and when replaced by its best "
                      "fitted map (judged on held-out calibration batches); ShortGPT block influence",
                      ["block", "kind", "error removed", "ms saved removed", "best map", "error mapped",
@@ -149,7 +149,11 @@ def _skipped(block: Block, move):
     """What the block's add returns under `move` (for calibration.run_batches): its skip input, or x + g(x)."""
     if move is REMOVED:
         return block.bypass
-    return lambda *operands: (lambda x: x + move(x))(block.bypass(*operands))
+
+    def mapped(*operands):
+        x = block.bypass(*operands)
+        return x + move(x)
+    return mapped
 
 
 def block_influence(graph: Graph, batches, blocks: list[Block]) -> list[float]:
