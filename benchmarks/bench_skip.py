@@ -73,36 +73,84 @@ def minilm(rounds: int) -> list[str]:
 
 
 class CondExits(torch.nn.Module):
-    """The digits model with graphopt's exits (same blocks, heads and thresholds) written with torch.cond:
-    a batch leaves at an exit when every sample in it is confident (cond takes one predicate per call)."""
+    """A model with graphopt's exits (same cut points, heads and thresholds) written with torch.cond, as a user
+    writes them today: `enter` maps the input to the residual stream, `units` are the residual units the plan
+    counts (plan.after indexes them), `leave` maps the last stream to the output. A batch leaves at an exit when
+    every sample in it is confident (cond takes one predicate per call)."""
 
-    def __init__(self, model, plan):
+    def __init__(self, enter, units, leave, plan):
         super().__init__()
-        self.model, self.after, self.thresholds = model, plan.after, plan.thresholds
+        self.enter, self.units, self.leave = enter, units, leave
+        self.after, self.thresholds = plan.after, plan.thresholds
         for k, h in enumerate(plan.heads):
             self.register_buffer(f"w{k}", h.weight)
             self.register_buffer(f"b{k}", h.bias)
 
     def head(self, k, h):
-        feats = torch.cat([h.mean((2, 3)), (h * h).mean((2, 3)).sqrt()], 1)
+        dims = (2, 3) if h.dim() == 4 else (1,)          # feature maps: over space; tokens: over tokens
+        feats = torch.cat([h.mean(dims), (h * h).mean(dims).sqrt()], 1)
         return F.linear(feats, getattr(self, f"w{k}"), getattr(self, f"b{k}"))
 
     def stage(self, k):
         first = self.after[k - 1] + 1 if k else 0
-        last = self.after[k] if k < len(self.after) else len(self.model.blocks) - 1
+        last = self.after[k] if k < len(self.after) else len(self.units) - 1
 
         def run(h, *_):
             for i in range(first, last + 1):
-                h = self.model.blocks[i](h)
+                h = self.units[i](h)
             if k == len(self.after):
-                return self.model.head(h.mean((2, 3)))
+                return self.leave(h)
             logits = self.head(k, h)
             sure = torch.softmax(logits, -1).amax(-1).min() >= self.thresholds[k]
             return torch.cond(sure, lambda h, z: z.clone(), self.stage(k + 1), (h, logits))
         return run
 
     def forward(self, x):
-        return self.stage(0)(self.model.stem(x))
+        return self.stage(0)(self.enter(x))
+
+
+def resnet_exits(model, plan) -> CondExits:
+    return CondExits(model.stem, model.blocks, lambda h: model.head(h.mean((2, 3))), plan).eval()
+
+
+def transformer_exits(model, plan) -> CondExits:
+    """The DigitsTransformer's units are its sub-blocks, attention then FFN per layer (graphopt's block order)."""
+    def attention(layer):
+        def run(x):
+            b, t, d = x.shape
+            q, k, v = layer.qkv(layer.norm1(x)).reshape(b, t, 3, layer.heads, d // layer.heads).permute(2, 0, 3, 1, 4)
+            return x + layer.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
+        return run
+
+    def ffn(layer):
+        return lambda x: x + layer.down(F.gelu(layer.up(layer.norm2(x))))
+    units = [f(layer) for layer in model.layers for f in (attention, ffn)]
+    return CondExits(lambda x: model.embed(x[:, 0]) + model.pos, units,
+                     lambda h: model.head(model.norm(h).mean(1)), plan).eval()
+
+
+def if_in_ort(cond: CondExits, x1: torch.Tensor):
+    """The torch.cond model exported by torch.onnx (ONNX If nodes), in ORT: (runner, runner on one intra-op
+    thread, If node count)."""
+    with quiet(stdout=True):
+        program = torch.onnx.export(cond, (x1,), dynamo=True, verbose=False,
+                                    dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    model = program.model_proto.SerializeToString()
+    return bench.ort_runner(model), bench.ort_runner(model, threads=1), count_if(program.model_proto.graph)
+
+
+def one_per_call(rounds: int, systems: dict, samples: list, note: str) -> list[str]:
+    """Latency rows, one sample per call: graphopt's full model and ORT's If (at its faster thread setting) as
+    the references."""
+    loops = {name: (lambda fn=fn: [fn(s) for s in samples]) for name, fn in systems.items()}
+    ms = bench.time_side_by_side(loops, (), rounds=rounds)
+    peer = min(ms["If in ORT"], ms["If in ORT, 1 thread"])
+    lines = [f"  latency: one image per call, mean over {len(samples)} test images; the peer is ORT's If at its "
+             f"faster thread setting", f"    ({note})"]
+    for label, t in ms.items():
+        lines.append(f"    {label:<22} {t / len(samples):8.3f} ms  ×{ms['graphopt'] / t:5.2f} vs graphopt  "
+                     f"×{peer / t:5.2f} vs If in ORT")
+    return lines
 
 
 def count_if(graph) -> int:
@@ -137,13 +185,8 @@ def digits(rounds: int) -> list[str]:
     ee = graphopt.EarlyExit(0.01, metric="top1")
     early = timed("early exit 1%", lambda: graphopt.compile(model, (xt,), early_exit=ee, calibration=calibration))
     plan = early.plans["early_exit"]
-    cond = CondExits(model, plan).eval()
-    with quiet(stdout=True):
-        program = torch.onnx.export(cond, (xt[:1],), dynamo=True, verbose=False,
-                                    dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
-    n_if = count_if(program.model_proto.graph)
-    if_ort = bench.ort_runner(program.model_proto.SerializeToString())
-
+    cond = resnet_exits(model, plan)
+    if_ort, if_1, n_if = if_in_ort(cond, xt[:1])
     early(xt)
     shares = torch.bincount(early.last_exits, minlength=len(plan.thresholds) + 1).tolist()
     lines = [f"(b) DigitsResNet, 8 residual blocks × 32 channels, trained here in {train_s:.0f} s; "
@@ -170,17 +213,12 @@ def digits(rounds: int) -> list[str]:
                  f"{pair['graphopt']:.2f} ms, ×{pair['graphopt'] / pair['static skip 1%']:.2f}")
 
     # latency: one image per call, over 100 test images (graphopt's full model compiled for batch 1)
-    full1 = graphopt.compile(model, (xt[:1],))
     samples = [xt[i:i + 1] for i in range(100)]
-    per_call = {"graphopt": full1, "early exit 1%": early,
-                "early exit, dispatcher": lambda s: early.executable.run_segments([s]),
-                "graphopt torch.cond": graphopt.compile(cond, (xt[:1],)), f"If in ORT ({n_if} If)": if_ort}
-    loops = {name: (lambda fn=fn: [fn(s) for s in samples]) for name, fn in per_call.items()}
-    ms1 = bench.time_side_by_side(loops, (), rounds=rounds)
-    lines.append(f"  latency: one image per call, mean over 100 test images ({early.executable.single_notes[0]})")
-    for label, t in ms1.items():
-        lines.append(f"    {label:<20} {t / len(samples):8.3f} ms  ×{ms1['graphopt'] / t:5.2f} vs graphopt  "
-                     f"×{ms1[f'If in ORT ({n_if} If)'] / t:5.2f} vs If in ORT")
+    lines += one_per_call(rounds, {"graphopt": graphopt.compile(model, (xt[:1],)), "early exit 1%": early,
+                                   "early exit, dispatcher": lambda s: early.executable.run_segments([s]),
+                                   "graphopt torch.cond": graphopt.compile(cond, (xt[:1],)),
+                                   "If in ORT": if_ort, "If in ORT, 1 thread": if_1},
+                          samples, early.executable.single_notes[0])
     return lines
 
 
@@ -211,15 +249,15 @@ def transformer(rounds: int) -> list[str]:
     for label, t in ms.items():
         out = model(xt) if label == "eager" else (full if label == "graphopt" else early)(xt)
         lines.append(f"    {label:<22} {t:8.2f} ms  ×{ms['graphopt'] / t:5.2f} vs graphopt  accuracy {acc(out):.2f}%")
-    full1 = graphopt.compile(model, (xt[:1],))
-    samples = [xt[i:i + 1] for i in range(100)]
-    per_call = {"eager": bench.eager(model), "graphopt": full1, "early exit 1%": early,
-                "early exit, dispatcher": lambda s: ex.run_segments([s])}
-    loops = {name: (lambda fn=fn: [fn(s) for s in samples]) for name, fn in per_call.items()}
-    ms1 = bench.time_side_by_side(loops, (), rounds=rounds)
-    lines.append("  latency: one image per call, mean over 100 test images")
-    for label, t in ms1.items():
-        lines.append(f"    {label:<22} {t / len(samples):8.3f} ms  ×{ms1['graphopt'] / t:5.2f} vs graphopt")
+    cond = transformer_exits(model, early.plans["early_exit"])
+    with torch.no_grad():               # the peer computes the same exits: its outputs where a sample leaves alone
+        agree = max((cond(xt[i:i + 1]) - early(xt[i:i + 1])).abs().max().item() for i in range(50))
+    if_ort, if_1, n_if = if_in_ort(cond, xt[:1])
+    lines += one_per_call(rounds, {"eager": bench.eager(model), "graphopt": graphopt.compile(model, (xt[:1],)),
+                                   "early exit 1%": early, "early exit, dispatcher": lambda s: ex.run_segments([s]),
+                                   "If in ORT": if_ort, "If in ORT, 1 thread": if_1},
+                          [xt[i:i + 1] for i in range(100)],
+                          f"{n_if} If nodes; torch.cond model vs early exit, one sample each: max |diff| {agree:.1e}")
     return lines
 
 

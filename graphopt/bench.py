@@ -40,11 +40,12 @@ def plain_ort(model: torch.nn.Module, args: tuple) -> Callable:
     return ort_runner(program.model_proto.SerializeToString())
 
 
-def ort_runner(model: bytes | str) -> Callable:
+def ort_runner(model: bytes | str, threads: int | None = None) -> Callable:
     """An ONNX model (bytes or a path) in an ONNX Runtime session with default options but graphopt's one
     setting (workers stop spinning when a run returns, so no system is slowed by another's threads), called like the
-    model: torch tensors in (in the model's input order), numpy arrays out."""
-    session = ort_session(model)
+    model: torch tensors in (in the model's input order), numpy arrays out. `threads`: ORT's intra-op workers
+    (default one per core; one sample of a small model can run faster on one, without the hand-offs)."""
+    session = ort_session(model, threads=threads)
     names = [i.name for i in session.get_inputs()]
 
     def run(*inputs):

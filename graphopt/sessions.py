@@ -22,10 +22,11 @@ SPINNING = ("during runs", "never", "always")   # "always": ORT's default, worke
 def ort_session(model: bytes | str | Path, providers=("CPUExecutionProvider",), *, optimize: bool = True,
                 disabled: tuple[str, ...] | list[str] = (), spinning: str = "during runs",
                 save_optimized: Path | str | None = None, save_format: str | None = None,
-                profile_prefix: str | None = None) -> ort.InferenceSession:
+                profile_prefix: str | None = None, threads: int | None = None) -> ort.InferenceSession:
     """An InferenceSession on `providers`. `optimize=False` runs the graph as written; `disabled` names ORT
     optimizers to leave out; `save_optimized` writes ORT's optimized model there (format "ORT" or ONNX);
-    `profile_prefix` turns ORT's profiler on (its JSON file starts so)."""
+    `profile_prefix` turns ORT's profiler on (its JSON file starts so); `threads` sets the intra-op workers
+    (ORT's default: one per core)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -37,6 +38,8 @@ def ort_session(model: bytes | str | Path, providers=("CPUExecutionProvider",), 
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     elif spinning == "during runs":   # workers spin between a run's ops, and stop when the run returns
         options.add_session_config_entry("session.force_spinning_stop", "1")
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if save_optimized is not None:
         options.optimized_model_filepath = str(save_optimized)
     if save_format is not None:

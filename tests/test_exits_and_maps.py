@@ -37,7 +37,7 @@ class Clock:
 def test_one_sample_per_call_takes_the_same_exits_as_the_batched_dispatcher(exiting, digits):
     cm, _ = exiting
     ex, plan = cm.executable, cm.plans["early_exit"]
-    ex.single, _ = one_sample_graph(ex, plan, cm.target, Clock(dispatcher=1.0, If=0.5))
+    ex.single, _ = one_sample_graph(ex, plan, cm.target, Clock(dispatcher=1.0, If=0.5, **{"If, 1 thread": 0.6}))
     assert ex.single is not None
     x = digits["test"][0][:80]
     batched, batched_exits = cm(x), cm.last_exits.clone()
@@ -51,9 +51,13 @@ def test_one_sample_per_call_takes_the_same_exits_as_the_batched_dispatcher(exit
 def test_the_one_sample_graph_is_kept_only_where_timed_faster(exiting):
     cm, _ = exiting
     ex, plan = cm.executable, cm.plans["early_exit"]
-    kept, why = one_sample_graph(ex, plan, cm.target, Clock(dispatcher=1.0, If=0.5))
+    one = "If, 1 thread"
+    kept, why = one_sample_graph(ex, plan, cm.target, Clock(dispatcher=1.0, If=0.5, **{one: 0.6}))
     assert kept is not None and "If kept" in why[0] and "0.500 ms" in why[0]
-    kept, why = one_sample_graph(ex, plan, cm.target, Clock(dispatcher=0.5, If=1.0))
+    assert kept[1].get_session_options().intra_op_num_threads != 1
+    kept, why = one_sample_graph(ex, plan, cm.target, Clock(dispatcher=1.0, If=0.5, **{one: 0.4}))
+    assert kept is not None and f"{one} kept" in why[0] and kept[1].get_session_options().intra_op_num_threads == 1
+    kept, why = one_sample_graph(ex, plan, cm.target, Clock(dispatcher=0.5, If=1.0, **{one: 0.9}))
     assert kept is None and "dispatcher kept" in why[0]
     assert any("one sample per call" in line for line in cm.report[-1].notes)   # the compile's own decision
 
@@ -127,3 +131,28 @@ def test_layer_skip_replaces_a_near_linear_block_within_the_budget():
     widths = sorted(n.meta["val"].shape[0] for n in cm.graph.fx.nodes
                     if n.op == "get_attr" and n.meta["val"].dim() == 2)
     assert widths.count(64) < 4, widths                 # a 16 → 64 → 16 branch is gone (its 64-row weight)
+
+
+def test_the_joint_planner_replaces_a_near_linear_block_by_a_map(tmp_path):
+    """graphopt.Auto's skip knobs have a map level between kept and dropped: on a model whose near-linear blocks
+    cost too much to drop, the plan replaces one (its 64-row weights gone from the graph), within the budget
+    against eager on inputs the planner never saw; the saved plan rebuilds the same graph (its maps refitted on the
+    same batches)."""
+    from graphopt.ir import graph_text
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(16, True), Block(16, False), Block(16, True), Block(16, False)).eval()
+    cal, held = _tokens(6, 1), _tokens(4, 2)
+    cm = graphopt.compile(model, cal[0], calibration=cal, backend="ort",
+                          optimize=graphopt.Auto(budget=0.01, families=("skip",), time_budget=60))
+    plan = cm.plan
+    assert plan.replace and not plan.drop, plan.summary()
+    assert set(plan.replace.values()) <= {"linear map", "low-rank map"}
+    with torch.no_grad():
+        ref = torch.cat([model(x) for (x,) in held]).flatten(0, 1)
+        got = torch.cat([cm(x) for (x,) in held]).flatten(0, 1)
+    loss = 1 - torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1).mean().item()
+    assert 1e-7 < loss < 0.02, loss
+    widths = [n.meta["val"].shape[0] for n in cm.graph.fx.nodes if n.op == "get_attr" and n.meta["val"].dim() == 2]
+    assert widths.count(64) == 4 - len(plan.replace), widths     # each replaced branch's 16 → 64 weight is gone
+    again = graphopt.compile(model, cal[0], calibration=cal, backend="ort", optimize=str(plan.save(tmp_path / "p.json")))
+    assert graph_text(again.graph) == graph_text(cm.graph)

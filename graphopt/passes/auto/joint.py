@@ -21,6 +21,7 @@ from ...numerics import cosine_error
 from .plan import Plan
 from .search import Evaluated, Search
 from .space import FAMILIES, Space, apply
+from ..skip.static import REMOVED, skipped
 
 
 def split(batches: list) -> tuple[list, list]:
@@ -140,7 +141,7 @@ class JointPlan(Pass):
                            f"({len(search.evaluated)} plans measured); the graph is unchanged")
         result.plan = plan
         result.stats.update(plans=len(search.evaluated), quantized=len(plan.quantize), pruned=len(plan.prune),
-                            dropped=len(plan.drop))
+                            dropped=len(plan.drop), replaced=len(plan.replace))
         result.notes.append(f"budget {self.budget:g} ({quality.name(self.metric)}, on held-out calibration batches); "
                             f"{len(space.knobs)} knobs; {len(search.evaluated)} plans measured end to end")
         for label, ms in space.timing.items():
@@ -183,8 +184,9 @@ def _proxies(space: Space, graph: Graph, fit: list, held_out: tuple) -> dict:
                 replace = dict([swaps[k.key, k.levels[lvl]]])
             elif k.family == "prune":
                 replace = space.pruning.replace({k.key: k.levels[lvl]})
-            else:
-                replace = {blocks[k.key].add: blocks[k.key].bypass}
+            else:           # dropped (True), or replaced by the map of that form
+                move = REMOVED if k.levels[lvl] is True else space.maps[k.key][k.levels[lvl]]
+                replace = {blocks[k.key].add: skipped(blocks[k.key], move)}
             proxy[i, lvl] = cosine_error(run_batches(graph, batch, replace), refs)
     return proxy
 

@@ -11,6 +11,7 @@ from ...artifacts import write_bytes_atomically
 from ...errors import InputError
 
 FORMAT = "graphopt-plan/1"
+MAP_FORMS = ("linear map", "low-rank map")     # a block's branch replaced by a full-rank or a low-rank fitted map
 
 
 @dataclass
@@ -18,6 +19,9 @@ class Plan:
     quantize: dict[str, str] = field(default_factory=dict)   # layer node → "int8" | "int8-dynamic" | "int4"
     prune: dict[str, int] = field(default_factory=dict)      # dependency group key → units removed
     drop: dict[str, str] = field(default_factory=dict)       # residual add node → the skip input it returns instead
+    # residual add node → "linear map" | "low-rank map": the block's branch replaced by a map fitted (least
+    # squares, passes/skip/maps.py) on the fitting calibration batches when the plan is applied
+    replace: dict[str, str] = field(default_factory=dict)
     metric: str = "cosine"
     budget: float | None = None
     measured: dict = field(default_factory=dict)   # loss (held-out), ms, dense_ms, where it was timed
@@ -26,11 +30,13 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return not (self.quantize or self.prune or self.drop)
+        return not (self.quantize or self.prune or self.drop or self.replace)
 
     def summary(self) -> str:
         parts = [f"{len(self.quantize)} layers quantized" + (f" ({_counts(self.quantize)})" if self.quantize else ""),
                  f"{len(self.prune)} groups pruned", f"{len(self.drop)} blocks dropped"]
+        if self.replace:
+            parts.append(f"{len(self.replace)} blocks replaced by maps")
         return ", ".join(parts)
 
     def to_json(self) -> str:
@@ -60,9 +66,10 @@ class Plan:
             raise InputError(f"the plan has unknown fields {sorted(set(data) - known)}")
         plan = cls(**data)
         if not (isinstance(plan.quantize, dict) and isinstance(plan.prune, dict) and isinstance(plan.drop, dict)
+                and isinstance(plan.replace, dict) and all(v in MAP_FORMS for v in plan.replace.values())
                 and all(isinstance(v, int) and v > 0 for v in plan.prune.values())
                 and all(v in ("int8", "int8-dynamic", "int4") for v in plan.quantize.values())):
-            raise InputError("the plan's quantize/prune/drop entries are malformed; give a file written by "
+            raise InputError("the plan's quantize/prune/drop/replace entries are malformed; give a file written by "
                              "cm.plan.save(path)")
         return plan
 

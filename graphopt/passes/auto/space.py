@@ -3,13 +3,14 @@ plan costs in milliseconds.
 
 A knob is one place a family can act, with its levels: a layer's precision (float, int8 static, int8 dynamic,
 int4 weights), a dependency group's units removed (a ladder of ratios, reconstructed by least squares), a
-residual block kept or dropped. A plan sets every knob. Applying it always runs the families in one order —
-prune (on the graph the groups were found on), drop blocks (rewire their adds), quantize the layers left — so a
-plan rebuilds the same graph wherever it is applied.
+residual block kept, replaced by a fitted linear or low-rank map (LLM-Streamline; passes/skip/maps.py), or
+dropped. A plan sets every knob. Applying it always runs the families in one order — prune (on the graph the
+groups were found on), replace and drop blocks (rewire their adds; maps fitted on the fitting batches, on the
+pruned graph), quantize the layers left — so a plan rebuilds the same graph wherever it is applied.
 
 Milliseconds come from the cost model (the backend that will run the model, on the target), timed side by side
 once per compile: the dense graph, each uniform precision, every group pruned by half, the graph without each
-kind of block. From these a plan's latency is estimated per layer — its multiply-adds after pruning at the dense
+kind of block, and with each kind of block replaced by each form of map. From these a plan's latency is estimated per layer — its multiply-adds after pruning at the dense
 rate, less what its precision saves per multiply-add — so the search can rank thousands of plans; the finalists
 are then built and timed for real."""
 from __future__ import annotations
@@ -24,10 +25,11 @@ from ..base import PassContext
 from ..quant.layers import CONV, LINEAR, QuantOptions, layer_name, layers as quant_layers, weight_max
 from ..quant.quantize import Quantize
 from ..skip.blocks import Block, find_blocks
+from ..skip.maps import BlockMap, fit_maps
 from ..sparsity.groups import Group, find_groups
 from ..sparsity.prune import GroupPruning, keyed
 from ..sparsity.shrink import node_macs
-from .plan import Plan
+from .plan import MAP_FORMS, Plan
 
 LINEAR_LEVELS = ("float", "int8", "int8-dynamic", "int4")
 CONV_LEVELS = ("float", "int8")
@@ -59,8 +61,10 @@ class Space:
         for g in groups:
             knobs.append(Knob("prune", g.key, (0, *_steps(self.pruning.steps(g), g.units)), g.name, g.units))
         self.blocks: list[Block] = find_blocks(graph) if "skip" in families else []
-        for b in self.blocks:
-            knobs.append(Knob("skip", b.add.name, (False, True), f"block {b.index} {b.path}"))
+        self.maps = fitted_maps(graph, fit, self.blocks) if self.blocks else {}   # add → form → BlockMap
+        for b in self.blocks:   # kept, replaced by a map (the dearer form first), dropped
+            forms = tuple(sorted(self.maps.get(b.add.name, {}), key=lambda f: -self.maps[b.add.name][f].macs_per_position))
+            knobs.append(Knob("skip", b.add.name, (False, *forms, True), f"block {b.index} {b.path}"))
         for n in quant_layers(graph) if "quant" in families else ():
             knobs.append(Knob("quant", n.name, LINEAR_LEVELS if n.target is LINEAR else CONV_LEVELS, layer_name(n)))
         self.knobs = knobs
@@ -79,8 +83,10 @@ class Space:
                 p.quantize[knob.key] = value
             elif knob.family == "prune":
                 p.prune[knob.key] = value
-            else:
+            elif value is True:
                 p.drop[knob.key] = self._block_of[knob.key].skip.name
+            else:
+                p.replace[knob.key] = value
         return p
 
     def dense(self) -> Genome:
@@ -102,7 +108,8 @@ class Space:
         """A copy of the graph with the plan applied (the graph itself is never changed)."""
         plan = genome_or_plan if isinstance(genome_or_plan, Plan) else self.plan(genome_or_plan)
         trial = copy_graph(self.graph)
-        apply(trial, plan, self.ctx, self.fit, self.pruning, self.qopts)
+        # the maps fitted on the dense graph serve every plan that prunes nothing (pruning changes their inputs)
+        apply(trial, plan, self.ctx, self.fit, self.pruning, self.qopts, None if plan.prune else self.maps)
         return trial
 
     # --- milliseconds ------------------------------------------------------------------------------
@@ -119,14 +126,21 @@ class Space:
         kinds = {}
         for b in self.blocks:   # one block alone saves too little to time: every block of a kind goes at once
             kinds.setdefault(b.kind, []).append(b)
+        mapped = {}
         for kind, members in kinds.items():
             graphs[f"without blocks of kind {kind} (×{len(members)})"] = self.built(
                 Plan(drop={b.add.name: b.skip.name for b in members}))
+            for form in MAP_FORMS:
+                if all(form in self.maps.get(b.add.name, {}) for b in members):
+                    mapped[kind, form] = f"blocks of kind {kind} replaced by {form}s (×{len(members)})"
+                    graphs[mapped[kind, form]] = self.built(Plan(replace={b.add.name: form for b in members}))
         for g in graphs.values():
             g.tidy()
         times = ctx.cost.graphs_ms(graphs, ctx.example_args, ctx.example_kwargs)
         self.block_ms = {b.add.name: max(times["dense"] - times[f"without blocks of kind {kind} (×{len(members)})"],
                                          0.0) / len(members) for kind, members in kinds.items() for b in members}
+        self.map_ms = {(b.add.name, form): max(times["dense"] - times[label], 0.0) / len(kinds[kind])
+                       for (kind, form), label in mapped.items() for b in kinds[kind]}
         self.timing = times
         self.dense_ms = times["dense"]
         self.macs = {n.name: float(node_macs(n)) for n in self.graph.ops() if n.target in (CONV, LINEAR)}
@@ -159,11 +173,12 @@ class Space:
     def estimate_ms(self, genome: Genome) -> float:
         """A plan's milliseconds estimated from the measured rates (module docstring)."""
         plan = self.plan(genome)
-        ms = self.dense_ms - sum(self.block_ms[a] for a in plan.drop)
+        ms = self.dense_ms - sum(self.block_ms[a] for a in plan.drop) - sum(self.map_ms[a, form]
+                                                                             for a, form in plan.replace.items())
         units = {k.key: k.units for k in self.knobs if k.family == "prune"}
         kept = {key: 1 - removed / units[key] for key, removed in plan.prune.items()}
         for name, macs in self.macs.items():
-            if self.in_block.get(name) in plan.drop:
+            if self.in_block.get(name) in plan.drop or self.in_block.get(name) in plan.replace:
                 continue
             keep = kept.get(self.out_group.get(name), 1.0) * kept.get(self.in_group.get(name), 1.0)
             ms -= (1 - keep) * macs * self.dense_rate + keep * macs * self.rate.get(plan.quantize.get(name), 0.0)
@@ -184,10 +199,11 @@ class Space:
 
 
 def apply(graph: Graph, plan: Plan, ctx: PassContext, fit: list, pruning: GroupPruning | None = None,
-          qopts: QuantOptions | None = None) -> list[str]:
-    """Apply `plan` to `graph` in place — prune, drop, quantize — and say what was done, one note per change.
-    `pruning` is the groups' measured state (made from `fit` here when not given); static int8 observes its
-    activation ranges on the first QUANT_BATCHES of `fit`."""
+          qopts: QuantOptions | None = None, maps: dict[str, dict[str, BlockMap]] | None = None) -> list[str]:
+    """Apply `plan` to `graph` in place — prune, replace and drop blocks, quantize — and say what was done, one
+    note per change. `pruning` is the groups' measured state (made from `fit` here when not given); the blocks'
+    maps are fitted on `fit` here when `maps` (add → form → map, fitted on this graph) is not given; static int8
+    observes its activation ranges on the first QUANT_BATCHES of `fit`."""
     notes = []
     if plan.prune:
         if pruning is None:
@@ -197,6 +213,21 @@ def apply(graph: Graph, plan: Plan, ctx: PassContext, fit: list, pruning: GroupP
                 raise _mismatch("dependency group", sorted(missing)[0])
             pruning = GroupPruning(graph, groups, fit, "refit")
         notes += pruning.apply(graph, plan.prune)
+    if plan.replace:
+        blocks = {b.add.name: b for b in find_blocks(graph)}
+        missing = [add for add in plan.replace if add not in blocks]
+        if missing:
+            raise _mismatch("residual block at", missing[0])
+        maps = maps if maps is not None else fitted_maps(graph, fit, [blocks[a] for a in plan.replace])
+        for add, form in plan.replace.items():   # before any drop: a dropped block's skip may be this add
+            m, b = maps.get(add, {}).get(form), blocks[add]
+            if m is None:
+                raise InputError(f"the plan replaces the residual block at {add!r} by a {form}, which cannot be "
+                                 "fitted there (its branch changes the shape, or the calibration never reaches it)")
+            b.add.replace_input_with(b.branch, m.emit(graph, b.skip, b.add, f"{add}_replaced"))
+            notes.append(f"replaced the residual block ending at %{add} ({layer_name(b.add)}) by a {m.form} "
+                         f"({m.macs_per_position} MACs per position), fitted on {len(fit)} calibration batches")
+        graph.eliminate_dead_code()
     if plan.drop:
         nodes = {n.name: n for n in graph.fx.nodes}
         order = {n.name: i for i, n in enumerate(graph.fx.nodes)}
@@ -208,13 +239,21 @@ def apply(graph: Graph, plan: Plan, ctx: PassContext, fit: list, pruning: GroupP
         graph.eliminate_dead_code()
     if plan.quantize:
         missing = [k for k in plan.quantize if k not in {n.name for n in graph.ops()}]
-        if missing and not plan.drop:
+        if missing and not (plan.drop or plan.replace):
             raise _mismatch("layer", missing[0])
         qctx = PassContext(ctx.target, ctx.example_args, ctx.example_kwargs, fit[:QUANT_BATCHES], ctx.cost)
         options = qopts or dataclasses.replace(QuantOptions(), weight_max=weight_max(QuantOptions(), ctx)[0])
         notes += Quantize("int8", dataclasses.replace(options, kernel_choice=True), plan.quantize).run(graph, qctx).notes
     graph.eliminate_dead_code()
     return notes
+
+
+def fitted_maps(graph: Graph, fit: list, blocks: list[Block]) -> dict[str, dict[str, BlockMap]]:
+    """Per block (by its add's name): its maps fitted on `fit`, by form (a linear map; a low-rank one where
+    rank d/8 is cheaper)."""
+    found = fit_maps(graph, fit, blocks)
+    return {b.add.name: {("linear map" if m.weight is not None else "low-rank map"): m for m in found[b.index]}
+            for b in blocks if b.index in found}
 
 
 def _steps(steps: list[int], units: int) -> list[int]:

@@ -45,7 +45,7 @@ class DropBlocks(Pass):
         refs = run_batches(graph, batches)
 
         def loss(on, reference, moves: dict) -> float:
-            return quality.loss(run_batches(graph, on, {blocks[i].add: _skipped(blocks[i], m) for i, m in moves.items()}),
+            return quality.loss(run_batches(graph, on, {blocks[i].add: skipped(blocks[i], m) for i, m in moves.items()}),
                                 reference, self.metric, len(reference) // len(on))
 
         maps, judged, judged_refs = {}, batches, refs
@@ -145,7 +145,7 @@ def _form(move) -> str:
     return REMOVED if move is REMOVED else move.form
 
 
-def _skipped(block: Block, move):
+def skipped(block: Block, move):
     """What the block's add returns under `move` (for calibration.run_batches): its skip input, or x + g(x)."""
     if move is REMOVED:
         return block.bypass
