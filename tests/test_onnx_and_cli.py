@@ -204,3 +204,29 @@ def test_demo_runs_and_checks_its_numbers(tmp_path):
     assert float(err) <= 1e-4 and float(cos) >= 0.99, done.stdout
     assert re.search(r"graphopt fp32 speedup: ×[\d.]+ vs eager, ×[\d.]+ vs plain ORT", done.stdout)
     assert (tmp_path / "resnet" / "report.html").is_file() and (tmp_path / "resnet" / "report.json").is_file()
+
+
+def test_the_exporters_registry_built_once_exports_the_same_onnx(monkeypatch):
+    """codegen/registry.py hands torch.onnx a copy of the op registry it built first: the ONNX is the one a fresh
+    registry gives, graphopt's own ops included, also on a second export (its custom ops registered into the copy,
+    not the cached table), and torch's registry is left as it was."""
+    import contextlib
+    from torch.onnx._internal.exporter import _registration
+    from graphopt.codegen import onnx as codegen, registry
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    graph = graphopt.compile(model, (x,), backend="ort").graph
+    assert any(op.startswith("graphopt") for op in graph.op_counts()), graph.op_counts()
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    opsets, copy = [], registry._copy
+    monkeypatch.setattr(registry, "_copy", lambda cls, opset_version=None: opsets.append(opset_version) or copy(
+        cls, opset_version))
+    reused = [codegen.to_onnx(graph, (x,)).SerializeToString()]
+    cached = registry._built(opsets[0])
+    sizes = {target: len(metas) for target, metas in cached.functions.items()}
+    reused.append(codegen.to_onnx(graph, (x,)).SerializeToString())
+    assert {target: len(metas) for target, metas in cached.functions.items()} == sizes
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original and len(opsets) == 2
+    monkeypatch.setattr(codegen, "reused", contextlib.nullcontext)
+    fresh = codegen.to_onnx(graph, (x,)).SerializeToString()
+    assert reused[0] == fresh and reused[1] == fresh

@@ -13,11 +13,12 @@ from ..errors import UnsupportedError
 from ..ir import Graph
 from ..ops import onnx_opset, onnx_translation_table
 from ..quiet import quiet
+from .registry import reused
 
 
 def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> onnx.ModelProto:
     try:
-        with quiet(stdout=True), dynamic_export(dynamic_shapes), graph.flat_outputs():
+        with quiet(stdout=True), dynamic_export(dynamic_shapes), graph.flat_outputs(), reused():
             program = torch.onnx.export(
                 graph.module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
                 custom_translation_table=onnx_translation_table(), optimize=True, verbose=False,

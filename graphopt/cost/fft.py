@@ -96,6 +96,9 @@ def decide(shape: ConvShape | Conv2dShape, rates: dict[str, float]) -> Decision:
     return Decision("fft" if fft < direct else "direct", direct * 1e3, fft * 1e3, shape.period())
 
 
+RATE_KINDS = ("depthwise", "dense", "fft", "depthwise2d", "fft2d")
+
+
 def rate_probes() -> dict[str, tuple[torch.nn.Module, torch.Tensor, float]]:
     """rate name → (probe module, its input, its multiply-adds): one small problem per form."""
     from ..ops.fft_conv import spectrum

@@ -26,7 +26,7 @@ from ..sessions import ort_session
 from ..targets import Target
 from . import probes
 from .clock import median_run_seconds, time_side_by_side
-from .fft import Conv2dShape, ConvShape, Decision, decide, rate_probes
+from .fft import RATE_KINDS, Conv2dShape, ConvShape, Decision, decide, rate_probes
 from .verdicts import MISSING, VerdictStore, default_path, graph_signature, key_of
 
 _VERDICTS: dict[str, object] = {}          # this process's verdicts, by key
@@ -187,16 +187,21 @@ class CostModel:
         return time_side_by_side(systems, args, rounds=7, min_round_s=0.2)
 
     # --- FFT convolution: direct vs matmul-FFT ---------------------------------------------------
-    def fft_rates(self) -> dict[str, float]:
-        """Multiply-adds per second of each convolution form, probed once on the target."""
-        return self._verdict("fft_rates", (), lambda: {
-            kind: macs / self.module_seconds(module, x) for kind, (module, x, macs) in rate_probes().items()})
+    def fft_rates(self, kinds: tuple[str, ...] | None = None) -> dict[str, float]:
+        """Multiply-adds per second of the convolution forms `kinds` (default: every form), each probed once on the
+        target: a decision needs only its own two, so a model of depthwise 2-D convs never pays for the 1-D probes
+        (each probe is an export, a session and a timing: seconds)."""
+        def measure(kind):
+            module, x, macs = rate_probes()[kind]       # built only when a rate is not known yet
+            return macs / self.module_seconds(module, x)
+        return {kind: self._verdict("fft_rate", (kind,), lambda kind=kind: measure(kind))
+                for kind in (kinds or RATE_KINDS)}
 
     def fft_decision(self, shape: ConvShape | Conv2dShape) -> Decision:
         """The cheaper form at the rates probed on the backend. TVM runs 1-D FFT convs as graphopt's fused kernel
         (what its "fft" probe times) only for depthwise convs of period ≥ 64; the rest would take the Monarch form,
         whose rate is not probed there, so they stay direct rather than be priced at another kernel's rate."""
-        d = decide(shape, self.fft_rates())
+        d = decide(shape, self.fft_rates((shape.direct_rate, shape.fft_rate)))
         if self.backend == "tvm" and isinstance(shape, ConvShape) and not (
                 shape.depthwise and math.prod(shape.fft_size()[1]) >= 64 and not self.target.gpu):
             return Decision("direct", d.direct_ms, float("inf"), d.period)
@@ -312,9 +317,10 @@ class CostModel:
 
 
 def _exported(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    from ..codegen.registry import reused
     from ..ops import onnx_translation_table
     from ..quiet import quiet
-    with quiet(stdout=True):
+    with quiet(stdout=True), reused():
         return torch.onnx.export(module.eval(), (x,), dynamo=True,
                                  custom_translation_table=onnx_translation_table()).model_proto
 

@@ -48,17 +48,18 @@ class FFTConv(Pass):
             result.skipped(f"every convolution: the cost model cannot measure for {ctx.target} here "
                            f"({ctx.cost.unmeasurable}); give FFTConv(force='fft') to rewrite without measuring")
             return result
-        decided = []           # per conv the cost model priced: both estimates and the form chosen
+        decided, shapes = [], []   # per conv the cost model priced: both estimates and the form chosen; its shape
         for node in self.nodes(graph, aten.convolution.default, aten._fft_c2r.default):
             if node.target is aten.convolution.default:
-                self._conv(graph, node, result, ctx.cost, decided)
+                self._conv(graph, node, result, ctx.cost, decided, shapes)
             elif node.target is aten._fft_c2r.default:
                 self._fft_idiom(graph, node, result)
         if decided:
             result.table("FFT cost model per convolution: estimated ms of each form", ["conv", "direct ms", "FFT ms",
                          "chosen", "period"], decided, bars=("direct ms", "FFT ms"), unit=" ms")
-        if ctx.cost.measured("fft_rates"):
-            rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in ctx.cost.fft_rates().items())
+        if decided and self.force is None:
+            kinds = tuple(dict.fromkeys(k for shape in shapes for k in (shape.direct_rate, shape.fft_rate)))
+            rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in ctx.cost.fft_rates(kinds).items())
             result.notes.append(f"cost model rates measured with {ctx.cost.on} (GMAC/s): {rates}")
         return result
 
@@ -67,7 +68,8 @@ class FFTConv(Pass):
         return d if self.force is None else type(d)(self.force, d.direct_ms, d.fft_ms, d.period)
 
     # --- 1. direct convolutions -----------------------------------------------------------------
-    def _conv(self, graph: Graph, node: fx.Node, result: PassResult, cost: CostModel, decided: list) -> None:
+    def _conv(self, graph: Graph, node: fx.Node, result: PassResult, cost: CostModel, decided: list,
+              shapes: list) -> None:
         x, w, b, stride, padding, dilation, transposed, _, groups = conv_args(node)
         wv = tensor_meta(w)
         if wv is None or wv.dim() not in (3, 4):
@@ -104,6 +106,7 @@ class FFTConv(Pass):
         else:
             shape = Conv2dShape(_static_batch(xv), c_in, size, kernel, start, out)
         decision = self._choose(shape, cost)
+        shapes.append(shape)
         decided.append([f"%{node.name} k{'×'.join(map(str, kernel))} {'×'.join(map(str, size))} {c_in}→{c_out}",
                         decision.direct_ms, decision.fft_ms, decision.form, decision.period])
         if decision.form == "direct":
