@@ -1,11 +1,13 @@
 """Issue 32: what a compile costs — time and peak memory, each measurement in a process of its own.
 
-    python benchmarks/bench_compile.py [--models bert,gpt2,resnet,llama] [--sizes tiny,base]
+    python benchmarks/bench_compile.py [--models bert,gpt2,resnet,llama] [--sizes tiny,base,large]
 
 Per model: torch.onnx.export of the model (the floor every ONNX path pays), torch.compile's first call, graphopt's
 default compile with an empty verdict cache (cold), and again in a new process with the cache the cold compile
 filled (warm: every measured decision read back, nothing timed). Peak RSS is the process's high-water mark
-(ru_maxrss), beside the fp32 weights' size."""
+(ru_maxrss), beside the fp32 weights' size and the RSS after building the model; the last columns are graphopt's
+cold peak RSS over the fp32 weights and per parameter. "large" is BERT-large, GPT-2 medium, ResNet-152 and a Llama
+of 0.77 B parameters (3.1 GB of fp32 weights: past protobuf's 2 GB, so ONNX with external data)."""
 import argparse
 import json
 import os
@@ -29,7 +31,9 @@ def build(name: str, size: str):
         return T.LlamaModel(T.LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=14,
                                           num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
                                           use_cache=False)).eval(), ids
-    return zoo.build(name, size="base", batch=1), None
+    if name == "resnet":  # ResNet-152
+        return T.ResNetModel(T.ResNetConfig(depths=[3, 8, 36, 3])).eval(), (torch.randn(1, 3, 224, 224),)
+    raise SystemExit(f"no large size of {name}")
 
 
 def one(kind: str, name: str, size: str) -> dict:
@@ -40,9 +44,9 @@ def one(kind: str, name: str, size: str) -> dict:
     model, args = build(name, size)
     params = sum(p.numel() for p in model.parameters())
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    t0 = time.perf_counter()
-    error = ""
+    error, seconds = "", float("nan")
     try:
+        t0 = time.perf_counter()
         if kind == "onnx export":
             with tempfile.TemporaryDirectory() as d:
                 program = torch.onnx.export(model, args, dynamo=True, verbose=False)
@@ -53,10 +57,12 @@ def one(kind: str, name: str, size: str) -> dict:
         else:
             import graphopt
             cm = graphopt.compile(model, args)
+        seconds = time.perf_counter() - t0
+        if kind.startswith("graphopt"):
             cm(*args)
     except Exception as e:   # noqa: BLE001 - the table says what failed
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    return {"seconds": time.perf_counter() - t0, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+    return {"seconds": seconds, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "model_gb": rss_model, "params": params, "error": error}
 
 
@@ -74,7 +80,7 @@ def run(kind: str, name: str, size: str, cache: str) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert,gpt2,resnet,llama")
-    ap.add_argument("--sizes", default="tiny,base")
+    ap.add_argument("--sizes", default="tiny,base,large")
     ap.add_argument("--no-torch-compile", action="store_true")
     ap.add_argument("--child", nargs=3)
     ns = ap.parse_args()
@@ -83,7 +89,8 @@ def main():
         return
     kinds = ["onnx export"] + ([] if ns.no_torch_compile else ["torch.compile"]) + ["graphopt cold", "graphopt warm"]
     print("each measurement in a process of its own; peak RSS in GB (the model alone: after building it)")
-    print(f"{'model':<14}{'params':>9}{'fp32 GB':>9}  " + "".join(f"{k:>22}" for k in kinds) + "  cold/export  warm/export")
+    print(f"{'model':<14}{'params':>9}{'fp32 GB':>9}{'model GB':>9}  " + "".join(f"{k:>22}" for k in kinds) +
+          "  cold/export  warm/export  cold peak/fp32  bytes/param", flush=True)
     for name in ns.models.split(","):
         for size in ns.sizes.split(","):
             with tempfile.TemporaryDirectory() as cache:   # the cold compile fills it, the warm one reads it
@@ -94,8 +101,11 @@ def main():
             export = results["onnx export"]["seconds"]
             ratios = "  ".join(f"×{results[k]['seconds'] / export:.2f}" if not results[k]["error"] else "—"
                                for k in ("graphopt cold", "graphopt warm"))
-            print(f"{name + ' ' + size:<14}{first['params'] / 1e6:>8.0f}M{first['params'] * 4 / 2 ** 30:>9.2f}  "
-                  f"{cells}  {ratios}", flush=True)
+            cold, fp32 = results["graphopt cold"], first["params"] * 4 / 2 ** 30
+            memory = (f"  {cold['peak_gb'] / fp32:>13.2f}×  {cold['peak_gb'] * 2 ** 30 / first['params']:>11.1f}"
+                      if first["params"] and cold["peak_gb"] == cold["peak_gb"] else "")
+            print(f"{name + ' ' + size:<14}{first['params'] / 1e6:>8.1f}M{fp32:>9.2f}{first['model_gb']:>9.2f}  "
+                  f"{cells}  {ratios}{memory}", flush=True)
             for k, r in results.items():
                 if r["error"]:
                     print(f"    {k}: {r['error']}")

@@ -8,7 +8,7 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
-from .artifacts import write_atomically, write_bytes_atomically
+from .artifacts import write_atomically
 from .backends import Executable
 from .errors import InputError
 from .ir import Graph, tensor_meta
@@ -105,11 +105,13 @@ class CompiledModule:
         return export_bundle(self, directory)
 
     def export_onnx(self, path: str | Path) -> Path:
-        """Write the optimized graph as a standalone ONNX file."""
+        """Write the optimized graph as a standalone ONNX file; a model past 2 GB of weights as `path` and its
+        external data file `path.data` beside it (codegen/external.py)."""
+        from .codegen.external import save_onnx, weights_of
         model = self.executable.artifact()
         if not isinstance(model, onnx.ModelProto):
             raise InputError(f"backend {self.backend!r} does not produce ONNX; compile with backend='ort'")
-        return write_bytes_atomically(path, "export_onnx", model.SerializeToString())
+        return save_onnx(model, weights_of(self.executable), path, "export_onnx")
 
     def export_library(self, path: str | Path) -> Path:
         """Write the TVM build as a shared library the TVM runtime loads alone (cross-compiled for arm64)."""

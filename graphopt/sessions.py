@@ -15,18 +15,23 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .codegen.external import WeightedModel
+
 
 SPINNING = ("during runs", "never", "always")   # "always": ORT's default, workers spin on after a run
 
 
-def ort_session(model: bytes | str | Path, providers=("CPUExecutionProvider",), *, optimize: bool = True,
+def ort_session(model: bytes | str | Path | WeightedModel, providers=("CPUExecutionProvider",), *,
+                optimize: bool = True,
                 disabled: tuple[str, ...] | list[str] = (), spinning: str = "during runs",
                 save_optimized: Path | str | None = None, save_format: str | None = None,
                 profile_prefix: str | None = None, threads: int | None = None) -> ort.InferenceSession:
     """An InferenceSession on `providers`. `optimize=False` runs the graph as written; `disabled` names ORT
     optimizers to leave out; `save_optimized` writes ORT's optimized model there (format "ORT" or ONNX);
     `profile_prefix` turns ORT's profiler on (its JSON file starts so); `threads` sets the intra-op workers
-    (ORT's default: one per core)."""
+    (ORT's default: one per core). A model past protobuf's 2 GB comes as a
+    WeightedModel (its bytes, and its external initializers' arrays, which ORT copies in at session creation:
+    codegen/external.py) or as the path of a .onnx file with its data file beside it."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -46,6 +51,10 @@ def ort_session(model: bytes | str | Path, providers=("CPUExecutionProvider",), 
         options.add_session_config_entry("session.save_model_format", save_format)
     if profile_prefix is not None:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
+    if isinstance(model, WeightedModel):
+        names = list(model.weights)
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(model.weights[n]) for n in names])
+        model = model.proto
     source = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(source, options, providers=list(providers), disabled_optimizers=list(disabled))
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
 from ..codegen import to_onnx
+from ..codegen.external import session_source
 from ..cost import CostModel
 from ..errors import InputError, UnsupportedError
 from ..ir import Graph
@@ -17,18 +19,23 @@ from .base import BuildInputs
 
 
 class OrtExecutable:
-    """`fusions`: (ORT fusion, fused µs, unfused µs) measured on the target; those in `disabled` measured slower."""
+    """`fusions`: (ORT fusion, fused µs, unfused µs) measured on the target; those in `disabled` measured slower.
+    `weights`: the arrays of the model's external initializers (a model past 2 GB, codegen/external.py), kept for
+    export; `path`: the model's file (a loaded bundle's, its data file beside it), opened by ORT from there."""
 
     def __init__(self, model: onnx.ModelProto, target: Target, n_inputs: int,
-                 fusions: tuple[tuple[str, float, float], ...] = (), disabled: tuple[str, ...] | list[str] = ()):
+                 fusions: tuple[tuple[str, float, float], ...] = (), disabled: tuple[str, ...] | list[str] = (),
+                 weights: dict | None = None, path=None):
         self.model, self.target, self.fusions = model, target, tuple(fusions)
+        self.weights = weights or {}
         self.disabled_optimizers = list(disabled)
         # a GPU target without onnxruntime-gpu or a GPU: built, exported, not run here (never silently on the CPU
         # provider). arm64: its ONNX model is portable and runs here on the CPU provider, the reference a board
         # run is compared with
         self.cannot_run = target.ort_unavailable() if target.gpu else None
+        source = Path(path) if path is not None else session_source(model, self.weights)
         self.session = None if self.cannot_run else ort_session(
-            model.SerializeToString(), target.providers or ("CPUExecutionProvider",), disabled=self.disabled_optimizers)
+            source, target.providers or ("CPUExecutionProvider",), disabled=self.disabled_optimizers)
         # the exporter keeps every user input, in the flattened order graphopt feeds them
         weights = {w.name for w in model.graph.initializer}
         self.names = [i.name for i in model.graph.input if i.name not in weights]
@@ -86,7 +93,8 @@ class OrtBackend:
         return CostModel(target, "ort")
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> OrtExecutable:
-        model = to_onnx(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes)
+        weights = {}
+        model = to_onnx(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes, weights=weights)
         cost = inputs.cost if inputs.cost is not None and inputs.cost.backend == "ort" else self.cost_model(target)
         return OrtExecutable(model, target, len(graph.inputs), cost.fusion_timings(model),
-                             [name for name, *_ in cost.slow_fusions(model)])
+                             [name for name, *_ in cost.slow_fusions(model)], weights=weights)

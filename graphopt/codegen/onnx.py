@@ -10,23 +10,34 @@ import torch
 
 from ..capture import dynamic_export
 from ..errors import UnsupportedError
+from .external import check_model, external, graph_bytes, ir_bytes, optimize, split_weights
 from ..ir import Graph
 from ..ops import onnx_opset, onnx_translation_table
 from ..quiet import quiet
 from .registry import reused
 
 
-def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> onnx.ModelProto:
+def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None,
+            weights: dict | None = None) -> onnx.ModelProto:
+    """The ONNX model of `graph`. Past external.EXTERNAL_BYTES of weights (protobuf's 2 GB), its large initializers
+    are external data whose arrays go into `weights` (a dict the caller gives; without one such a model raises a
+    GraphoptError saying so): see codegen/external.py."""
+    large = external(graph_bytes(graph), weights)
     try:
         with quiet(stdout=True), dynamic_export(dynamic_shapes), graph.flat_outputs(), reused():
             program = torch.onnx.export(
                 graph.module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
-                custom_translation_table=onnx_translation_table(), optimize=True, verbose=False,
+                custom_translation_table=onnx_translation_table(), optimize=not large, verbose=False,
                 opset_version=onnx_opset({n.target for n in graph.module.graph.nodes}))
+            if large:
+                optimize(program.model)
     except Exception as e:  # the exporter raises its own hierarchy; all mean "cannot lower"
         raise export_error(e, graph) from e
+    if large or external(ir_bytes(program.model), weights):
+        split_weights(program.model, weights)
     model = fold_int8_pads(program.model_proto)
-    onnx.checker.check_model(model)
+    del program                     # its tensors: the weights dict keeps the ones still needed
+    check_model(model)
     return model
 
 

@@ -174,11 +174,13 @@ class CostModel:
 
     def _lowered(self, graph, args: tuple, kwargs: dict | None) -> tuple[bytes, dict, tuple[str, ...]]:
         """(ONNX bytes, feeds, ORT fusions to disable) of an IR graph, as the ORT backend would run it."""
+        from ..codegen.external import session_source
         from ..codegen.onnx import to_onnx
-        model = to_onnx(graph, args, kwargs or {})
+        weights = {}                  # a model past 2 GB: its weights beside its bytes (codegen/external.py)
+        model = to_onnx(graph, args, kwargs or {}, weights=weights)
         flat = graph.flat_inputs(args, kwargs or {})
         feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}
-        return model.SerializeToString(), feeds, tuple(name for name, *_ in self.slow_fusions(model))
+        return session_source(model, weights), feeds, tuple(name for name, *_ in self.slow_fusions(model))
 
     def compare(self, systems: dict[str, Callable], args: tuple) -> dict[str, float]:
         """Median ms per call of each callable on the same inputs (interleaved rounds of at least 0.2 s:

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from ..artifacts import write_atomically, write_bytes_atomically, writable_dir
 from ..backends.ort import OrtExecutable
+from ..codegen.external import data_files, save_onnx, sha256_file, weights_of
 from ..codegen.onnx import to_onnx
 from ..errors import InputError
 from ..numerics import flat_tensors
@@ -35,19 +36,19 @@ LIBRARY = "model.so"
 def export_bundle(compiled, directory: str | Path) -> Path:
     """Write `compiled` (a CompiledModule) to `directory`; manifest.json last, so a folder with a manifest is whole."""
     exe = compiled.executable
-    models, routes, thresholds, labels = _onnx_segments(compiled)
+    models, routes, thresholds, labels, weights = _onnx_segments(compiled)
     library = getattr(exe, "export_library", None)
     if not models and library is None:
         raise InputError(f"export(dir): backend {compiled.backend!r} built neither ONNX nor a library here; compile "
                          "with backend='ort' (or 'tvm' for a TVM library)")
     directory = writable_dir(directory, "export")
     segments = []
-    for k, (model, route) in enumerate(zip(models, routes)):
-        entry = _write(directory, f"segment{k}.onnx", model.SerializeToString())
+    for k, (model, route, held) in enumerate(zip(models, routes, weights)):
+        entry = _write_model(directory, f"segment{k}.onnx", model, held)
         entry.update(hidden=k > 0, model_inputs=route, onnx_inputs=[i.name for i in model.graph.input],
                      onnx_outputs=[o.name for o in model.graph.output],
                      disabled_optimizers=list(getattr(exe, "disabled_optimizers", ())))
-        if compiled.target.device == "cpu":
+        if compiled.target.device == "cpu" and not held:   # ORT's format is one flatbuffer: 2 GB at most too
             entry["ort_format"] = _write_ort_format(directory, f"segment{k}.ort", model, compiled.target,
                                                     getattr(exe, "disabled_optimizers", ()))
         segments.append(entry)
@@ -75,20 +76,35 @@ def export_bundle(compiled, directory: str | Path) -> Path:
     return directory
 
 
-def _onnx_segments(compiled) -> tuple[list[onnx.ModelProto], list[list[int]], list[float], list[str]]:
+def _onnx_segments(compiled) -> tuple[list[onnx.ModelProto], list[list[int]], list[float], list[str], list[dict]]:
+    """The ONNX model of each segment, its inputs, the exits, and each model's external weights (a model past 2 GB;
+    codegen/external.py)."""
     exe = compiled.executable
     if isinstance(exe, EarlyExitExecutable):
-        models = [a if isinstance(a, onnx.ModelProto) else
-                  to_onnx(g, ex, {}, tuple({0: torch.export.Dim.DYNAMIC} for _ in ex))
-                  for a, g, ex in zip(exe.artifact(), exe.graphs, exe.examples)]
-        return models, exe.routes, exe.thresholds, exe.labels
+        models, weights = [], []
+        for a, seg, g, ex in zip(exe.artifact(), exe.segments, exe.graphs, exe.examples):
+            held = weights_of(seg) if isinstance(a, onnx.ModelProto) else {}
+            models.append(a if isinstance(a, onnx.ModelProto) else
+                          to_onnx(g, ex, {}, tuple({0: torch.export.Dim.DYNAMIC} for _ in ex), weights=held))
+            weights.append(held)
+        return models, exe.routes, exe.thresholds, exe.labels, weights
     model = exe.artifact()
     if isinstance(model, onnx.ModelProto):
-        return [model], [list(range(len(compiled.inputs)))], [], []
+        return [model], [list(range(len(compiled.inputs)))], [], [], [weights_of(exe)]
     if isinstance(model, list):       # segments around TVM kernels, or torch.cond's branches
         raise InputError(f"export(dir) needs one backend; backend {compiled.backend!r} built a program of "
                          "several: compile with backend='ort' or backend='tvm'")
-    return [], [], [], []
+    return [], [], [], [], []
+
+
+def _write_model(directory: Path, name: str, model: onnx.ModelProto, weights: dict) -> dict:
+    """`name` (self-contained), or `name` and its external data file where the model has weights outside it; the
+    manifest entry lists the data file with its own sha256."""
+    if not weights:
+        return _write(directory, name, model.SerializeToString())
+    path = save_onnx(model, weights, directory / name, "export")
+    data = [{"file": p.name, "sha256": sha256_file(p)} for p in data_files(path)]
+    return {"file": name, "sha256": sha256_file(path), "external_data": data}
 
 
 def _write(directory: Path, name: str, data: bytes) -> dict:
@@ -208,7 +224,10 @@ def read_manifest(directory: str | Path) -> tuple[Path, dict]:
 
 
 def checked_file(directory: Path, entry: dict) -> bytes:
-    """A file the manifest lists, after checking its sha256 (an InputError where it is missing or changed)."""
+    """A file the manifest lists, after checking its sha256 (an InputError where it is missing or changed); the
+    external data files it lists too (read in chunks, not kept: ONNX Runtime reads them from the folder)."""
+    for data in entry.get("external_data", ()):
+        _check_streamed(directory, data)
     path = directory / entry["file"]
     if not path.is_file():
         raise InputError(f"{path}: missing (the manifest lists it)")
@@ -216,6 +235,15 @@ def checked_file(directory: Path, entry: dict) -> bytes:
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise InputError(f"{path}: its sha256 differs from the manifest's (changed or damaged after export)")
     return data
+
+
+def _check_streamed(directory: Path, entry: dict) -> Path:
+    path = directory / entry["file"]
+    if Path(entry["file"]).name != entry["file"] or not path.is_file():
+        raise InputError(f"{path}: missing (the manifest lists it)")
+    if sha256_file(path) != entry["sha256"]:
+        raise InputError(f"{path}: its sha256 differs from the manifest's (changed or damaged after export)")
+    return path
 
 
 def load(directory: str | Path, target: str = "cpu") -> LoadedModule:
@@ -226,8 +254,11 @@ def load(directory: str | Path, target: str = "cpu") -> LoadedModule:
         raise InputError(f"{str(directory)!r} holds only a TVM library for {manifest.get('arch')}: run it there with "
                          "its run.py")
     target = get_target(target)   # nothing is measured: the ORT fusions the compile found slower stay disabled
+    # a model with external data is opened by ORT from the folder, its data file beside it (checked above)
     segments = [OrtExecutable(onnx.load_from_string(checked_file(directory, seg)), target, len(seg["onnx_inputs"]),
-                              disabled=seg.get("disabled_optimizers", ())) for seg in manifest["segments"]]
+                              disabled=seg.get("disabled_optimizers", ()),
+                              path=directory / seg["file"] if seg.get("external_data") else None)
+                for seg in manifest["segments"]]
     exits = manifest["exits"]
     exe = EarlyExitExecutable(segments, [s["model_inputs"] for s in manifest["segments"]],
                               [e["threshold"] for e in exits], [e["after"] for e in exits], "ort")

@@ -65,7 +65,20 @@ def ort_runner(folder: Path, manifest: dict, threads: int, prefer_ort_format: bo
             raise BundleError("this bundle was built for cuda and this onnxruntime has no CUDAExecutionProvider: "
                               "pip install onnxruntime-gpu")
         providers = ["CUDAExecutionProvider"] + providers   # CPU for the few ops the CUDA provider lacks
-    session = ort.InferenceSession(checked_bytes(folder, entry), options, providers=providers)
+    model = checked_bytes(folder, entry)
+    for data in entry.get("external_data", ()):   # weights past 2 GB: a data file beside the model, checked in chunks
+        if Path(data["file"]).name != data["file"] or not (folder / data["file"]).is_file():
+            raise BundleError(f"{data['file']}: missing (the manifest lists it)")
+        digest = hashlib.sha256()
+        with open(folder / data["file"], "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+        if digest.hexdigest() != data["sha256"]:
+            raise BundleError(f"{data['file']}: its sha256 differs from the manifest's (changed or damaged after "
+                              "export)")
+    # with external data ORT opens the model from the folder, where its data file is
+    session = ort.InferenceSession(str(folder / entry["file"]) if entry.get("external_data") else model, options,
+                                   providers=providers)
     names = [i.name for i in session.get_inputs()]
     return entry["file"], lambda arrays: session.run(None, dict(zip(names, arrays)))
 

@@ -1,0 +1,178 @@
+"""ONNX models past protobuf's 2 GB: the weights kept outside the ModelProto.
+
+A protobuf message cannot be serialized past 2 GB ("EncodeError: Failed to serialize proto"), so a model whose
+initializers pass `EXTERNAL_BYTES` is emitted as a small ModelProto whose large initializers (≥ `TENSOR_BYTES`)
+are ONNX external data (`data_location = EXTERNAL`, `location` = `DATA_LOCATION`), with their arrays in a dict
+beside it. The arrays are numpy views of the IR graph's own weights, not copies (the exporter's folding of weight
+transposes is left to ONNX Runtime, in its own copy: `optimize`); nothing serializes the whole model at once:
+- ONNX Runtime gets them through `SessionOptions.add_external_initializers` (it copies each into the session),
+  see graphopt/sessions.py;
+- a file is written as `NAME.onnx` plus `NAME.onnx.data` beside it (onnx's external data layout, one tensor in
+  memory at a time, offsets aligned for ORT to map them), both written atomically (`save_onnx`).
+Models under `EXTERNAL_BYTES` stay one self-contained ModelProto and one .onnx file, as before."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx.external_data_helper import save_external_data, set_external_data, uses_external_data
+
+from ..artifacts import checked_path, write_atomically
+from ..errors import GraphoptError, InputError, UnsupportedError
+
+# total initializer bytes from which a model's weights are kept outside its proto (protobuf's limit is 2 GiB for
+# the whole message; the graph itself needs room). Tests lower it to send small models down the same path.
+EXTERNAL_BYTES = 2 ** 31 - 2 ** 28
+TENSOR_BYTES = 1024          # initializers of at least this many bytes go to the data file (onnx's own default)
+DATA_LOCATION = "weights.data"   # the location in memory; a written file names its own data file
+ALIGN = 4096                 # data file offsets, so ONNX Runtime can map the tensors instead of reading them
+
+
+@dataclass(frozen=True)
+class WeightedModel:
+    """An ONNX model for `ort_session` whose initializers named in `weights` are external data held in memory."""
+    proto: bytes
+    weights: dict[str, np.ndarray] = field(repr=False)
+
+
+def external(nbytes: int, weights: dict | None) -> bool:
+    """Whether a model of `nbytes` of weights is emitted with external data; past the limit a caller that cannot
+    take it (`weights=None`) gets a GraphoptError saying so, before any work."""
+    if nbytes < EXTERNAL_BYTES:
+        return False
+    if weights is None:
+        raise UnsupportedError(f"the model's weights are {nbytes / 2 ** 30:.2f} GB, past what this step can hold in "
+                               "one ONNX protobuf (2 GB): it does not take external data yet")
+    return True
+
+
+def graph_bytes(graph) -> int:
+    """Bytes of an IR graph's parameters and buffers (each storage once)."""
+    seen = {}
+    for t in list(graph.module.parameters()) + list(graph.module.buffers()):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def ir_bytes(ir_model) -> int:
+    return sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+
+
+def optimize(ir_model) -> None:
+    """torch.onnx's optimization (onnxscript's optimizer, then its ONNX fusions) without folding a Transpose of a
+    weight: folded, each linear's weight would be copied transposed (0.75 of a Llama's weights, held beside the
+    model's own); left as a node, ONNX Runtime folds it in its own copy of the weights at session creation."""
+    import onnxscript
+    import onnxscript.rewriter.onnx_fusions
+
+    def should_fold(node):
+        if node.op_type == "Transpose" and node.domain == "" and any(
+                v is not None and v.const_value is not None and v.const_value.nbytes >= TENSOR_BYTES
+                for v in node.inputs):
+            return False
+        return None
+    onnxscript.optimizer.optimize_ir(ir_model, should_fold=should_fold)
+    onnxscript.rewriter.onnx_fusions.fuse(ir_model)
+
+
+def split_weights(ir_model, weights: dict[str, np.ndarray]) -> None:
+    """The exported `ir_model`'s (onnx_ir) initializers of ≥ TENSOR_BYTES become external references in place, their
+    arrays (views of the exported tensors, not copies) go into `weights`."""
+    import onnx_ir as ir
+    for value in ir_model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < TENSOR_BYTES:
+            continue
+        array = tensor.numpy()
+        weights[value.name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        value.const_value = ir.ExternalTensor(DATA_LOCATION, None, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                              name=value.name)
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker on `model`; external initializers (whose data is in memory, not in a file the checker could
+    open) are checked as graph inputs of their type and shape, the rest of the model as it is."""
+    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    if not external:
+        onnx.checker.check_model(model)
+        return
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    kept = [t for t in proto.graph.initializer if not uses_external_data(t)]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    proto.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+    onnx.checker.check_model(proto)
+
+
+def session_source(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None) -> bytes | WeightedModel:
+    """What `ort_session` takes for `model`: its bytes, with the external weights beside them where it has some."""
+    return WeightedModel(model.SerializeToString(), weights) if weights else model.SerializeToString()
+
+
+def weights_of(executable) -> dict[str, np.ndarray]:
+    """The weights an executable keeps outside its ONNX model (empty: the model is self-contained)."""
+    executable = getattr(executable, "ort", executable)    # backend="auto" on arm64 keeps both; "chosen" delegates
+    return getattr(executable, "weights", None) or {}
+
+
+def data_name(onnx_name: str) -> str:
+    return onnx_name + ".data"
+
+
+def save_onnx(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None, path, what: str) -> Path:
+    """Write `model` to `path`: one file where it is self-contained, else `path` and its data file `path.data`
+    beside it (written first; each through a temporary file renamed into place, so a failed write leaves neither
+    a partial file nor a model naming missing data)."""
+    path = checked_path(path, what)
+    if not weights:
+        return write_atomically(path, what, lambda tmp: tmp.write_bytes(model.SerializeToString()))
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)            # small: the weights are not in it
+    data = path.parent / data_name(path.name)
+    if data.is_dir():
+        raise InputError(f"{what}: {str(data)!r}, where the model's weights go, is a directory")
+
+    def write_data(tmp: Path) -> None:
+        offset = 0
+        for tensor in proto.graph.initializer:
+            if not uses_external_data(tensor):
+                continue
+            array = weights.get(tensor.name)
+            if array is None:
+                raise GraphoptError(f"{what}: no data for the external initializer {tensor.name!r}")
+            offset = -(-offset // ALIGN) * ALIGN
+            # one tensor in memory at a time, in a message of its own: bytes set on `proto` would stay in its
+            # arena until it is freed, all the weights at once
+            one = onnx.TensorProto(name=tensor.name, raw_data=array.tobytes())
+            set_external_data(one, tmp.name, offset)
+            save_external_data(one, str(tmp.parent))
+            offset += array.nbytes
+            written = {e.key: int(e.value) for e in one.external_data if e.key in ("offset", "length")}
+            set_external_data(one, data.name, written["offset"], written["length"])
+            del tensor.external_data[:]
+            tensor.external_data.extend(one.external_data)    # with the name it will have once renamed into place
+            del one
+    write_atomically(data, what, write_data)
+    return write_atomically(path, what, lambda tmp: tmp.write_bytes(proto.SerializeToString()))
+
+
+def data_files(path: Path) -> list[Path]:
+    """The external data files a written .onnx names (read without loading them), sorted by name."""
+    model = onnx.load(str(path), load_external_data=False)
+    names = {e.value for t in model.graph.initializer if uses_external_data(t) for e in t.external_data
+             if e.key == "location"}
+    return [path.parent / n for n in sorted(names)]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """A file's sha256 read in chunks (a data file can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
