@@ -56,6 +56,9 @@ class CompiledModule:
         # and most return one tensor: then the call skips unflattening (a pytree call costs ~10 µs, a batch-1
         # early exit ~40 µs in all)
         self._single_output = graph.out_spec == pytree.tree_flatten(0)[1]
+        # per input: dtype, rank and its static dims, checked inline on each call (the full check when one fails)
+        self._expect = [(s.dtype, len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d is not None))
+                        for s in self.inputs]
 
     def __call__(self, *args, **kwargs):
         if self._positional and not kwargs and len(args) == len(self.inputs):
@@ -65,8 +68,10 @@ class CompiledModule:
             if spec != self.graph.in_spec:
                 raise InputError(f"expected inputs ({', '.join(map(str, self.inputs))}) structured as in the "
                                  f"example; got {len(flat)} value(s) structured as {spec}")
-        for value, want in zip(flat, self.inputs):
-            self._check(value, want)
+        for value, want, (dtype, rank, dims) in zip(flat, self.inputs, self._expect):
+            if not (type(value) is torch.Tensor and value.is_cpu and value.dtype is dtype and value.dim() == rank
+                    and all(value.shape[i] == d for i, d in dims)):
+                self._check(value, want)      # says what is wrong, or accepts a tensor on the target's device
         outputs = self.executable.run(list(flat))
         return outputs[0] if self._single_output else pytree.tree_unflatten(outputs, self.graph.out_spec)
 

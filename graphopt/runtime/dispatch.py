@@ -12,6 +12,9 @@ import numpy as np
 import torch
 
 from ..backends import Executable
+from .exit_graph import EXIT
+
+SINGLE_OUTPUTS = ["output", EXIT]    # the one-sample If graph's outputs (exit_graph.exits_as_if)
 
 
 class EarlyExitExecutable:
@@ -23,16 +26,20 @@ class EarlyExitExecutable:
         self.labels = labels              # where each exit is, for people
         self.backend = backend
         self.graphs, self.examples = graphs, examples   # the segments' IR and example inputs (for export)
-        self.last_exits: torch.Tensor | None = None
+        self._exits: np.ndarray | None = None    # the exit each sample of the last call took
         self.single = None                # (ONNX model, session, [(input name, flat index)]): the exits as `If`
                                           # nodes, for one sample per call
         self.single_notes: list[str] = []
 
+    @property
+    def last_exits(self) -> torch.Tensor | None:
+        return None if self._exits is None else torch.from_numpy(self._exits.reshape(-1))
+
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.single is not None and inputs[0].shape[0] == 1:
+            # one sample per call: every µs of host work shows (the If graph itself runs in ~40 µs)
             _, session, order = self.single
-            out, exit_index = session.run(None, {name: _np(inputs[i]) for name, i in order})
-            self.last_exits = torch.from_numpy(exit_index.reshape(1))   # numpy-built: see run_segments
+            out, self._exits = session.run(SINGLE_OUTPUTS, {name: _np(inputs[i]) for name, i in order})
             return [torch.from_numpy(out)]
         return self.run_segments(inputs)
 
@@ -51,7 +58,7 @@ class EarlyExitExecutable:
             result = segment.run(feeds)
             if k == last:
                 if rows is None:          # nobody left early: the last segment's outputs are the batch's
-                    self.last_exits = torch.from_numpy(exits)
+                    self._exits = exits
                     return list(result)
                 out[rows] = _np(result[0])
                 break
@@ -70,7 +77,7 @@ class EarlyExitExecutable:
                 break
             keep = np.flatnonzero(~done)
             rows, hidden = here[keep], _take(hidden, keep)
-        self.last_exits = torch.from_numpy(exits)
+        self._exits = exits
         return [torch.from_numpy(out)]
 
     def artifact(self) -> list:
@@ -85,7 +92,7 @@ class EarlyExitExecutable:
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    return t.numpy() if t.is_cpu and not t.requires_grad else t.detach().cpu().numpy()
 
 
 def _take(t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:

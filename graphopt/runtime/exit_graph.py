@@ -51,18 +51,17 @@ def exits_as_if(models: list[onnx.ModelProto], routes: list[list[int]], threshol
              helper.make_node("Constant", [], [f"s{k}/then_exit"],
                               value=helper.make_tensor("", TensorProto.INT64, [], [k]))],
             f"exit{k}", [], [helper.make_value_info(f"s{k}/then_out", out_type), _scalar(f"s{k}/then_exit")])
-        rest_nodes, rest_out, rest_exit = scope(k + 1)
-        rest = helper.make_graph(rest_nodes + [helper.make_node("Identity", [rest_out], [f"s{k}/else_out"]),
-                                               helper.make_node("Identity", [rest_exit], [f"s{k}/else_exit"])],
-                                 f"after_exit{k}", [],
-                                 [helper.make_value_info(f"s{k}/else_out", out_type), _scalar(f"s{k}/else_exit")])
-        out, exit_index = f"s{k}/out", f"s{k}/{EXIT}"
+        rest_nodes, rest_out, rest_exit = scope(k + 1)   # the else-branch returns its values as computed: no copy
+        rest = helper.make_graph(rest_nodes, f"after_exit{k}", [],
+                                 [helper.make_value_info(rest_out, out_type), _scalar(rest_exit)])
+        out, exit_index = ("output", EXIT) if k == 0 else (f"s{k}/out", f"s{k}/{EXIT}")
         nodes.append(helper.make_node("If", [cond], [out, exit_index], then_branch=here, else_branch=rest))
         return nodes, out, exit_index
 
     hidden_of: dict[int, str] = {}
     nodes, out, exit_index = scope(0)
-    nodes += [helper.make_node("Identity", [out], ["output"]), helper.make_node("Identity", [exit_index], [EXIT])]
+    if out != "output":                   # no exit at all: the segment's own output
+        nodes += [helper.make_node("Identity", [out], ["output"]), helper.make_node("Identity", [exit_index], [EXIT])]
     graph = helper.make_graph(nodes, "early_exit", [inputs[i] for i in sorted(inputs)],
                               [helper.make_value_info("output", out_type), _scalar(EXIT)], initializers)
     opsets: dict[str, int] = {}
