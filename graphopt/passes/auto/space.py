@@ -220,13 +220,19 @@ def apply(graph: Graph, plan: Plan, ctx: PassContext, fit: list, pruning: GroupP
             raise _mismatch("residual block at", missing[0])
         maps = maps if maps is not None else fitted_maps(graph, fit, [blocks[a] for a in plan.replace])
         for add, form in plan.replace.items():   # before any drop: a dropped block's skip may be this add
-            m, b = maps.get(add, {}).get(form), blocks[add]
+            fitted, b = maps.get(add, {}), blocks[add]
+            # pruning the residual stream can leave no low-rank form (rank d/8 no longer under half of d): the
+            # linear map then; a block no map fits stays. Either is said, and every plan's loss and time are
+            # measured on what this builds
+            m = fitted.get(form) or fitted.get("linear map")
             if m is None:
-                raise InputError(f"the plan replaces the residual block at {add!r} by a {form}, which cannot be "
-                                 "fitted there (its branch changes the shape, or the calibration never reaches it)")
+                notes.append(f"kept the residual block ending at %{add} ({layer_name(b.add)}): no map fits it on "
+                             "the pruned graph")
+                continue
             b.add.replace_input_with(b.branch, m.emit(graph, b.skip, b.add, f"{add}_replaced"))
             notes.append(f"replaced the residual block ending at %{add} ({layer_name(b.add)}) by a {m.form} "
-                         f"({m.macs_per_position} MACs per position), fitted on {len(fit)} calibration batches")
+                         f"({m.macs_per_position} MACs per position), fitted on {len(fit)} calibration batches"
+                         + ("" if form in fitted else f" (the plan's {form} does not fit the pruned graph)"))
         graph.eliminate_dead_code()
     if plan.drop:
         nodes = {n.name: n for n in graph.fx.nodes}
