@@ -7,7 +7,7 @@ $(STAMP): pyproject.toml
 	@command -v dot >/dev/null || { $(SUDO) apt-get install -y -qq graphviz >/dev/null || \
 	  echo "graphviz could not be installed: dumps keep .dot pictures instead of .svg"; }
 	$(PY) -m pip install -q torch==2.13.0          # first and exactly: the local CPU wheel (others pull CUDA)
-	$(PY) -m pip install -q -e '.[dev,tvm]'
+	$(PY) -m pip install -q -e '.[dev,tvm,distributed]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,6 +7,8 @@ from . import passes
 from .api import compile
 from .backends.tvm_tune import Tune
 from .compiled import CompiledModule
+from .distributed.ray_eval import Ray
+from .distributed.rpc import RPC
 from .errors import CaptureError, GraphoptError, InputError, UnsupportedError, VerificationError
 from .options import Option
 from .passes.auto import Auto, Plan
@@ -17,5 +19,5 @@ from .package import load
 from .targets import Target, get_target
 
 __all__ = ["Auto", "CaptureError", "CompiledModule", "EarlyExit", "GraphoptError", "InputError", "LayerSkip", "Option", "Plan",
-           "Quantization", "Sparsity", "Target", "Tune", "UnsupportedError", "VerificationError", "compile",
+           "Quantization", "RPC", "Ray", "Sparsity", "Target", "Tune", "UnsupportedError", "VerificationError", "compile",
            "get_target", "load", "passes"]

@@ -40,7 +40,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             accuracy_budget: float | None = None, layer_skip: LayerSkip | None = None,
             early_exit: EarlyExit | None = None, sparsity: Sparsity | None = None,
             optimize=None, precision: str = "fp32", check: bool = True,
-            progress: bool | None = None) -> CompiledModule:
+            progress: bool | None = None, rpc=None) -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
@@ -87,9 +87,13 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     progress: a progress line on stderr (each phase and what it measures now): True, False, or None (default) for
     only when stderr is a terminal.
 
+    rpc: graphopt.RPC(tracker="host:port", key=...): boards of the target's kind behind TVM's RPC tracker, where TVM
+    builds are measured — MetaSchedule's candidates (tune=, which may carry it instead: Tune(rpc=...)) and the cost
+    model's decisions for backend="tvm" — and where an arm64 TVM module's calls run. Probed before any work.
+
     What planning passes decided (quantize="auto"'s per-layer plan, early exit's exits) is in `cm.plans`."""
     # 1. everything the user gave is checked before any work
-    tgt = get_target(target)
+    tgt = get_target(target, _rpc(rpc, tune))
     be = get_backend(backend, tgt)
     options = [_option("sparsity", sparsity, Sparsity), quantization(quantize, accuracy_budget),
                _option("layer_skip", layer_skip, LayerSkip), _option("early_exit", early_exit, EarlyExit),
@@ -132,6 +136,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         dynamic_shapes = batch_dynamic_shapes(model, args, kwargs)
     if dump_dir is not None:
         dump_dir = writable_dir(dump_dir, "dump_dir")
+    if tgt.rpc is not None:
+        tgt.rpc.probe()        # an unreachable tracker, or none of the key's boards: an InputError now
 
     register_kv_caches()   # a model's KV cache counts as outputs, eager's too
     eager = _outputs(_run_eager(model, args, kwargs))   # inputs the model rejects fail here, before any work
@@ -163,6 +169,14 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
         manager.record_backend(f"backend-{compiled.backend}", outputs, build_s, graph, executable.describe() + verdicts,
                                getattr(executable, "tables", list)(), rounds=None if precision == "fp32" else precision)
     return compiled
+
+
+def _rpc(rpc, tune):
+    """The RPC device, given to compile (rpc=) or with the tuning (Tune(rpc=...)); two different ones are an error."""
+    given = getattr(tune, "rpc", None)
+    if rpc is not None and given is not None and rpc != given:
+        raise InputError(f"rpc={rpc} and tune=Tune(rpc={given}) name different devices: give one")
+    return rpc if rpc is not None else given
 
 
 def _option(keyword: str, value, cls: type[Option]) -> Option | None:

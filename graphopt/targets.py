@@ -3,12 +3,18 @@
 A Target carries everything the rest of graphopt asks about it — the ONNX Runtime providers, the
 TVM target, the ISA, whether it runs (and can be timed) on this machine, the backend `compile`
 picks by default — so backends, passes and the cost model read its fields instead of branching on
-its name. This is the only module that branches on target names."""
+its name. This is the only module that branches on target names.
+
+A Target may carry an RPC device (`rpc`, a graphopt.RPC: boards of that kind behind TVM's RPC tracker), given once
+to compile() (`rpc=`, or with `Tune(rpc=...)`): then TVM's measurements for it — MetaSchedule's and the cost
+model's — are made on those boards, so a target this machine cannot run (arm64) can be tuned and measured
+(distributed/rpc.py)."""
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
+from typing import Any
 
 from .errors import GraphoptError, InputError, UnsupportedError
 
@@ -24,6 +30,7 @@ class Target:
     cross_cc: str | None = None          # C compiler for TVM libraries of another ISA (None: the host's)
     default_backend: str = "auto"        # what compile() builds when no backend= is given
     ships_both: bool = False             # backend auto builds ONNX and TVM's library: nothing here times it
+    rpc: Any = None                      # distributed.rpc.RPC: TVM builds for it are measured on those boards
 
     def __str__(self) -> str:
         return self.name
@@ -80,10 +87,11 @@ class Target:
 
     def tune_refusal(self, time_budget: float) -> GraphoptError | None:
         """The error to raise where MetaSchedule cannot tune for this target from here (None: it can): it
-        measures where the code runs."""
-        if self.cross_cc is not None:
+        measures where the code runs, here or on the RPC device's boards."""
+        if self.cross_cc is not None and self.rpc is None:
             return InputError(f"tune= on target {self.name}: MetaSchedule tunes where the code runs, and this machine "
-                              f"cannot run {self.name} code; give no tune=")
+                              f"cannot run {self.name} code; give no tune=, or give boards of that kind to measure "
+                              f"on: rpc=graphopt.RPC(tracker=\"host:9190\", key=...)")
         if self.gpu and time_budget > 0 and self.unmeasurable:
             return UnsupportedError("tune= on target cuda measures kernels on the GPU, and this machine has none: tune "
                                     "on a GPU machine, copy the database folder here and pass graphopt.Tune(db=that "
@@ -135,10 +143,19 @@ def _known() -> dict[str, Target]:
 TARGET_NAMES = ("cpu", "cuda", "arm64")
 
 
-def get_target(target: str | Target) -> Target:
-    """Resolve a target name; an unknown one is an InputError listing the known ones."""
-    if isinstance(target, Target):
+def get_target(target: str | Target, rpc=None) -> Target:
+    """Resolve a target name; an unknown one is an InputError listing the known ones. `rpc` (a graphopt.RPC) puts
+    the boards that measure for it on the target; a GPU target takes none (RPC measures CPU boards)."""
+    if not isinstance(target, Target):
+        if not isinstance(target, str) or target not in TARGET_NAMES:
+            raise InputError(f"unknown target {target!r}; choose one of: {', '.join(TARGET_NAMES)}")
+        target = _known()[target]
+    if rpc is None or rpc == target.rpc:
         return target
-    if not isinstance(target, str) or target not in TARGET_NAMES:
-        raise InputError(f"unknown target {target!r}; choose one of: {', '.join(TARGET_NAMES)}")
-    return _known()[target]
+    from .distributed.rpc import RPC
+    if not isinstance(rpc, RPC):
+        raise InputError(f"rpc= takes a graphopt.RPC(tracker=\"host:port\", key=...), got {type(rpc).__name__}")
+    if target.gpu:
+        raise UnsupportedError(f"rpc= on target {target}: measuring on boards through TVM's RPC tracker is implemented "
+                               "for CPU targets (cpu, arm64)")
+    return replace(target, rpc=rpc)

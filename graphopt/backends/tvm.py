@@ -3,7 +3,8 @@
 Untuned CPU builds use TVM's default schedules, which are slow on CPU; `tune=graphopt.Tune(...)`
 searches schedules with MetaSchedule (backends/tvm_tune.py). CUDA builds use DLight's default
 schedules, falling back rule by rule where one fails (tvm_cuda.py). Cross builds (cuda without a GPU, arm64) compile and export
-(`CompiledModule.export_library`) but cannot run on this machine."""
+(`CompiledModule.export_library`) but cannot run on this machine; given an RPC device (`Target.rpc`), an arm64 build's
+calls run on a board of its key, and the cost model times TVM builds there (distributed/rpc.py)."""
 from __future__ import annotations
 
 import os
@@ -46,7 +47,9 @@ class TvmExecutable:
         self.limits = list(limits)        # (input, dim, highest size): TVM planned its memory for those
         self.kernels = kernels            # TIR kernels graphopt wrote for its ops (not scheduled by TVM)
         self.schedules = list(schedules)  # CUDA: which DLight rule scheduled the kernels, and the fallbacks
-        self.vm = None
+        self.vm, self.board = None, None
+        if not target.runs_here and target.rpc is not None:   # calls go to a board of the key
+            self.board = self.on_board()
         if target.runs_here:
             import tvm
             from tvm import relax
@@ -55,9 +58,17 @@ class TvmExecutable:
 
     @property
     def runs_here(self) -> bool:
-        return self.vm is not None
+        """Calls run: on this machine, or on a board of the target's RPC key."""
+        return self.vm is not None or self.board is not None
+
+    def on_board(self):
+        """This executable as a function on a board of the target's RPC key (distributed.rpc.BoardFunction)."""
+        from ..distributed.rpc import BoardFunction
+        return BoardFunction(self.export_library, self.target.rpc)
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.vm is None and self.board is not None:
+            return self.board(inputs)
         if self.vm is None:
             raise UnsupportedError(f"this module was built for {self.target}, which this machine cannot run; "
                                    "use export_library(path) and load it there")
@@ -78,8 +89,9 @@ class TvmExecutable:
         return [self.tune_report.table()] if self.tune_report is not None and self.tune_report.progress else []
 
     def describe(self) -> list[str]:
-        head = f"TVM Relax VM executable for {self.target}" + (" (untuned: default schedules)" if self.tune_report is None
-                                                                else "")
+        untuned = " (untuned: default schedules)" if self.tune_report is None else ""
+        board = f"; calls run on a board of {self.target.rpc}" if self.board is not None else ""
+        head = f"TVM Relax VM executable for {self.target}{untuned}{board}"
         half = ["precision fp16: convs and matmuls in half precision, accumulating in fp32"] \
             if self.precision == "fp16" else []
         own = [f"graphopt's own kernels: {', '.join(self.kernels)}"] if self.kernels else []
@@ -117,9 +129,11 @@ class TvmBackend:
                 raise refusal
 
     def cost_model(self, target: Target) -> CostModel:
-        """Decisions timed on TVM builds of this target (untuned: the tuner runs after the passes)."""
+        """Decisions timed on TVM builds of this target (untuned: the tuner runs after the passes); with an RPC
+        device, on a board of its key (each build exported and timed there)."""
         def lower(graph, args, kwargs):
-            return self.build(graph, target, BuildInputs(args, kwargs)).run
+            built = self.build(graph, target, BuildInputs(args, kwargs))
+            return built.on_board() if target.rpc is not None else built.run
         return CostModel(target, "tvm", lower)
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> TvmExecutable:
@@ -143,7 +157,11 @@ class TvmBackend:
             return self._build_cuda(mod, target, inputs, made)
         if inputs.tune is None:
             return made(tvm.compile(mod, target=tvm_target(target)))
-        executable, report = tune_and_compile(mod, tvm_target(target), inputs.tune)
+        rpc, tuned_for = target.rpc or inputs.tune.rpc, tvm_target(target)
+        if rpc is not None:   # MetaSchedule needs the cores of the board it measures on
+            from ..distributed.rpc import with_board_cores
+            tuned_for = with_board_cores(tuned_for, rpc)
+        executable, report = tune_and_compile(mod, tuned_for, inputs.tune, rpc=rpc, cross_cc=target.cross_cc)
         return made(executable, tune_report=report)
 
     @staticmethod

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..artifacts import write_bytes_atomically
 from ..errors import InputError
@@ -31,12 +32,15 @@ class Tune(Option):
     """Tuning options: `trials` per task, `time_budget` in seconds for the whole model, `db` a directory
     holding the tuning records (created if missing; reused across compiles and processes; by default
     graphopt/tuning in the user's cache directory, $XDG_CACHE_HOME or ~/.cache, not the working directory).
+    `rpc` (a graphopt.RPC): measure the candidates on boards behind TVM's RPC tracker instead of here (built here,
+    cross-compiled for the target); the same as compile(rpc=...), which also times the cost model's decisions there.
     An option of the backend (no passes): TVM and backend "auto" take it (Backend.check)."""
     keyword = "tune"
     trials: int = 64
     time_budget: float = 600.0
     db: str | Path | None = None
     progress: bool = True
+    rpc: Any = None
 
     def __post_init__(self):
         if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
@@ -51,6 +55,10 @@ class Tune(Option):
             raise InputError(f"Tune(db={str(self.db)!r}): exists and is not a directory; give a folder for the "
                              "tuning records")
         object.__setattr__(self, "db", Path(self.db) if self.db is not None else default_db())
+        if self.rpc is not None:
+            from ..distributed.rpc import RPC
+            if not isinstance(self.rpc, RPC):
+                raise InputError(f"Tune(rpc={self.rpc!r}): give a graphopt.RPC(tracker=\"host:port\", key=...)")
 
 
 def default_db() -> Path:
@@ -78,6 +86,7 @@ class TuneReport:
     trials: int = 0
     seconds: float = 0.0
     progress: list[list] = field(default_factory=list)   # per task tuned now, in order: name, trials, best µs, s
+    measured: list[str] = field(default_factory=list)     # where candidates were measured (RPC: per server, lost)
 
     def table(self) -> dict:
         return {"title": "MetaSchedule tuning per task, in the order tuned (costliest first)",
@@ -88,7 +97,7 @@ class TuneReport:
         return [f"tuning: {self.trials} trials in {self.seconds:.0f} s; {len(self.tuned)} tasks tuned now, "
                 f"{len(self.reused)} from the database, {len(self.untuned)} on default schedules"] + \
                [f"tuned: {t}" for t in self.tuned] + [f"from database: {t}" for t in self.reused] + \
-               [f"default schedule: {t}" for t in self.untuned] + self.repairs
+               [f"default schedule: {t}" for t in self.untuned] + self.measured + self.repairs
 
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")   # MetaSchedule's JSONDatabase, one JSON per line
@@ -155,11 +164,12 @@ def trials_for(wanted: int, seconds_left: float, tasks_left: int, seconds_per_tr
     return trials if trials * seconds_per_trial <= seconds_left else 0
 
 
-def tune_and_compile(mod, target, tune: Tune, pipeline=None):
+def tune_and_compile(mod, target, tune: Tune, pipeline=None, rpc=None, cross_cc: str | None = None):
     """Tune what the database lacks, then compile with the best records applied by `pipeline` (TVM's default;
     for CUDA, one where DLight schedules the kernels without a record): (executable, report). One
     process at a time per database: a second one waits for the first, then reuses what it tuned (two
-    processes appending at once could interleave their lines and cut each other's records)."""
+    processes appending at once could interleave their lines and cut each other's records). With `rpc` (a
+    graphopt.RPC) the candidates are built here (linked by `cross_cc` for another ISA) and measured on its boards."""
     work_dir = target_folder(tune.db, target)
     work_dir.mkdir(parents=True, exist_ok=True)
     with open(work_dir / ".lock", "a") as lock:
@@ -170,10 +180,10 @@ def tune_and_compile(mod, target, tune: Tune, pipeline=None):
                 print(f"[graphopt tune] another process is tuning into {work_dir}; waiting for it to finish",
                       file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        return _tune_and_compile(mod, target, tune, work_dir, pipeline)
+        return _tune_and_compile(mod, target, tune, work_dir, pipeline, rpc, cross_cc)
 
 
-def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline):
+def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline, rpc=None, cross_cc=None):
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
@@ -201,6 +211,14 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline):
     todo.sort(key=lambda t: -t.weight * estimate_tir_flops(t.dispatched[0]))
     deadline = start + tune.time_budget
     builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics)
+    runner = tally = None
+    if rpc is not None and todo:   # built here for the target, measured on its boards (distributed/rpc.py)
+        from functools import partial
+        from ..distributed.rpc import Tally, board_runner, export_shared
+        builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics,
+                                          f_export=partial(export_shared, cc=cross_cc))
+        tally = Tally()
+        runner = board_runner(rpc, len(rpc.probe()), tally)
     spent, done = 0.0, 0          # seconds and trials of the tasks tuned so far: the rate for what is left
     for i, task in enumerate(todo):
         trials = trials_for(tune.trials, deadline - time.perf_counter(), len(todo) - i, spent / done if done else None)
@@ -215,7 +233,8 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline):
                                                                                      strategy=strategy)
             ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                                max_trials_global=trials, max_trials_per_task=trials,
-                               num_trials_per_iter=min(64, trials), builder=builder, database=database)
+                               num_trials_per_iter=min(64, trials), builder=builder, database=database,
+                               **({"runner": runner} if runner is not None else {}))
         report.trials += trials
         spent, done = spent + time.perf_counter() - task_start, done + trials
         best = best_us(task)
@@ -229,6 +248,9 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline):
             found = f"best {best:.1f} µs" if best is not None else "no valid schedule"
             print(f"[graphopt tune] {i + 1}/{len(todo)} tasks ({len(report.reused)} reused)  {task.task_name}: "
                   f"{found} in {trials} trials  {left:.0f} s of budget left", file=sys.stderr, flush=True)
+    if runner is not None:
+        runner.shutdown()
+        report.measured = tally.lines(rpc)
     with target:
         mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
     executable = tvm.compile(mod, target=target, relax_pipeline=pipeline or "default")

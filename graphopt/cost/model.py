@@ -6,7 +6,9 @@ backend (`BuildInputs.cost`); passes never time anything themselves. Graphs and 
 the backend will run them: lowered to ONNX Runtime on the target's providers for "ort", built by TVM (the
 backend's own `lower`) for "tvm", so a decision for `backend="tvm"` is measured on TVM and one for `cuda` on
 the GPU; one it cannot measure from this machine (`arm64`, or `cuda` without a GPU) is refused by
-`unmeasurable` rather than made on the wrong device. Verdicts — probe results and graph timings — are cached for
+`unmeasurable` rather than made on the wrong device — unless the target carries an RPC device (`Target.rpc`): then
+TVM builds are timed on a board of its key, by TVM's time_evaluator there (distributed/rpc.py), whatever the target,
+and those verdicts are keyed by the device key, apart from this machine's. Verdicts — probe results and graph timings — are cached for
 the process and on disk (cost/verdicts.py), keyed by target, backend, ISA, library versions and what was measured;
 `ledger` lists each verdict a compile asked for, measured or from the cache, for the report."""
 from __future__ import annotations
@@ -55,7 +57,8 @@ class CostModel:
         self.providers = target.providers
         isa = hashlib.sha1(" ".join(sorted(target.features)).encode()).hexdigest()[:8]
         versions = (ort.__version__, torch.__version__) + ((_tvm_version(),) if backend == "tvm" else ())
-        self.key = (target.name, backend, target.arch, isa, *versions)
+        remote = ("rpc", self.remote.key) if self.remote else ()    # boards' verdicts apart from this machine's
+        self.key = (target.name, backend, target.arch, isa, *versions, *remote)
         self.ledger: list[Entry] = []   # every verdict asked for, in order
         self._asked: set[str] = set()
         self.on_measure: Callable[[str], None] = lambda text: None   # progress: what is being timed now
@@ -69,14 +72,24 @@ class CostModel:
         return f"CostModel(target={self.target}, backend={self.backend})"
 
     @property
+    def remote(self):
+        """The RPC device TVM builds are timed on (distributed.rpc.RPC), or None: here."""
+        return self.target.rpc if self.backend == "tvm" else None
+
+    @property
     def on(self) -> str:
-        """Where decisions are timed, in words: the backend and the target ("TVM on cpu")."""
-        return f"{BACKEND_NAMES[self.backend]} on {self.target}"
+        """Where decisions are timed, in words: the backend and the target ("TVM on cpu"; "TVM on arm64, measured on
+        rpc 10.0.0.2:9190 key rk3588")."""
+        where = f", measured on {self.remote}" if self.remote else ""
+        return f"{BACKEND_NAMES[self.backend]} on {self.target}{where}"
 
     @property
     def unmeasurable(self) -> str | None:
-        """Why nothing can be timed for this target and backend from this machine (None: it can)."""
-        return self.target.ort_unavailable() if self.backend == "ort" else self.target.unmeasurable
+        """Why nothing can be timed for this target and backend from this machine or its RPC device (None: it can)."""
+        if self.backend == "ort":
+            why = self.target.ort_unavailable()
+            return why and why + (" (an RPC device times TVM builds: give backend='tvm')" if self.target.rpc else "")
+        return None if self.remote else self.target.unmeasurable
 
     def _verdict(self, name: str, args: tuple, compute: Callable[[], object]):
         """The verdict `name` for `args`: from this process, else from the store on disk, else measured (and
@@ -132,14 +145,15 @@ class CostModel:
     def _interleaved_us(self, runners: dict[str, Callable[[], Any]]) -> dict[str, float]:
         """µs per call of each runner, timed side by side in interleaved rounds: a decision between two kernels
         timed one after the other follows the machine's load instead of the kernels."""
-        return {name: ms * 1e3 for name, ms in time_side_by_side(runners, (), rounds=7, min_round_s=0.1).items()}
+        return {name: ms * 1e3 for name, ms in _clock(runners, rounds=7, min_round_s=0.1).items()}
 
     def _graph_runner(self, graph, args: tuple, kwargs: dict | None) -> Callable[[], Any]:
         """A no-argument call of an IR graph as the backend runs it."""
         if self.backend == "ort":
             return self._runner(*self._lowered(graph, args, kwargs))
         run, flat = self._lower(graph, args, kwargs or {}), graph.flat_inputs(args, kwargs or {})
-        return lambda: run(flat)
+        bind = getattr(run, "bind", None)     # a build on a board: a call the board's clock times
+        return bind(flat) if bind is not None else (lambda: run(flat))
 
     def graph_ms(self, graph, args: tuple, kwargs: dict | None = None) -> float:
         """Milliseconds per call of an IR graph as the backend runs it."""
@@ -329,7 +343,16 @@ def _exported(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
 
 def _alone_ms(run: Callable[[], Any]) -> float:
     """Median ms per call of one no-argument runner (a backend build without ORT's own clock)."""
-    return time_side_by_side({"run": run}, (), rounds=3, min_round_s=0.1)["run"]
+    return _clock({"run": run}, rounds=3, min_round_s=0.1)["run"]
+
+
+def _clock(runners: dict[str, Callable[[], Any]], rounds: int, min_round_s: float) -> dict[str, float]:
+    """Median ms per call of no-argument runners in interleaved rounds: here (clock.time_side_by_side), or, for
+    builds on a board of an RPC device, by TVM's clock on that board (distributed.rpc.board_side_by_side)."""
+    from ..distributed.rpc import BoardCall, board_side_by_side
+    if any(isinstance(r, BoardCall) for r in runners.values()):
+        return board_side_by_side(runners, rounds=rounds, min_round_s=min_round_s)
+    return time_side_by_side(runners, (), rounds=rounds, min_round_s=min_round_s)
 
 
 def _tvm_version() -> str:

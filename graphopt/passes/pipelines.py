@@ -25,9 +25,17 @@ DEFAULT_PIPELINES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# passes whose decisions are measured, added to a target's default pipeline when boards of its kind can measure them
+# (Target.rpc): arm64 leaves them out where nothing can be timed for it
+MEASURED_ON_BOARDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "arm64": {"rewrite": ("fft_conv",), "epilogue": ("fuse_epilogues",)},
+}
+
+
 def default_pipeline(target: Target) -> list[str]:
     phases = DEFAULT_PIPELINES[target.name]   # a table keyed by target, not a branch
-    return [name for phase in PHASES for name in phases.get(phase, ())]
+    extra = MEASURED_ON_BOARDS.get(target.name, {}) if target.rpc is not None else {}
+    return [name for phase in PHASES for name in extra.get(phase, ()) + phases.get(phase, ())]
 
 
 def resolve(passes: str | Sequence[str | Pass], target: Target) -> list[Pass]:

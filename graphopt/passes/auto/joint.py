@@ -8,11 +8,12 @@ that just fits on the held-out batches, and the fewer they are the more that cho
 the digits ResNet: 100 held-out images let a plan through that lost 1.5 points of test accuracy)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
 from ... import quality
-from ...errors import InputError, VerificationError
+from ...errors import InputError, UnsupportedError, VerificationError
 from ...ir import Graph
 from ..base import Pass, PassContext, PassResult, register
 from ..calibration import run_batches
@@ -42,9 +43,10 @@ class JointPlan(Pass):
     needs_calibration = True
 
     def __init__(self, budget: float = 0.01, metric: quality.Metric = "cosine", time_budget: float | None = None,
-                 families=FAMILIES, seed: int = 0, progress: bool | None = None):
+                 families=FAMILIES, seed: int = 0, progress: bool | None = None, workers=None):
         self.budget, self.metric, self.time_budget = budget, metric, time_budget
         self.families, self.seed, self.progress = tuple(families), seed, progress
+        self.workers = workers    # a graphopt.Ray: candidates' losses evaluated as Ray tasks (the same plan)
 
     def __repr__(self) -> str:
         return f"JointPlan(budget={self.budget:g}, metric={quality.name(self.metric)!r})"
@@ -69,7 +71,7 @@ class JointPlan(Pass):
         def loss(genome) -> float:
             return quality.loss(run_batches(space.built(genome), check), refs, self.metric, per_batch)
 
-        everything, all_refs = fit + check, None
+        everything, all_refs, confirm = fit + check, None, {}
 
         def confirmed(genome) -> bool:
             """A finalist's loss on every calibration batch fits too: the search picked it for fitting the held-out
@@ -78,6 +80,8 @@ class JointPlan(Pass):
             nonlocal all_refs
             if callable(self.metric):
                 return True
+            if genome in confirm:
+                return confirm[genome] <= self.budget
             all_refs = all_refs if all_refs is not None else run_batches(graph, everything)
             return quality.loss(run_batches(space.built(genome), everything), all_refs, self.metric,
                                 per_batch) <= self.budget
@@ -85,10 +89,26 @@ class JointPlan(Pass):
         # the compile's own progress line, unless Auto(progress=) asks for a bar of its own or for none
         show = _progress(self.progress) if self.progress is not None else (
             lambda line: line is not None and ctx.progress.step(line))
-        search = Search(space, loss, self.budget, proxy, deadline, self.seed, progress=show)
-        # timing the finalists takes about what timing the rates took: keep that much of the time budget for it
-        finalists = search.run(measure_reserve_s=rates_s)
+        pool = self._pool(space, fit, check, refs, per_batch, result)   # Ray workers, or None: here
+        search = Search(space, loss, self.budget, proxy, deadline, self.seed, progress=show,
+                        losses=pool and _labelled(pool, space), width=pool.width if pool else 1)
+        eval_t0 = time.perf_counter()
+        try:
+            # timing the finalists takes about what timing the rates took: keep that much of the time budget for it
+            finalists = search.run(measure_reserve_s=rates_s)
+            if pool is not None and finalists and not callable(self.metric):   # confirmed at once, in order
+                all_refs = run_batches(graph, everything)
+                genomes = [e.genome for e in finalists]
+                confirm = dict(zip(genomes, _labelled(pool, space, "all", all_refs)(genomes)))
+        finally:
+            if pool is not None:
+                pool.close()
+        if pool is not None:
+            result.notes += pool.report() + [
+                f"{search.ahead} losses computed on the workers for the search, {search.unused} of them never asked "
+                "for (computed ahead for children drawn after one that fit); the plan is the serial search's"]
         confirmed_finalists = [e for e in finalists if confirmed(e.genome)]
+        evaluating_s = time.perf_counter() - eval_t0    # every plan's loss, the finalists' confirmations included
         for e in finalists:
             if e not in confirmed_finalists:
                 e.origin += " (not confirmed on all batches)"
@@ -103,9 +123,27 @@ class JointPlan(Pass):
                                     f"budget {self.budget:g} it measured within during the search ({chosen.loss:.4g})")
         show(None)
         self._describe(result, space, search, plan, chosen, final_loss, notes)
-        result.notes.append(f"time: rates measured in {rates_s:.1f} s, move proxies in {proxy_s:.1f} s, search and "
-                            f"finalists {search_s - rates_s - proxy_s:.1f} s; stopped: {search.stopped}")
+        start_s = pool.startup_s if pool is not None else 0.0
+        waited = sum(search.eval_s) / max(len(search.eval_s), 1)
+        result.notes.append(f"time: rates measured in {rates_s:.1f} s, move proxies in {proxy_s:.1f} s, "
+                            + (f"Ray start-up {start_s:.1f} s, " if pool is not None else "")
+                            + f"search and finalists {search_s - rates_s - proxy_s - start_s:.1f} s, of which "
+                            f"evaluating plans {evaluating_s:.1f} s ({waited:.3f} s waited per plan); stopped: "
+                            f"{search.stopped}")
         return result
+
+    def _pool(self, space: Space, fit: list, check: list, refs: list, per_batch: int, result: PassResult):
+        """The Ray workers evaluating candidates, or None: serial, or a graph that cannot travel (noted)."""
+        if self.workers is None:
+            return None
+        from ...distributed.ray_eval import RayPool
+        from ...ir.wire import to_wire
+        try:
+            wire = to_wire(space.graph)
+        except UnsupportedError as e:
+            result.notes.append(f"candidates evaluated here, not on {self.workers!r}: the graph cannot travel ({e})")
+            return None
+        return RayPool(self.workers, space, wire, fit, check, refs, self.metric, per_batch)
 
     def _choose(self, space: Space, search: Search, finalists: list[Evaluated]):
         """The fastest finalist as measured side by side with dense; None where none measures faster."""
@@ -166,6 +204,14 @@ class JointPlan(Pass):
                                                                    "loss alone"],
                      [[r["where"], r["family"], r["level"], r["saves_ms"], r["loss_alone"]] for r in plan.layers
                       if r["level"] not in (0, False, "float")], bars=("saves ms", "loss alone"), unit="")
+
+
+def _labelled(pool, space: Space, which: str = "check", refs: list | None = None):
+    """Genomes → the pool's (label, plan) pairs → their losses, in order."""
+    def losses(genomes: list) -> list[float]:
+        plans = [space.plan(g) for g in genomes]
+        return pool.losses([(f"plan {p.summary()}", dataclasses.asdict(p)) for p in plans], which, refs)
+    return losses
 
 
 def _proxies(space: Space, graph: Graph, fit: list, held_out: tuple) -> dict:

@@ -3,6 +3,9 @@
     graphopt.Auto(budget=0.01, metric="cosine" | "top1" | callable, time_budget=None)
         search the fastest plan across quantization, structured pruning and layer skipping whose loss on
         held-out calibration batches fits the budget (cm.plan says what it chose)
+    graphopt.Auto(..., workers=4) / Auto(..., ray_address="host:port") / Auto(..., workers=graphopt.Ray(...))
+        the same search, the same plan, its candidates' losses evaluated as Ray tasks (a local Ray of 4 worker
+        processes, or an existing cluster); latency is still measured here, on the target
     graphopt.Plan.load("plan.json")  (or the path itself)
         rebuild a saved plan without searching
 A metric callable gets (outputs, reference) — lists with one entry per held-out batch, the candidate's and the
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ... import quality
+from ...distributed.ray_eval import Ray
 from ...errors import InputError, UnsupportedError
 from ...numerics import flat_tensors
 from ...options import Option
@@ -45,7 +49,12 @@ class _Planned(Option):
 class Auto(_Planned):
 
     def __init__(self, budget: float = 0.01, metric: quality.Metric = "cosine", time_budget: float | None = None,
-                 families=FAMILIES, seed: int = 0, progress: bool | None = None, early_exit: bool = False):
+                 families=FAMILIES, seed: int = 0, progress: bool | None = None, early_exit: bool = False,
+                 workers: int | Ray | None = None, ray_address: str | None = None):
+        """workers / ray_address: where candidate plans' losses are evaluated — this process (None, the default),
+        a local Ray of `workers` processes, the Ray cluster at `ray_address`, or graphopt.Ray(...) for its timeouts
+        and retries. The plan is the same as the serial search's for the same seed (graphopt.Ray says what
+        travels); Ray is imported only when asked for."""
         quality.check("Auto", budget, metric)
         if not isinstance(early_exit, bool):
             raise InputError(f"Auto(early_exit={early_exit!r}): True allows a dynamic program (per-sample exits), "
@@ -64,10 +73,12 @@ class Auto(_Planned):
             raise InputError(f"Auto(seed={seed!r}): give an int")
         self.budget, self.metric, self.time_budget = float(budget), metric, time_budget
         self.families, self.seed, self.progress, self.early_exit = families, seed, progress, early_exit
+        self.distributed = _distributed(workers, ray_address)
 
     def __repr__(self) -> str:
         extra = (f", time_budget={self.time_budget:g}" if self.time_budget else "") + \
-            (", early_exit=True" if self.early_exit else "")
+            (", early_exit=True" if self.early_exit else "") + (f", workers={self.distributed!r}" if self.distributed
+                                                                else "")
         return f"Auto(budget={self.budget:g}, metric={quality.name(self.metric)!r}{extra})"
 
     split = staticmethod(split)   # (fitting batches, held-out batches) of a calibration list
@@ -81,6 +92,8 @@ class Auto(_Planned):
             EarlyExit(self.budget, self.metric).check_graph(graph)
 
     def check(self, model: torch.nn.Module, target, backend: str) -> None:
+        if self.distributed is not None:      # Ray installed, the cluster's address answers: before capture
+            self.distributed.check()
         why = target.ort_unavailable() if backend in ("ort", "auto") else target.unmeasurable
         if why:
             raise UnsupportedError(f"optimize={self!r} measures every plan's latency on the target, and {why}; "
@@ -108,8 +121,22 @@ class Auto(_Planned):
         made = available()
         static = EXIT_SHARE if self.early_exit else 1.0
         joint = made["auto"](self.budget * static, self.metric, self.time_budget, self.families, self.seed,
-                             self.progress)
+                             self.progress, workers=self.distributed)
         return [joint] + ([made["early_exit"](self.budget * (1 - static), self.metric)] if self.early_exit else [])
+
+
+def _distributed(workers, ray_address) -> Ray | None:
+    """Auto's workers= and ray_address= as one graphopt.Ray (or None: evaluated in this process)."""
+    if isinstance(workers, Ray):
+        if ray_address is not None:
+            raise InputError("Auto(workers=graphopt.Ray(...), ray_address=...): give the address inside Ray(address=)")
+        return workers
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise InputError(f"Auto(workers={workers!r}): give how many candidates to evaluate at once as Ray tasks "
+                         "(an int ≥ 1), a graphopt.Ray(...), or None to evaluate them in this process")
+    if workers is None and ray_address is None:
+        return None
+    return Ray(address=ray_address, workers=workers)
 
 
 class SavedPlan(_Planned):

@@ -142,6 +142,19 @@ class GroupPruning:
         self._graph = graph
         self._refits: dict[tuple, tuple] = {}   # (reader, group, units removed, rows) → reconstructed weights
 
+    def portable(self) -> dict:
+        """What `apply` reads, as plain data (statistics and rankings by name, no nodes): for another process."""
+        return {"stats": self.stats, "order": self.order, "reconstruct": self.reconstruct}
+
+    @classmethod
+    def restore(cls, graph: Graph, state: dict) -> "GroupPruning":
+        """The pruning `portable()` wrote, on `graph` (the same graph, rebuilt elsewhere), measured nothing again."""
+        self = cls.__new__(cls)
+        self.stats, self.order, self.reconstruct = state["stats"], state["order"], state["reconstruct"]
+        self.groups = {g.key: g for g in keyed(find_groups(graph)) if g.key in self.order}
+        self._graph, self._refits = graph, {}
+        return self
+
     def steps(self, g: Group) -> list[int]:
         """The numbers of units a budget plan may remove from `g` (STEPS of its units, at least one kept)."""
         return sorted({min(max(round(s * g.units), 1), g.units - 1) for s in STEPS})
