@@ -40,7 +40,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             accuracy_budget: float | None = None, layer_skip: LayerSkip | None = None,
             early_exit: EarlyExit | None = None, sparsity: Sparsity | None = None,
             optimize=None, precision: str = "fp32", check: bool = True,
-            progress: bool | None = None, rpc=None) -> CompiledModule:
+            progress: bool | None = None, rpc=None, measure: float | None = None) -> CompiledModule:
     """Capture `model` on `example_inputs` (a tuple of positional inputs, a dict of keyword inputs, or
     one tensor), optimize it and build it for `target`.
 
@@ -87,6 +87,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     progress: a progress line on stderr (each phase and what it measures now): True, False, or None (default) for
     only when stderr is a terminal.
 
+    measure: the seconds this compile may spend measuring decisions on the target (verdicts from the cache cost
+    nothing); once spent, the decisions after take their stated defaults (conv epilogues fused, long convs left
+    direct, ORT's fusions as ORT applies them), each saying so in its notes. None (default): no limit.
+
     rpc: graphopt.RPC(tracker="host:port", key=...): boards of the target's kind behind TVM's RPC tracker, where TVM
     builds are measured — MetaSchedule's candidates (tune=, which may carry it instead: Tune(rpc=...)) and the cost
     model's decisions for backend="tvm" — and where an arm64 TVM module's calls run. Probed before any work.
@@ -94,6 +98,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
     What planning passes decided (quantize="auto"'s per-layer plan, early exit's exits) is in `cm.plans`."""
     # 1. everything the user gave is checked before any work
     tgt = get_target(target, _rpc(rpc, tune))
+    if measure is not None and (isinstance(measure, bool) or not isinstance(measure, (int, float))
+                                or not math.isfinite(measure) or measure < 0):
+        raise InputError(f"measure={measure!r}: give the seconds this compile may spend measuring, a finite number "
+                         "≥ 0 (0: measure nothing, take every default), or None for no limit")
     be = get_backend(backend, tgt)
     options = [_option("sparsity", sparsity, Sparsity), quantization(quantize, accuracy_budget),
                _option("layer_skip", layer_skip, LayerSkip), _option("early_exit", early_exit, EarlyExit),
@@ -153,6 +161,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str | Target
             _check_cond_options(pipeline, dynamic_shapes)
         cost = be.cost_model(tgt)            # every measured decision, timed as this backend runs the model
         cost.on_measure = shown.step
+        cost.measure_budget = measure
         manager = PassManager(pipeline, default_instruments(dump_dir, verify, tolerance, reference, check))
         manager.run(graph, PassContext(tgt, args, kwargs, calibration, cost, shown))
         shown.phase(f"build ({be.name})")

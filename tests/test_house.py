@@ -122,6 +122,24 @@ def test_a_second_compile_measures_nothing(monkeypatch):
     assert graph_text(second.graph) == graph_text(first.graph)
 
 
+def test_a_measure_budget_of_zero_measures_nothing_and_says_so(monkeypatch):
+    """compile(measure=0): with nothing cached, no verdict is measured; the decisions take their stated defaults
+    and say why; the model still matches eager. Without the budget the same compile measures (the control)."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    monkeypatch.setattr(cost_model, "_VERDICTS", {})
+    cm = graphopt.compile(m, (x,), measure=0)
+    notes = [n for r in cm.report for n in r.notes]
+    assert not any("measured on" in n for n in notes), notes
+    assert any("measure budget of 0 s is spent" in n for n in notes), notes
+    torch.testing.assert_close(cm(x), m(x), rtol=1e-4, atol=1e-5)
+    control = graphopt.compile(m, (x,))
+    assert any("measured on" in n for r in control.report for n in r.notes)
+    with pytest.raises(graphopt.InputError, match="measure="):
+        graphopt.compile(m, (x,), measure=-1)
+
+
 def test_a_compile_off_a_terminal_writes_nothing_and_warns_nothing(capfd):
     """No progress unless asked or on a terminal, and no warning reaches the user — graphopt's own or the
     exporters' (filtered where graphopt calls them), on the demo's models."""

@@ -217,7 +217,9 @@ def test_tuning_measures_on_both_x86_servers(fleet, tmp_path):
     counts = per_server(notes)
     servers = set(RPC(fleet.tracker, "x86").servers())
     assert set(counts) == servers and all(n > 0 for n in counts.values()), counts   # both measured
-    assert sum(counts.values()) == cm.executable.tune_report.trials == 8
+    # 8 trials per task the time budget reaches (the MLP's second task too, on a quiet machine)
+    trials = cm.executable.tune_report.trials
+    assert sum(counts.values()) == trials and trials in (8, 16), (counts, trials)
     assert not any("lost" in n for n in notes)
     assert_matches(cm, model, args)
 
@@ -284,5 +286,5 @@ def test_a_server_killed_mid_tuning_loses_its_measurement_only(fleet, tmp_path):
     lost = next(n for n in notes if "measurements lost" in n)
     assert int(lost.split()[0]) >= 1
     counts = per_server(notes)
-    assert sum(counts.values()) + int(lost.split()[0]) == 8
+    assert sum(counts.values()) + int(lost.split()[0]) == cm.executable.tune_report.trials in (8, 16)
     assert_matches(cm, model, args)

@@ -60,6 +60,11 @@ class CostModel:
         remote = ("rpc", self.remote.key) if self.remote else ()    # boards' verdicts apart from this machine's
         self.key = (target.name, backend, target.arch, isa, *versions, *remote)
         self.ledger: list[Entry] = []   # every verdict asked for, in order
+        # compile(measure=s): the seconds this compile may spend measuring (None: no limit); once spent, decisions
+        # take their stated defaults, as for a target nothing can be timed on (`unmeasurable` says why)
+        self.measure_budget: float | None = None
+        self.spent_s = 0.0              # measuring wall time so far (nested verdicts counted once)
+        self._measuring = 0
         self._asked: set[str] = set()
         self.on_measure: Callable[[str], None] = lambda text: None   # progress: what is being timed now
 
@@ -85,7 +90,11 @@ class CostModel:
 
     @property
     def unmeasurable(self) -> str | None:
-        """Why nothing can be timed for this target and backend from this machine or its RPC device (None: it can)."""
+        """Why nothing can be timed for this target and backend from this machine or its RPC device, or why nothing
+        more may be timed in this compile (None: it can)."""
+        if self.measure_budget is not None and self.spent_s >= self.measure_budget:
+            return (f"compile's measure budget of {self.measure_budget:g} s is spent ({self.spent_s:.1f} s measured); "
+                    "give a larger measure= to measure more")
         if self.backend == "ort":
             why = self.target.ort_unavailable()
             return why and why + (" (an RPC device times TVM builds: give backend='tvm')" if self.target.rpc else "")
@@ -102,8 +111,14 @@ class CostModel:
         if value is MISSING:
             self.on_measure(f"measuring {name.replace('_', ' ')}")
             t0 = time.perf_counter()
-            value = compute()
-            self.ledger.append(Entry(name, time.perf_counter() - t0, False))
+            self._measuring += 1
+            try:
+                value = compute()
+            finally:
+                self._measuring -= 1
+            seconds = time.perf_counter() - t0
+            self.spent_s += seconds if not self._measuring else 0.0
+            self.ledger.append(Entry(name, seconds, False))
             self.store.put(key, value)
         else:
             self.ledger.append(Entry(name, 0.0, True))
@@ -277,8 +292,8 @@ class CostModel:
         this target's probes: ORT fuses patterns at session creation whether or not its fused kernel is faster
         (on this project's x86-64 machine SkipLayerNormalization runs ~6× slower than the Add +
         LayerNormalization it replaces)."""
-        if self.backend != "ort" or not self.target.host:
-            return ()
+        if self.backend != "ort" or not self.target.host or self.unmeasurable:
+            return ()           # ORT's fusions as ORT applies them
         return self._verdict("fusion_timings", (), self._fusion_timings) + (
             self._verdict("int8_fusion_timings", (), self._int8_fusion_timings) if _has_int8_matmul(model) else ())
 
