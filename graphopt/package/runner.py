@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,10 @@ def tvm_runner(folder: Path, manifest: dict, threads: int):
     import tvm
     from tvm import relax
     library = manifest["library"]
+    here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    if manifest.get("arch") and manifest["arch"] != here:     # TVM's loader would only say it cannot load it
+        raise BundleError(f"the TVM library is built for {manifest['arch']} and this machine is {here}: run it "
+                          "there" + (", or use --backend ort (its ONNX model)" if manifest.get("segments") else ""))
     checked_bytes(folder, library)
     device = tvm.cuda() if manifest["target"] == "cuda" else tvm.cpu()
     if not device.exist:
