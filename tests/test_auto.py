@@ -19,23 +19,27 @@ WIDTH, HIDDEN, BLOCKS = 128, 512, 6
 
 
 class Block(torch.nn.Module):
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, width: int = WIDTH, hidden: int = HIDDEN):
         super().__init__()
-        self.up, self.down = torch.nn.Linear(WIDTH, HIDDEN), torch.nn.Linear(HIDDEN, WIDTH)
+        self.up, self.down = torch.nn.Linear(width, hidden), torch.nn.Linear(hidden, width)
         with torch.no_grad():
             self.down.weight.mul_(scale)
-            self.up.weight[HIDDEN // 2:].mul_(1e-4)   # half the units barely contribute: cheap to prune
+            self.up.weight[hidden // 2:].mul_(1e-4)   # half the units barely contribute: cheap to prune
 
     def forward(self, x):
         return x + self.down(torch.relu(self.up(x)))
 
 
 class ResidualMLP(torch.nn.Module):
-    def __init__(self):
+    """`blocks` residual blocks, those at `near_identity` with their branch scaled almost to nothing (also the model
+    of test_distributed.py, smaller)."""
+    def __init__(self, inputs: int = 64, width: int = WIDTH, hidden: int = HIDDEN, blocks: int = BLOCKS,
+                 outputs: int = 32, near_identity: tuple = (1, 4)):
         super().__init__()
-        self.inp = torch.nn.Linear(64, WIDTH)
-        self.blocks = torch.nn.Sequential(*[Block(1e-4 if i in (1, 4) else 1.0) for i in range(BLOCKS)])
-        self.head = torch.nn.Linear(WIDTH, 32)
+        self.inp = torch.nn.Linear(inputs, width)
+        self.blocks = torch.nn.Sequential(*[Block(1e-4 if i in near_identity else 1.0, width, hidden)
+                                            for i in range(blocks)])
+        self.head = torch.nn.Linear(width, outputs)
 
     def forward(self, x):
         return self.head(self.blocks(self.inp(x)))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.errors import InputError
+from test_auto import ResidualMLP
 
 pytest.importorskip("ray")
 
@@ -26,28 +27,10 @@ WIDTH, HIDDEN, BLOCKS, BUDGET = 32, 64, 3, 0.02
 FAMILIES = ("quant", "prune", "skip")
 
 
-class Block(torch.nn.Module):
-    def __init__(self, scale: float):
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(WIDTH, HIDDEN), torch.nn.Linear(HIDDEN, WIDTH)
-        with torch.no_grad():
-            self.down.weight.mul_(scale)
-            self.up.weight[HIDDEN // 2:].mul_(1e-4)   # half the units barely contribute: cheap to prune
-
-    def forward(self, x):
-        return x + self.down(torch.relu(self.up(x)))
-
-
-class ResidualMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = torch.nn.Linear(16, WIDTH)
-        self.blocks = torch.nn.Sequential(*[Block(1e-4 if i == 1 else 1.0) for i in range(BLOCKS)])
-        self.head = torch.nn.Linear(WIDTH, 8)
-
-    def forward(self, x):
-        return self.head(self.blocks(self.inp(x)))
+def residual_mlp():
+    """test_auto.py's model, smaller: 3 blocks 32 → 64 → 32, the second near identity."""
+    torch.manual_seed(0)
+    return ResidualMLP(inputs=16, width=WIDTH, hidden=HIDDEN, blocks=BLOCKS, outputs=8, near_identity=(1,))
 
 
 def batches(n, seed):
@@ -57,7 +40,7 @@ def batches(n, seed):
 
 @pytest.fixture(scope="module")
 def model():
-    return ResidualMLP().eval()
+    return residual_mlp().eval()
 
 
 @pytest.fixture(scope="module")
