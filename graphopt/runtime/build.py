@@ -52,10 +52,10 @@ def one_sample_graph(dispatcher: EarlyExitExecutable, plan, target: Target, cost
         return None, ["one sample per call: the host dispatcher (a segment keeps its weights outside its ONNX model, "
                       "past 2 GB: the exits as one ONNX graph with `If` would hold them all)"]
     model = exits_as_if([s.model for s in segments], dispatcher.routes, dispatcher.thresholds)
-    providers = target.providers or ("CPUExecutionProvider",)
-    sessions = {"If": ort_session(model.SerializeToString(), providers)}
+    providers, serialized = target.providers or ("CPUExecutionProvider",), model.SerializeToString()
+    sessions = {"If": ort_session(serialized, providers)}
     if providers[0] == "CPUExecutionProvider":
-        sessions["If, 1 thread"] = ort_session(model.SerializeToString(), providers, threads=1)
+        sessions["If, 1 thread"] = ort_session(serialized, providers, threads=1)
     given = {}                            # the model's inputs, first sample: from each segment's example inputs
     for k, (route, example) in enumerate(zip(dispatcher.routes, plan.example)):
         given.update(zip(route, example[0 if k == 0 else 1:]))

@@ -12,9 +12,7 @@ import numpy as np
 import torch
 
 from ..backends import Executable
-from .exit_graph import EXIT
-
-SINGLE_OUTPUTS = ["output", EXIT]    # the one-sample If graph's outputs (exit_graph.exits_as_if)
+from .exit_graph import EXIT, OUTPUT
 
 
 class EarlyExitExecutable:
@@ -39,7 +37,7 @@ class EarlyExitExecutable:
         if self.single is not None and inputs[0].shape[0] == 1:
             # one sample per call: every µs of host work shows (the If graph itself runs in ~40 µs)
             _, session, order = self.single
-            out, self._exits = session.run(SINGLE_OUTPUTS, {name: _np(inputs[i]) for name, i in order})
+            out, self._exits = session.run([OUTPUT, EXIT], {name: _np(inputs[i]) for name, i in order})
             return [torch.from_numpy(out)]
         return self.run_segments(inputs)
 

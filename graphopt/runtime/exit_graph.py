@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-EXIT = "exit_index"
+OUTPUT, EXIT = "output", "exit_index"     # the graph's outputs: the model's output, the exit taken
 
 
 def exits_as_if(models: list[onnx.ModelProto], routes: list[list[int]], thresholds: list[float]) -> onnx.ModelProto:
@@ -54,16 +54,16 @@ def exits_as_if(models: list[onnx.ModelProto], routes: list[list[int]], threshol
         rest_nodes, rest_out, rest_exit = scope(k + 1)   # the else-branch returns its values as computed: no copy
         rest = helper.make_graph(rest_nodes, f"after_exit{k}", [],
                                  [helper.make_value_info(rest_out, out_type), _scalar(rest_exit)])
-        out, exit_index = ("output", EXIT) if k == 0 else (f"s{k}/out", f"s{k}/{EXIT}")
+        out, exit_index = (OUTPUT, EXIT) if k == 0 else (f"s{k}/out", f"s{k}/{EXIT}")
         nodes.append(helper.make_node("If", [cond], [out, exit_index], then_branch=here, else_branch=rest))
         return nodes, out, exit_index
 
     hidden_of: dict[int, str] = {}
     nodes, out, exit_index = scope(0)
-    if out != "output":                   # no exit at all: the segment's own output
-        nodes += [helper.make_node("Identity", [out], ["output"]), helper.make_node("Identity", [exit_index], [EXIT])]
+    if out != OUTPUT:                     # no exit at all: the segment's own output
+        nodes += [helper.make_node("Identity", [out], [OUTPUT]), helper.make_node("Identity", [exit_index], [EXIT])]
     graph = helper.make_graph(nodes, "early_exit", [inputs[i] for i in sorted(inputs)],
-                              [helper.make_value_info("output", out_type), _scalar(EXIT)], initializers)
+                              [helper.make_value_info(OUTPUT, out_type), _scalar(EXIT)], initializers)
     opsets: dict[str, int] = {}
     for m in models:
         for o in m.opset_import:

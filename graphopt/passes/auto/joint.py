@@ -115,7 +115,7 @@ class JointPlan(Pass):
         chosen = self._choose(space, search, confirmed_finalists)
         plan = space.plan(chosen.genome) if chosen else Plan()
         search_s = time.perf_counter() - t0
-        notes = apply(graph, plan, ctx, fit, space.pruning, space.qopts)
+        notes = apply(graph, plan, ctx, fit, space.pruning, space.qopts, space.maps_for(plan))
         graph.eliminate_dead_code()
         final_loss = quality.loss(run_batches(graph, check), refs, self.metric, per_batch) if not plan.empty else 0.0
         if final_loss > self.budget:     # the plan applied must be the plan measured: never keep one over budget

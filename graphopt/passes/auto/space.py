@@ -10,7 +10,8 @@ pruned graph), quantize the layers left — so a plan rebuilds the same graph wh
 
 Milliseconds come from the cost model (the backend that will run the model, on the target), timed side by side
 once per compile: the dense graph, each uniform precision, every group pruned by half, the graph without each
-kind of block, and with each kind of block replaced by each form of map. From these a plan's latency is estimated per layer — its multiply-adds after pruning at the dense
+kind of block, and with each kind of block replaced by each form of map. From these a plan's latency is estimated
+per layer — its multiply-adds after pruning at the dense
 rate, less what its precision saves per multiply-add — so the search can rank thousands of plans; the finalists
 are then built and timed for real."""
 from __future__ import annotations
@@ -108,9 +109,13 @@ class Space:
         """A copy of the graph with the plan applied (the graph itself is never changed)."""
         plan = genome_or_plan if isinstance(genome_or_plan, Plan) else self.plan(genome_or_plan)
         trial = copy_graph(self.graph)
-        # the maps fitted on the dense graph serve every plan that prunes nothing (pruning changes their inputs)
-        apply(trial, plan, self.ctx, self.fit, self.pruning, self.qopts, None if plan.prune else self.maps)
+        apply(trial, plan, self.ctx, self.fit, self.pruning, self.qopts, self.maps_for(plan))
         return trial
+
+    def maps_for(self, plan: Plan) -> dict | None:
+        """The maps fitted on the dense graph, for a plan that prunes nothing (pruning changes their inputs: apply
+        refits them then)."""
+        return None if plan.prune else self.maps
 
     # --- milliseconds ------------------------------------------------------------------------------
     def measure_rates(self) -> None:
@@ -178,7 +183,8 @@ class Space:
         units = {k.key: k.units for k in self.knobs if k.family == "prune"}
         kept = {key: 1 - removed / units[key] for key, removed in plan.prune.items()}
         for name, macs in self.macs.items():
-            if self.in_block.get(name) in plan.drop or self.in_block.get(name) in plan.replace:
+            block = self.in_block.get(name)
+            if block in plan.drop or block in plan.replace:
                 continue
             keep = kept.get(self.out_group.get(name), 1.0) * kept.get(self.in_group.get(name), 1.0)
             ms -= (1 - keep) * macs * self.dense_rate + keep * macs * self.rate.get(plan.quantize.get(name), 0.0)
@@ -258,8 +264,7 @@ def fitted_maps(graph: Graph, fit: list, blocks: list[Block]) -> dict[str, dict[
     """Per block (by its add's name): its maps fitted on `fit`, by form (a linear map; a low-rank one where
     rank d/8 is cheaper)."""
     found = fit_maps(graph, fit, blocks)
-    return {b.add.name: {("linear map" if m.weight is not None else "low-rank map"): m for m in found[b.index]}
-            for b in blocks if b.index in found}
+    return {b.add.name: {m.kind: m for m in found[b.index]} for b in blocks if b.index in found}
 
 
 def _steps(steps: list[int], units: int) -> list[int]:

@@ -38,6 +38,11 @@ class BlockMap:
         return "linear map" if self.weight is not None else f"rank-{self.down.shape[1]} map"
 
     @property
+    def kind(self) -> str:
+        """The form without its rank ("linear map" | "low-rank map"): what a joint plan names."""
+        return "linear map" if self.weight is not None else "low-rank map"
+
+    @property
     def macs_per_position(self) -> int:
         if self.weight is not None:
             return self.weight.numel()
