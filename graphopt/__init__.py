@@ -7,7 +7,7 @@ from . import passes
 from .api import compile
 from .backends.tvm_tune import Tune
 from .compiled import CompiledModule
-from .distributed.ray_eval import Ray
+from .distributed.ray_cluster import Ray
 from .distributed.rpc import RPC
 from .errors import CaptureError, GraphoptError, InputError, UnsupportedError, VerificationError
 from .options import Option

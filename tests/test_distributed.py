@@ -1,15 +1,18 @@
 """graphopt.Auto's candidates evaluated as Ray tasks (issue 31): the same plan as the serial search, an unreachable
-cluster refused before capture, a worker killed mid-search survived and reported.
+cluster refused before capture, a worker killed mid-search survived and reported. MetaSchedule's candidates built as
+Ray tasks (Tune(workers=)): built there, measured here, the tuned model matches eager, a killed builder is retried.
 
 One local Ray of two worker processes serves the module (its start takes seconds); Auto(workers=2) finds it
 initialized and uses it as it is. The model is small and built so that every family has something to take (as in
 test_auto.py), so a search measures a few dozen plans in seconds."""
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +140,14 @@ def test_an_unreachable_ray_address_is_an_input_error_before_capture(monkeypatch
         graphopt.Auto(workers=0)
     with pytest.raises(InputError, match="Ray\\(address="):
         graphopt.Auto(workers=graphopt.Ray(), ray_address="127.0.0.1:6379")
+    # the tuner's builders too: checked with the backend, before capture
+    pytest.importorskip("tvm")
+    with socket_closed_port() as port:
+        with pytest.raises(InputError, match=f"127.0.0.1:{port}.*unreachable"):
+            graphopt.compile(model, calibration[0], backend="tvm",
+                             tune=graphopt.Tune(trials=8, ray_address=f"127.0.0.1:{port}"))
+    with pytest.raises(InputError, match="Tune\\(workers=0\\)"):
+        graphopt.Tune(workers=0)
 
 
 class socket_closed_port:
@@ -181,11 +192,11 @@ def test_ray_is_not_imported_unless_asked():
 
 
 class WorkerKiller(threading.Thread):
-    """Kills (SIGKILL) the first `times` Ray worker processes seen evaluating a candidate."""
+    """Kills (SIGKILL) the first `times` Ray worker processes seen running `task` (evaluating a candidate)."""
 
-    def __init__(self, times: int = 1):
+    def __init__(self, times: int = 1, task: bytes = b"ray::_evaluate"):
         super().__init__(daemon=True)
-        self.times, self.killed, self.stop = times, [], threading.Event()
+        self.times, self.killed, self.stop, self.task = times, [], threading.Event(), task
 
     def run(self):
         while not self.stop.is_set() and len(self.killed) < self.times:
@@ -197,7 +208,7 @@ class WorkerKiller(threading.Thread):
                         title = f.read()
                 except OSError:
                     continue
-                if title.startswith(b"ray::_evaluate"):
+                if title.startswith(self.task):
                     os.kill(int(pid), signal.SIGKILL)
                     self.killed.append(int(pid))
                     break
@@ -224,3 +235,47 @@ def test_a_worker_killed_mid_search_is_retried_or_reported_lost(cluster, serial,
         lost = [n for n in notes if n.startswith("lost:")]
         assert lost and "counted as over the budget" in lost[0], notes
     assert held_out_loss(cm, model, calibration) <= BUDGET
+
+
+def tune_on_ray(tmp_path, **ray):
+    """A 64 → 128 linear + ReLU (one MetaSchedule task) tuned with 8 trials, its candidates built as Ray tasks."""
+    pytest.importorskip("tvm")
+    torch.manual_seed(0)
+    mlp, x = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU()).eval(), (torch.randn(4, 64),)
+    tune = graphopt.Tune(trials=8, time_budget=600, db=tmp_path / "db", progress=False,
+                         workers=graphopt.Ray(workers=2, task_timeout_s=120, **ray))
+    cm = graphopt.compile(mlp, x, backend="tvm", tune=tune)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(*x), mlp(*x), rtol=1e-5, atol=1e-5)   # the tuned build against eager
+    return cm.executable.tune_report
+
+
+def builder_folders() -> set:
+    import tempfile
+    return {p.name for p in Path(tempfile.gettempdir()).glob("graphopt-ray-build-*")}
+
+
+def test_tuning_builds_its_candidates_as_ray_tasks(cluster, tmp_path):
+    before = builder_folders()
+    report = tune_on_ray(tmp_path)
+    assert report.trials == 8 and report.tuned == ["fused_matmul_add_relu"], report.lines()
+    assert report.built[0].startswith("built 8 candidates as Ray tasks in 1 batches"), report.built
+    tally = re.search(r"on the Ray this process had started, 2 at once: (\d+) tasks on (\d+) worker processes",
+                      report.built[1])
+    assert tally and int(tally[1]) == 8 and int(tally[2]) >= 1, report.built
+    assert builder_folders() == before     # the built libraries are removed with the tuning
+
+
+@pytest.mark.slow
+def test_a_builder_killed_mid_tuning_is_retried(cluster, tmp_path):
+    killer = WorkerKiller(task=b"ray::_build")
+    killer.start()
+    try:
+        report = tune_on_ray(tmp_path, retries=2)
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed, "no worker was seen building a candidate"
+    retried = [n for n in report.built if n.startswith("retried:")]
+    assert retried and "submitted again" in retried[0], report.built
+    assert not any(n.startswith("lost:") for n in report.built) and report.trials == 8

@@ -127,6 +127,10 @@ class TvmBackend:
             refusal = target.tune_refusal(tune.time_budget)
             if refusal is not None:
                 raise refusal
+            if tune.builders is not None and target.gpu:
+                raise UnsupportedError(f"Tune(workers={tune.builders!r}) builds CPU targets' candidates on Ray; "
+                                       "CUDA candidates are built on this machine: leave workers= and ray_address= out")
+            tune.check()
 
     def cost_model(self, target: Target) -> CostModel:
         """Decisions timed on TVM builds of this target (untuned: the tuner runs after the passes); with an RPC

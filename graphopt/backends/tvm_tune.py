@@ -6,17 +6,21 @@ same model does zero trials. Each target tunes into a folder of its own inside t
 2-core and a 16-core machine, or a CPU and a GPU, would apply one's schedules to the other. Tasks are tuned costliest first (FLOPs × calls); the time budget is
 planned between tasks from the seconds per trial so far: when `trials` for every task left no longer
 fits, each gets an even share (at least MIN_TRIALS), and a task that gets no trials keeps TVM's default
-schedule. Builder workers skip importing TVM's tensor intrinsics
-(tens of seconds per worker on this machine) because fp32 schedules do not tensorize."""
+schedule. Neither builder workers nor this process import all of TVM's tensor intrinsics (60–100 s here, nearly all
+of it CUDA's and ROCm's): a CPU tuning registers only its own ISA's (`cpu_intrinsics_only`)."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import importlib
+import importlib.util
 import hashlib
 import json
 import math
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,9 @@ class Tune(Option):
     graphopt/tuning in the user's cache directory, $XDG_CACHE_HOME or ~/.cache, not the working directory).
     `rpc` (a graphopt.RPC): measure the candidates on boards behind TVM's RPC tracker instead of here (built here,
     cross-compiled for the target); the same as compile(rpc=...), which also times the cost model's decisions there.
+    `workers` / `ray_address`: build the candidates as Ray tasks — a local Ray of `workers` processes, the cluster at
+    `ray_address`, or a graphopt.Ray(...) for its timeouts and retries (distributed/ray_build.py); measurements
+    stay here or on the boards of `rpc`. By default MetaSchedule's LocalBuilder builds them on this machine's cores.
     An option of the backend (no passes): TVM and backend "auto" take it (Backend.check)."""
     keyword = "tune"
     trials: int = 64
@@ -41,6 +48,8 @@ class Tune(Option):
     db: str | Path | None = None
     progress: bool = True
     rpc: Any = None
+    workers: Any = None
+    ray_address: str | None = None
 
     def __post_init__(self):
         if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
@@ -59,6 +68,13 @@ class Tune(Option):
             from ..distributed.rpc import RPC
             if not isinstance(self.rpc, RPC):
                 raise InputError(f"Tune(rpc={self.rpc!r}): give a graphopt.RPC(tracker=\"host:port\", key=...)")
+        from ..distributed.ray_cluster import ray_option
+        object.__setattr__(self, "builders", ray_option("Tune", self.workers, self.ray_address))
+
+    def check(self) -> None:
+        """Before capture: where the candidates are built answers (Ray installed, the cluster's address up)."""
+        if self.builders is not None:
+            self.builders.check()
 
 
 def default_db() -> Path:
@@ -87,6 +103,7 @@ class TuneReport:
     seconds: float = 0.0
     progress: list[list] = field(default_factory=list)   # per task tuned now, in order: name, trials, best µs, s
     measured: list[str] = field(default_factory=list)     # where candidates were measured (RPC: per server, lost)
+    built: list[str] = field(default_factory=list)        # how candidates were built: batches, seconds, Ray's tally
 
     def table(self) -> dict:
         return {"title": "MetaSchedule tuning per task, in the order tuned (costliest first)",
@@ -97,7 +114,7 @@ class TuneReport:
         return [f"tuning: {self.trials} trials in {self.seconds:.0f} s; {len(self.tuned)} tasks tuned now, "
                 f"{len(self.reused)} from the database, {len(self.untuned)} on default schedules"] + \
                [f"tuned: {t}" for t in self.tuned] + [f"from database: {t}" for t in self.reused] + \
-               [f"default schedule: {t}" for t in self.untuned] + self.measured + self.repairs
+               [f"default schedule: {t}" for t in self.untuned] + self.built + self.measured + self.repairs
 
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")   # MetaSchedule's JSONDatabase, one JSON per line
@@ -148,6 +165,33 @@ def build_without_intrinsics(mod, target, _params):
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+INTRINSICS = "tvm.s_tir.tensor_intrin"
+CPU_INTRINSICS = {"aarch64": "arm_cpu", "riscv": "riscv_cpu"}   # by the target triple's arch; x86 otherwise
+
+
+@contextlib.contextmanager
+def cpu_intrinsics_only(target):
+    """While tuning for a CPU: TVM's tensor intrinsics package with only that ISA's intrinsics registered.
+    MetaSchedule's TuneContext imports the whole package, whose CUDA, ROCm and Hexagon intrinsics are parsed
+    from TVMScript at import: 60–100 s on this machine, for intrinsics a CPU schedule never uses. A package
+    object of the same name and path stands in while tuning (its submodules import as usual) and is taken out
+    of sys.modules after, so a later import anywhere gets TVM's whole package (the CPU submodules stay loaded)."""
+    if INTRINSICS in sys.modules or target.kind.name != "llvm":
+        yield
+        return
+    triple = str(target.attrs.get("mtriple", "")) or os.uname().machine
+    isa = next((module for arch, module in CPU_INTRINSICS.items() if triple.startswith(arch)), "x86")
+    lean = types.ModuleType(INTRINSICS, "TVM's tensor intrinsics for one CPU ISA only (graphopt, while tuning)")
+    lean.__path__ = list(importlib.util.find_spec(INTRINSICS).submodule_search_locations)
+    sys.modules[INTRINSICS] = lean
+    try:
+        importlib.import_module(f"{INTRINSICS}.{isa}")
+        yield
+    finally:
+        if sys.modules.get(INTRINSICS) is lean:
+            del sys.modules[INTRINSICS]
 
 
 MIN_TRIALS = 8   # one search round; fewer finds little, and TVM's default CPU schedules are single-threaded
@@ -210,15 +254,64 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline, rpc=Non
     # the budget goes to the costliest kernels first: FLOPs × how often the model calls them
     todo.sort(key=lambda t: -t.weight * estimate_tir_flops(t.dispatched[0]))
     deadline = start + tune.time_budget
-    builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics)
+    export = None
+    if rpc is not None:   # a board's server loads a library linked here
+        from functools import partial
+        from ..distributed.rpc import export_shared
+        export = partial(export_shared, cc=cross_cc)
+    builds: list[tuple[int, float]] = []     # per batch MetaSchedule built: (candidates, seconds)
+    if tune.builders is not None and todo:   # candidates built as Ray tasks (distributed/ray_build.py)
+        from ..distributed.ray_build import ray_builder
+        builder = ray_builder(tune.builders, shared=rpc is not None, cc=cross_cc)
+    else:
+        builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics,
+                                          **({"f_export": export} if export else {}))
     runner = tally = None
     if rpc is not None and todo:   # built here for the target, measured on its boards (distributed/rpc.py)
-        from functools import partial
-        from ..distributed.rpc import Tally, board_runner, export_shared
-        builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics,
-                                          f_export=partial(export_shared, cc=cross_cc))
+        from ..distributed.rpc import Tally, board_runner
         tally = Tally()
         runner = board_runner(rpc, len(rpc.probe()), tally)
+    try:
+        with cpu_intrinsics_only(target):
+            _tune_tasks(todo, tune, deadline, _timed(builder, builds), runner, database, work_dir, report, best_us)
+    finally:
+        if runner is not None:
+            runner.shutdown()
+            report.measured = tally.lines(rpc)
+        if builds:
+            how = "as Ray tasks" if tune.builders is not None else \
+                "by MetaSchedule's LocalBuilder (a fresh pool of worker processes per batch, each importing TVM)"
+            report.built = [f"built {sum(n for n, _ in builds)} candidates {how} in {len(builds)} batches: "
+                            f"{sum(s for _, s in builds):.1f} s"]
+        if tune.builders is not None and todo:
+            builder.close()
+            report.built += builder.report()
+    with target:
+        mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+    executable = tvm.compile(mod, target=target, relax_pipeline=pipeline or "default")
+    report.seconds = time.perf_counter() - start
+    return executable, report
+
+
+def _timed(builder, builds: list):
+    """`builder` with each batch's size and seconds appended to `builds`: the tuning report's build time."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import PyBuilder
+
+    @derived_object
+    class TimedBuilder(PyBuilder):
+        def build(self, build_inputs):
+            t0 = time.perf_counter()
+            results = builder.build(build_inputs)
+            builds.append((len(build_inputs), time.perf_counter() - t0))
+            return results
+    return TimedBuilder()
+
+
+def _tune_tasks(todo, tune: Tune, deadline: float, builder, runner, database, work_dir: Path, report: TuneReport,
+                best_us) -> None:
+    """Tune `todo` costliest first within the deadline, each task's trials planned from the seconds per trial so far."""
+    from tvm.s_tir import meta_schedule as ms
     spent, done = 0.0, 0          # seconds and trials of the tasks tuned so far: the rate for what is left
     for i, task in enumerate(todo):
         trials = trials_for(tune.trials, deadline - time.perf_counter(), len(todo) - i, spent / done if done else None)
@@ -248,11 +341,3 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline, rpc=Non
             found = f"best {best:.1f} µs" if best is not None else "no valid schedule"
             print(f"[graphopt tune] {i + 1}/{len(todo)} tasks ({len(report.reused)} reused)  {task.task_name}: "
                   f"{found} in {trials} trials  {left:.0f} s of budget left", file=sys.stderr, flush=True)
-    if runner is not None:
-        runner.shutdown()
-        report.measured = tally.lines(rpc)
-    with target:
-        mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
-    executable = tvm.compile(mod, target=target, relax_pipeline=pipeline or "default")
-    report.seconds = time.perf_counter() - start
-    return executable, report

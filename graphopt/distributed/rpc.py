@@ -38,6 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import first_line
 from ..errors import GraphoptError, InputError, UnsupportedError
 
 TRACKER_MAGIC = 0x2F271          # tvm.rpc.base.RPC_TRACKER_MAGIC
@@ -142,7 +143,7 @@ class RPC:
         try:
             return rpc.connect(url, port, matchkey, session_timeout=self.timeout), f"{url}:{port}"
         except Exception as e:   # the board the tracker named is gone (killed, rebooted, unplugged)
-            raise RemoteError(f"{url}:{port}: {type(e).__name__}: {_first_line(e)}") from None
+            raise RemoteError(f"{url}:{port}: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _recv(sock: socket.socket, n: int) -> bytes:
@@ -272,7 +273,7 @@ def _with_retry(rpc: RPC, work: Callable, what: str, attempts: int = 2):
             try:
                 return work(session), server
             except Exception as e:
-                raise RemoteError(f"{server}: {type(e).__name__}: {_first_line(e)}") from None
+                raise RemoteError(f"{server}: {type(e).__name__}: {first_line(e)}") from None
             finally:
                 # the server serves one session at a time, until the client lets go of it: the remote VM's
                 # objects hold the session in reference cycles, which only the collector frees
@@ -369,19 +370,13 @@ def _measure(rpc: RPC, evaluator_config, alloc_repeat: int, artifact_path: str, 
         costs = r.default_run_evaluator(session, module, device, evaluator_config, args)
         return costs, server, None, time.perf_counter() - t0
     except Exception as e:   # the board died, refused, or its session expired: reported, not raised
-        return None, server, f"{type(e).__name__}: {_first_line(e)}", time.perf_counter() - t0
+        return None, server, f"{type(e).__name__}: {first_line(e)}", time.perf_counter() - t0
     finally:
         if session is not None and remote_path is not None:
             try:
                 session.remove(remote_path)
             except Exception:   # a dead board has nothing left to clean
                 pass
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("Traceback", "  "))]
-    return (lines[-1] if lines else type(e).__name__)[:160]
 
 
 def board_runner(rpc: RPC, workers: int, tally: Tally, evaluator_config=None):
@@ -408,7 +403,7 @@ def board_runner(rpc: RPC, workers: int, tally: Tally, evaluator_config=None):
             except TimeoutError:
                 costs, server, why = None, None, f"no answer within {rpc.timeout:g} s"
             except Exception as e:
-                costs, server, why = None, None, f"{type(e).__name__}: {_first_line(e)}"
+                costs, server, why = None, None, f"{type(e).__name__}: {first_line(e)}"
             if costs is None:
                 tally.lost.append(why if server is None else f"{server}: {why}")
                 return RunnerResult(None, error_msg=f"graphopt board runner ({rpc}): {why}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ... import quality
-from ...distributed.ray_eval import Ray
+from ...distributed.ray_cluster import Ray, ray_option
 from ...errors import InputError, UnsupportedError
 from ...numerics import flat_tensors
 from ...options import Option
@@ -73,7 +73,7 @@ class Auto(_Planned):
             raise InputError(f"Auto(seed={seed!r}): give an int")
         self.budget, self.metric, self.time_budget = float(budget), metric, time_budget
         self.families, self.seed, self.progress, self.early_exit = families, seed, progress, early_exit
-        self.distributed = _distributed(workers, ray_address)
+        self.distributed = ray_option("Auto", workers, ray_address)
 
     def __repr__(self) -> str:
         extra = (f", time_budget={self.time_budget:g}" if self.time_budget else "") + \
@@ -123,20 +123,6 @@ class Auto(_Planned):
         joint = made["auto"](self.budget * static, self.metric, self.time_budget, self.families, self.seed,
                              self.progress, workers=self.distributed)
         return [joint] + ([made["early_exit"](self.budget * (1 - static), self.metric)] if self.early_exit else [])
-
-
-def _distributed(workers, ray_address) -> Ray | None:
-    """Auto's workers= and ray_address= as one graphopt.Ray (or None: evaluated in this process)."""
-    if isinstance(workers, Ray):
-        if ray_address is not None:
-            raise InputError("Auto(workers=graphopt.Ray(...), ray_address=...): give the address inside Ray(address=)")
-        return workers
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise InputError(f"Auto(workers={workers!r}): give how many candidates to evaluate at once as Ray tasks "
-                         "(an int ≥ 1), a graphopt.Ray(...), or None to evaluate them in this process")
-    if workers is None and ray_address is None:
-        return None
-    return Ray(address=ray_address, workers=workers)
 
 
 class SavedPlan(_Planned):
