@@ -221,12 +221,12 @@ def test_the_exporters_registry_built_once_exports_the_same_onnx(monkeypatch):
     opsets, copy = [], registry._copy
     monkeypatch.setattr(registry, "_copy", lambda cls, opset_version=None: opsets.append(opset_version) or copy(
         cls, opset_version))
-    reused = [codegen.to_onnx(graph, (x,)).SerializeToString()]
+    reused = [codegen.to_onnx(graph, (x,)).source]
     cached = registry._built(opsets[0])
     sizes = {target: len(metas) for target, metas in cached.functions.items()}
-    reused.append(codegen.to_onnx(graph, (x,)).SerializeToString())
+    reused.append(codegen.to_onnx(graph, (x,)).source)
     assert {target: len(metas) for target, metas in cached.functions.items()} == sizes
     assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original and len(opsets) == 2
     monkeypatch.setattr(codegen, "reused", contextlib.nullcontext)
-    fresh = codegen.to_onnx(graph, (x,)).SerializeToString()
+    fresh = codegen.to_onnx(graph, (x,)).source
     assert reused[0] == fresh and reused[1] == fresh

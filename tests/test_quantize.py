@@ -264,15 +264,17 @@ def test_quantized_models_keep_a_dynamic_batch(name, mode):
 
 
 def test_auto_with_the_cheap_proxy_still_fits_its_budget(resnet, monkeypatch):
-    """A budget (3e-5) that fits some int8 layers but not all (uniform int8 measures ~1.4e-4): the plan ranked by
+    """A budget (6e-5) that fits some int8 layers but not all (uniform int8 measures ~2e-4): the plan ranked by
     the proxy quantizes some convs and keeps others float, and on held-out inputs the compiled model's error to
     the eager model (plain torch) stays within 3× the budget — slack for a budget measured on 4 one-image
-    calibration batches (1.8× measured); int8 everywhere would measure ~2e-4 and fail."""
+    calibration batches (at most 1.7× measured over seeds 0-5). At 3e-5 most seeds' plans measured over budget
+    once applied and backed off to all float, so the test passed or failed with the batches earlier tests drew."""
     from graphopt.passes.quant.plan import QuantizeAuto
     model, args = resnet
     quantized_layers_are_faster(monkeypatch)
-    budget = 3e-5
+    budget = 6e-5
     planner = QuantizeAuto(budget, sensitivity="proxy")
+    torch.manual_seed(1)   # the same batches whichever tests ran before
     cm = graphopt.compile(model, args, passes=["fold_batchnorm", planner, "dce"], calibration=calibration_for(args))
     assert held_out_cosine_error(cm, model, calibration_for(args, n=8)) <= 3 * budget
     assert 0 < int8_convs(cm) < 9, int8_convs(cm)

@@ -126,7 +126,7 @@ def test_shrunk_graph_exports_smaller_onnx_shapes():
     graph = capture(model, args, {}, None)
     PassManager([p for p in resolve(FAST, CPU) if p.phase in ("canonicalize", "rewrite")]
                 + [graphopt.passes.available()["shrink_inert"]()]).run(graph, PassContext(CPU, args))
-    proto = to_onnx(graph, args)
+    proto = to_onnx(graph, args).model
     shapes = {tuple(i.dims) for i in proto.graph.initializer if len(i.dims) == 2}
     assert (84, 64) in shapes and (64, 84) in shapes                 # FFN 128 → 84 units (43 zero, 1 unread)
     assert (48, 64) in shapes and (64, 48) in shapes                 # q/k/v/o: 4 → 3 heads of 16

@@ -21,11 +21,12 @@ from .base import BuildInputs
 class OrtExecutable:
     """`fusions`: (ORT fusion, fused µs, unfused µs) measured on the target; those in `disabled` measured slower.
     `weights`: the arrays of the model's external initializers (a model past 2 GB, codegen/external.py), kept for
-    export; `path`: the model's file (a loaded bundle's, its data file beside it), opened by ORT from there."""
+    export; `path`: the model's file (a loaded bundle's, its data file beside it), opened by ORT from there;
+    `source`: the model as ORT's session takes it, where the caller has it already (codegen.onnx.Lowered)."""
 
     def __init__(self, model: onnx.ModelProto, target: Target, n_inputs: int,
                  fusions: tuple[tuple[str, float, float], ...] = (), disabled: tuple[str, ...] | list[str] = (),
-                 weights: dict | None = None, path=None):
+                 weights: dict | None = None, path=None, source=None):
         self.model, self.target, self.fusions = model, target, tuple(fusions)
         self.weights = weights or {}
         self.disabled_optimizers = list(disabled)
@@ -33,7 +34,10 @@ class OrtExecutable:
         # provider). arm64: its ONNX model is portable and runs here on the CPU provider, the reference a board
         # run is compared with
         self.cannot_run = target.ort_unavailable() if target.gpu else None
-        source = Path(path) if path is not None else session_source(model, self.weights)
+        if path is not None:
+            source = Path(path)
+        elif source is None:
+            source = session_source(model, self.weights)
         self.session = None if self.cannot_run else ort_session(
             source, target.providers or ("CPUExecutionProvider",), disabled=self.disabled_optimizers)
         # the exporter keeps every user input, in the flattened order graphopt feeds them
@@ -94,7 +98,7 @@ class OrtBackend:
 
     def build(self, graph: Graph, target: Target, inputs: BuildInputs) -> OrtExecutable:
         weights = {}
-        model = to_onnx(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes, weights=weights)
+        model, source = to_onnx(graph, inputs.args, inputs.kwargs, inputs.dynamic_shapes, weights=weights)
         cost = inputs.cost if inputs.cost is not None and inputs.cost.backend == "ort" else self.cost_model(target)
         return OrtExecutable(model, target, len(graph.inputs), cost.fusion_timings(model),
-                             [name for name, *_ in cost.slow_fusions(model)], weights=weights)
+                             [name for name, *_ in cost.slow_fusions(model)], weights=weights, source=source)

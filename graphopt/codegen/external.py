@@ -93,13 +93,16 @@ def split_weights(ir_model, weights: dict[str, np.ndarray]) -> None:
                                               name=value.name)
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """onnx.checker on `model`; external initializers (whose data is in memory, not in a file the checker could
-    open) are checked as graph inputs of their type and shape, the rest of the model as it is."""
+def check_model(model: onnx.ModelProto) -> bytes | None:
+    """onnx.checker on `model`, and the bytes it checked where the model has no external data (serialized once here:
+    ORT's session takes the same bytes; serializing BERT-base's 435 MB takes 2.4 s). External initializers (whose
+    data is in memory, not in a file the checker could open) are checked as graph inputs of their type and shape,
+    the rest of the model as it is; then None."""
     external = [t for t in model.graph.initializer if uses_external_data(t)]
     if not external:
-        onnx.checker.check_model(model)
-        return
+        serialized = model.SerializeToString()
+        onnx.checker.check_model(serialized)
+        return serialized
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
     kept = [t for t in proto.graph.initializer if not uses_external_data(t)]
@@ -107,6 +110,7 @@ def check_model(model: onnx.ModelProto) -> None:
     proto.graph.initializer.extend(kept)
     proto.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
     onnx.checker.check_model(proto)
+    return None
 
 
 def session_source(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None) -> bytes | WeightedModel:

@@ -3,28 +3,36 @@ onnxscript functions; the result passes onnx.checker before anyone runs it."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnx
 import torch
 
 from ..capture import dynamic_export
 from ..errors import UnsupportedError
-from .external import check_model, external, graph_bytes, ir_bytes, optimize, split_weights
+from .external import WeightedModel, check_model, external, graph_bytes, ir_bytes, optimize, session_source, \
+    split_weights
 from ..ir import Graph
 from ..ops import onnx_opset, onnx_translation_table
 from ..quiet import quiet
-from .registry import reused
+from .registry import already_decomposed, reused
+
+
+class Lowered(NamedTuple):
+    """An ONNX model and what ORT's session takes for it (its checked bytes, or those and its external weights)."""
+    model: onnx.ModelProto
+    source: bytes | WeightedModel
 
 
 def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None,
-            weights: dict | None = None) -> onnx.ModelProto:
-    """The ONNX model of `graph`. Past external.EXTERNAL_BYTES of weights (protobuf's 2 GB), its large initializers
-    are external data whose arrays go into `weights` (a dict the caller gives; without one such a model raises a
-    GraphoptError saying so): see codegen/external.py."""
+            weights: dict | None = None) -> Lowered:
+    """The ONNX model of `graph`, checked. Past external.EXTERNAL_BYTES of weights (protobuf's 2 GB), its large
+    initializers are external data whose arrays go into `weights` (a dict the caller gives; without one such a model
+    raises a GraphoptError saying so): see codegen/external.py."""
     large = external(graph_bytes(graph), weights)
     try:
-        with quiet(stdout=True), dynamic_export(dynamic_shapes), graph.flat_outputs(), reused():
+        with quiet(stdout=True), dynamic_export(dynamic_shapes), graph.flat_outputs(), reused(), \
+                already_decomposed():
             program = torch.onnx.export(
                 graph.module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
                 custom_translation_table=onnx_translation_table(), optimize=not large, verbose=False,
@@ -37,8 +45,8 @@ def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shape
         split_weights(program.model, weights)
     model = fold_int8_pads(program.model_proto)
     del program                     # its tensors: the weights dict keeps the ones still needed
-    check_model(model)
-    return model
+    checked = check_model(model)
+    return Lowered(model, checked if checked is not None else session_source(model, weights))
 
 
 def fold_int8_pads(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -44,6 +44,9 @@ class Entry:
 
 
 BACKEND_NAMES = {"ort": "ONNX Runtime", "tvm": "TVM"}
+# a decision's timing stops early once its systems are this far apart, every sample of one beyond every sample of the
+# other (clock.time_side_by_side): past every margin a decision applies (sparse kernels 1/0.9, fusions 1.1, 1/0.97)
+CLEARLY_APART = 1.15
 
 # (graph, args, kwargs) → a callable taking the graph's flat inputs: how a backend other than ORT builds a graph
 Lower = Callable[[Any, tuple, dict], Callable[[list], Any]]
@@ -203,13 +206,12 @@ class CostModel:
 
     def _lowered(self, graph, args: tuple, kwargs: dict | None) -> tuple[bytes, dict, tuple[str, ...]]:
         """(ONNX bytes, feeds, ORT fusions to disable) of an IR graph, as the ORT backend would run it."""
-        from ..codegen.external import session_source
         from ..codegen.onnx import to_onnx
         weights = {}                  # a model past 2 GB: its weights beside its bytes (codegen/external.py)
-        model = to_onnx(graph, args, kwargs or {}, weights=weights)
+        model, source = to_onnx(graph, args, kwargs or {}, weights=weights)
         flat = graph.flat_inputs(args, kwargs or {})
         feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}
-        return session_source(model, weights), feeds, tuple(name for name, *_ in self.slow_fusions(model))
+        return source, feeds, tuple(name for name, *_ in self.slow_fusions(model))
 
     def compare(self, systems: dict[str, Callable], args: tuple) -> dict[str, float]:
         """Median ms per call of each callable on the same inputs (interleaved rounds of at least 0.2 s:
@@ -367,7 +369,7 @@ def _clock(runners: dict[str, Callable[[], Any]], rounds: int, min_round_s: floa
     from ..distributed.rpc import BoardCall, board_side_by_side
     if any(isinstance(r, BoardCall) for r in runners.values()):
         return board_side_by_side(runners, rounds=rounds, min_round_s=min_round_s)
-    return time_side_by_side(runners, (), rounds=rounds, min_round_s=min_round_s)
+    return time_side_by_side(runners, (), rounds=rounds, min_round_s=min_round_s, apart=CLEARLY_APART)
 
 
 def _tvm_version() -> str:

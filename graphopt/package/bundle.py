@@ -85,7 +85,7 @@ def _onnx_segments(compiled) -> tuple[list[onnx.ModelProto], list[list[int]], li
         for a, seg, g, ex in zip(exe.artifact(), exe.segments, exe.graphs, exe.examples):
             held = weights_of(seg) if isinstance(a, onnx.ModelProto) else {}
             models.append(a if isinstance(a, onnx.ModelProto) else
-                          to_onnx(g, ex, {}, tuple({0: torch.export.Dim.DYNAMIC} for _ in ex), weights=held))
+                          to_onnx(g, ex, {}, tuple({0: torch.export.Dim.DYNAMIC} for _ in ex), weights=held).model)
             weights.append(held)
         return models, exe.routes, exe.thresholds, exe.labels, weights
     model = exe.artifact()
