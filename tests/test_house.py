@@ -194,3 +194,26 @@ def test_the_clock_balances_position_and_predecessor(n):
     time_side_by_side({k: (lambda k=k: calls.append(k)) for k in "abcde"[:n]}, (), rounds=3, min_round_s=0.001,
                       warmup=0, settle_s=0)
     assert set(calls) == set("abcde"[:n])
+
+
+def test_a_decisions_clock_stops_once_the_systems_are_clearly_apart():
+    """With `apart`, the rounds stop after two repetitions of the design where one system is 3× the other (every
+    sample beyond every other); near-equal systems, or a benchmark's clock (no `apart`), take every round."""
+    from graphopt.cost.clock import time_side_by_side
+    rounds = {}
+
+    def timed(name, seconds):
+        def run():
+            rounds[name] = rounds.get(name, 0) + 1
+            time.sleep(seconds)
+        return run
+    for label, slow_s, apart in (("apart", 0.003, 1.15), ("close", 0.001, 1.15), ("benchmark", 0.003, None)):
+        rounds.clear()
+        ms = time_side_by_side({"fast": timed("fast", 0.001), "slow": timed("slow", slow_s)}, (), rounds=8,
+                               min_round_s=0.005, warmup=0, settle_s=0, apart=apart)
+        calls = rounds["slow"]
+        if label == "apart":
+            assert ms["slow"] > 2 * ms["fast"]
+            few = calls
+        else:
+            assert calls > few, (label, calls, few)     # every round: about twice the calls

@@ -230,3 +230,50 @@ def test_the_exporters_registry_built_once_exports_the_same_onnx(monkeypatch):
     monkeypatch.setattr(codegen, "reused", contextlib.nullcontext)
     fresh = codegen.to_onnx(graph, (x,)).source
     assert reused[0] == fresh and reused[1] == fresh
+    assert fresh == onnx.load_from_string(fresh).SerializeToString()   # the checked bytes are the model's
+
+
+def test_the_exporter_skips_decompositions_only_where_nothing_is_left_to_decompose(monkeypatch):
+    """codegen/registry.already_decomposed: a captured graph (decomposed by capture) is exported without torch.onnx's
+    decomposition retrace, to ONNX that computes what torch's own path gives (the same ops, Reshape's allowzero
+    aside: aten.reshape where torch's retrace makes aten.view); a program with an op of the exporter's table is
+    still decomposed."""
+    import contextlib
+    import numpy as np
+    from graphopt.codegen import onnx as codegen, registry
+    from graphopt.sessions import ort_session
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1)).softmax(-1)
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    graph = graphopt.compile(model, (x,), backend="ort").graph
+    asked = []
+    real = registry._decompose_if_needed
+    monkeypatch.setattr(registry, "_decompose_if_needed",
+                        lambda program, reg: asked.append(program) or real(program, reg))
+    skipped = codegen.to_onnx(graph, (x,))
+    assert len(asked) == 1
+    monkeypatch.setattr(codegen, "already_decomposed", contextlib.nullcontext)
+    decomposed = codegen.to_onnx(graph, (x,))
+    ops = lambda m: [(n.op_type, [a for a in n.attribute if a.name != "allowzero"]) for n in m.graph.node]  # noqa: E731
+    assert ops(skipped.model) == ops(decomposed.model)
+    feeds = {skipped.model.graph.input[0].name: x.numpy()}
+    outs = [ort_session(m.source).run(None, feeds)[0] for m in (skipped, decomposed)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_allclose(outs[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    # a program straight from torch.export, with an op the exporter's table decomposes, is decomposed
+    from torch.onnx._internal.exporter import _decomp
+    onnx_registry = registry._built(18)
+    table = registry._table(frozenset(_decomp.get_onnx_implemented_overloads(onnx_registry)))
+    class MinMax(torch.nn.Module):
+        def forward(self, x):
+            return torch.aminmax(x, dim=-1)
+    program = torch.export.export(MinMax(), (torch.randn(2, 4),))
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert targets & set(table), targets
+    assert real(program, onnx_registry) is not program
