@@ -267,13 +267,12 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline, rpc=Non
         builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics,
                                           **({"f_export": export} if export else {}))
     runner = tally = None
-    if rpc is not None and todo:   # built here for the target, measured on its boards (distributed/rpc.py)
-        from ..distributed.rpc import Tally, board_runner
-        tally = Tally()
-        runner = board_runner(rpc, len(rpc.probe()), tally)
     try:
-        with cpu_intrinsics_only(target):
-            _tune_tasks(todo, tune, deadline, _timed(builder, builds), runner, database, work_dir, report, best_us)
+        if rpc is not None and todo:   # built here for the target, measured on its boards (distributed/rpc.py)
+            from ..distributed.rpc import Tally, board_runner
+            tally = Tally()
+            runner = board_runner(rpc, len(rpc.probe()), tally)
+        _tune_tasks(todo, target, tune, deadline, _timed(builder, builds), runner, database, work_dir, report, best_us)
     finally:
         if runner is not None:
             runner.shutdown()
@@ -308,9 +307,10 @@ def _timed(builder, builds: list):
     return TimedBuilder()
 
 
-def _tune_tasks(todo, tune: Tune, deadline: float, builder, runner, database, work_dir: Path, report: TuneReport,
-                best_us) -> None:
-    """Tune `todo` costliest first within the deadline, each task's trials planned from the seconds per trial so far."""
+def _tune_tasks(todo, target, tune: Tune, deadline: float, builder, runner, database, work_dir: Path,
+                report: TuneReport, best_us) -> None:
+    """Tune `todo` costliest first within the deadline, each task's trials planned from the seconds per trial so far
+    (the first task's before anything is imported: a small budget still tunes it, as before)."""
     from tvm.s_tir import meta_schedule as ms
     spent, done = 0.0, 0          # seconds and trials of the tasks tuned so far: the rate for what is left
     for i, task in enumerate(todo):
@@ -321,7 +321,8 @@ def _tune_tasks(todo, tune: Tune, deadline: float, builder, runner, database, wo
         task_start = time.perf_counter()
         strategy = ms.search_strategy.EvolutionarySearch(population_size=max(32, 4 * trials),
                                                          init_min_unmeasured=min(50, 2 * trials))
-        with quiet(stdout=True):   # MetaSchedule logs every trial to the console; its logs stay in db/logs
+        # MetaSchedule logs every trial to the console (its logs stay in db/logs); the intrinsics import once
+        with quiet(stdout=True), cpu_intrinsics_only(target):
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(work_dir),
                                                                                      strategy=strategy)
             ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
