@@ -259,10 +259,11 @@ def test_tuning_builds_its_candidates_as_ray_tasks(cluster, tmp_path):
     before = builder_folders()
     report = tune_on_ray(tmp_path)
     assert report.trials == 8 and report.tuned == ["fused_matmul_add_relu"], report.lines()
-    assert report.built[0].startswith("built 8 candidates as Ray tasks in 1 batches"), report.built
+    built = re.match(r"built (\d+) candidates as Ray tasks in \d+ batches", report.built[0])
+    assert built and 1 <= int(built[1]) <= 8, report.built        # MetaSchedule sends up to 8, the trials asked
     tally = re.search(r"on the Ray this process had started, 2 at once: (\d+) tasks on (\d+) worker processes",
                       report.built[1])
-    assert tally and int(tally[1]) == 8 and int(tally[2]) >= 1, report.built
+    assert tally and int(tally[1]) == int(built[1]) and int(tally[2]) >= 1, report.built
     assert builder_folders() == before     # the built libraries are removed with the tuning
 
 
