@@ -130,7 +130,8 @@ class TvmBackend:
             if tune.builders is not None and target.gpu:
                 raise UnsupportedError(f"Tune(workers={tune.builders!r}) builds CPU targets' candidates on Ray; "
                                        "CUDA candidates are built on this machine: leave workers= and ray_address= out")
-            tune.check()
+            if tune.builders is not None:      # Ray installed, the cluster's address answers: before capture
+                tune.builders.check()
 
     def cost_model(self, target: Target) -> CostModel:
         """Decisions timed on TVM builds of this target (untuned: the tuner runs after the passes); with an RPC

@@ -71,11 +71,6 @@ class Tune(Option):
         from ..distributed.ray_cluster import ray_option
         object.__setattr__(self, "builders", ray_option("Tune", self.workers, self.ray_address))
 
-    def check(self) -> None:
-        """Before capture: where the candidates are built answers (Ray installed, the cluster's address up)."""
-        if self.builders is not None:
-            self.builders.check()
-
 
 def default_db() -> Path:
     """Where tuning records go when the user names no directory: the XDG cache directory."""
@@ -254,18 +249,18 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline, rpc=Non
     # the budget goes to the costliest kernels first: FLOPs × how often the model calls them
     todo.sort(key=lambda t: -t.weight * estimate_tir_flops(t.dispatched[0]))
     deadline = start + tune.time_budget
-    export = None
-    if rpc is not None:   # a board's server loads a library linked here
-        from functools import partial
-        from ..distributed.rpc import export_shared
-        export = partial(export_shared, cc=cross_cc)
     builds: list[tuple[int, float]] = []     # per batch MetaSchedule built: (candidates, seconds)
-    if tune.builders is not None and todo:   # candidates built as Ray tasks (distributed/ray_build.py)
+    on_ray = tune.builders is not None and bool(todo)
+    if on_ray:   # candidates built as Ray tasks (distributed/ray_build.py)
         from ..distributed.ray_build import ray_builder
         builder = ray_builder(tune.builders, shared=rpc is not None, cc=cross_cc)
-    else:
+    elif rpc is not None:   # a board's server loads a library linked here
+        from functools import partial
+        from ..distributed.rpc import export_shared
         builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics,
-                                          **({"f_export": export} if export else {}))
+                                          f_export=partial(export_shared, cc=cross_cc))
+    else:
+        builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics)
     runner = tally = None
     try:
         if rpc is not None and todo:   # built here for the target, measured on its boards (distributed/rpc.py)
@@ -278,11 +273,11 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline, rpc=Non
             runner.shutdown()
             report.measured = tally.lines(rpc)
         if builds:
-            how = "as Ray tasks" if tune.builders is not None else \
+            how = "as Ray tasks" if on_ray else \
                 "by MetaSchedule's LocalBuilder (a fresh pool of worker processes per batch, each importing TVM)"
             report.built = [f"built {sum(n for n, _ in builds)} candidates {how} in {len(builds)} batches: "
                             f"{sum(s for _, s in builds):.1f} s"]
-        if tune.builders is not None and todo:
+        if on_ray:
             builder.close()
             report.built += builder.report()
     with target:

@@ -121,6 +121,7 @@ class RayTasks:
         self.workers_seen: set[int] = set()
         self.owned, self._temp = False, None
         self.rounds, self.waited_s = 0, 0.0
+        self.startup_s = 0.0                 # connecting and warming the workers (warm)
         self._started = time.perf_counter()
         try:
             self._connect(ray)
@@ -223,7 +224,7 @@ class RayTasks:
                          f"{len(self.workers_seen)} worker processes, {statistics.median(self.seconds):.3f} s each "
                          f"(median, in the worker; mean {statistics.mean(self.seconds):.3f}, max "
                          f"{max(self.seconds):.3f}); {self.rounds} batches waited for {self.waited_s:.1f} s; "
-                         f"start-up {getattr(self, 'startup_s', 0.0):.1f} s")
+                         f"start-up {self.startup_s:.1f} s")
         return lines + [f"retried: {r}" for r in self.retried] + [f"lost: {r}" for r in self.lost]
 
     def close(self) -> None:
