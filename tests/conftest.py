@@ -95,9 +95,11 @@ def fake_clock(monkeypatch, ms: dict[str, float]) -> list[dict[str, float]]:
     """The cost model's clock (graphopt.cost.model.time_side_by_side) faked for a timing of exactly the systems
     named in `ms`: each is called once (a candidate must still run), and `ms` (milliseconds per call) is the
     answer, so a measured choice can be checked both ways. Other timings go to the real clock. Returns the
-    list of answers given: a test checks that the choice asked the clock."""
+    list of answers given: a test checks that the choice asked the clock. The process's verdicts are set aside
+    meanwhile, so no verdict measured before answers instead and no faked one decides a later test."""
     import graphopt.cost.model as cost_model
     real, answered = cost_model.time_side_by_side, []
+    monkeypatch.setattr(cost_model, "_VERDICTS", {})
 
     def clock(systems, args, *a, **k):
         if set(systems) != set(ms):
