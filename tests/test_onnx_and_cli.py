@@ -233,6 +233,56 @@ def test_the_exporters_registry_built_once_exports_the_same_onnx(monkeypatch):
     assert fresh == onnx.load_from_string(fresh).SerializeToString()   # the checked bytes are the model's
 
 
+def test_an_ir_graph_is_exported_without_a_retrace(monkeypatch):
+    """codegen/lifted: a static IR graph goes to torch.onnx as an ExportedProgram built from it, not traced again:
+    its ONNX is torch.onnx's traced export's (the same ops and initializers, outputs bitwise equal in ORT, eager's
+    within 1e-5), a weight read by two nodes is one input, and the graph is untouched. A graph of dynamic shapes
+    is traced, as is one with torch.cond's branches."""
+    from graphopt.codegen import onnx as codegen
+    from graphopt.codegen.lifted import lifted_program
+    from graphopt.sessions import ort_session
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x)).mean((2, 3))
+            return self.fc(self.fc(y)).softmax(-1), y      # fc's weight read twice
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    graph = graphopt.compile(model, (x,), backend="ort").graph
+    before = graph.module.code
+    program = lifted_program(graph)
+    assert program is not None and len(program.graph_signature.buffers) == len(set(program.state_dict))
+    assert program.graph_signature.user_inputs == tuple(n.name for n in graph.inputs)
+    traced = []
+    monkeypatch.setattr(codegen, "lifted_program", lambda g: traced.append(g) and None)
+    retraced = codegen.to_onnx(graph, (x,))
+    monkeypatch.undo()
+    lifted = codegen.to_onnx(graph, (x,))
+    assert traced and graph.module.code == before
+    assert [n.op_type for n in lifted.model.graph.node] == [n.op_type for n in retraced.model.graph.node]
+    assert sorted(i.name for i in lifted.model.graph.initializer) == \
+        sorted(i.name for i in retraced.model.graph.initializer)
+    feeds = {lifted.model.graph.input[0].name: x.numpy()}
+    outs = [ort_session(m.source).run(None, feeds) for m in (lifted, retraced)]
+    for a, b, ref in zip(*outs, model(x)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    dynamic = graphopt.compile(model, (x,), backend="ort", dynamic_shapes="batch").graph
+    assert lifted_program(dynamic) is None
+
+    class Cond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.cond(x.sum() > 0, lambda x: self.fc(x), lambda x: x - 1, (x,))
+    assert lifted_program(graphopt.compile(Cond().eval(), (torch.randn(2, 4),), backend="ort").graph) is None
+
+
 def test_the_exporter_skips_decompositions_only_where_nothing_is_left_to_decompose(monkeypatch):
     """codegen/registry.already_decomposed: a captured graph (decomposed by capture) is exported without torch.onnx's
     decomposition retrace, to ONNX that computes what torch's own path gives (the same ops, Reshape's allowzero

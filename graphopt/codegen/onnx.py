@@ -15,6 +15,7 @@ from .external import WeightedModel, check_model, external, graph_bytes, ir_byte
 from ..ir import Graph
 from ..ops import onnx_opset, onnx_translation_table
 from ..quiet import quiet
+from .lifted import lifted_program
 from .registry import already_decomposed, reused
 
 
@@ -30,11 +31,12 @@ def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shape
     initializers are external data whose arrays go into `weights` (a dict the caller gives; without one such a model
     raises a GraphoptError saying so): see codegen/external.py."""
     large = external(graph_bytes(graph), weights)
+    lifted = lifted_program(graph) if dynamic_shapes is None else None    # else torch.onnx traces the module
     try:
         with quiet(stdout=True), dynamic_export(dynamic_shapes), graph.flat_outputs(), reused(), \
                 already_decomposed():
             program = torch.onnx.export(
-                graph.module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
+                graph.module if lifted is None else lifted, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
                 custom_translation_table=onnx_translation_table(), optimize=not large, verbose=False,
                 opset_version=onnx_opset({n.target for n in graph.module.graph.nodes}))
             if large:

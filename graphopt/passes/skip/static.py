@@ -114,7 +114,7 @@ class DropBlocks(Pass):
             result.skipped(f"no block fits the budget {self.budget:g} removed or replaced (smallest error "
                            f"{smallest:.4g}); the graph is unchanged")
             return result
-        full_ms = (timing["full"] + timing["full, again"]) / 2
+        full_ms = timing["full"]
         saving = sum(saved[i, _form(m)] for i, m in chosen.items())
         on = "the calibration data" if judged is batches else f"{len(judged)} calibration batches the maps were not fitted on"
         result.notes.append(f"chosen set verified as a whole on {on}: {quality.name(self.metric)} loss "
@@ -203,9 +203,7 @@ def latency_saved(graph: Graph, ctx: PassContext, blocks: list[Block], maps: dic
             label = f"kind {kind} (×{len(members)}) " + ("removed" if form == REMOVED else f"as {form}s")
             timing[label] = ctx.cost.graph_ms(trial, args, kwargs)
             trials[kind, form] = (label, members)
-    timing["full, again"] = ctx.cost.graph_ms(graph, args, kwargs)   # timed on both sides of the trials: load drifts
-    full = (timing["full"] + timing["full, again"]) / 2
-    saved = {}
+    full, saved = timing["full"], {}
     for (kind, form), (label, members) in trials.items():
         for b in members:
             saved[b.index, form] = max(full - timing[label], 0.0) / len(members)
