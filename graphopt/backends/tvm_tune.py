@@ -254,13 +254,14 @@ def _tune_and_compile(mod, target, tune: Tune, work_dir: Path, pipeline, rpc=Non
     if on_ray:   # candidates built as Ray tasks (distributed/ray_build.py)
         from ..distributed.ray_build import ray_builder
         builder = ray_builder(tune.builders, shared=rpc is not None, cc=cross_cc)
-    elif rpc is not None:   # a board's server loads a library linked here
-        from functools import partial
-        from ..distributed.rpc import export_shared
-        builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics,
-                                          f_export=partial(export_shared, cc=cross_cc))
     else:
-        builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics)
+        export = {}
+        if rpc is not None:   # a board's server loads a library linked here
+            from functools import partial
+            from ..distributed.rpc import export_shared
+            export = {"f_export": partial(export_shared, cc=cross_cc)}
+        builder = ms.builder.LocalBuilder(max_workers=None, timeout_sec=120, f_build=build_without_intrinsics,
+                                          **export)
     runner = tally = None
     try:
         if rpc is not None and todo:   # built here for the target, measured on its boards (distributed/rpc.py)

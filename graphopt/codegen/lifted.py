@@ -26,15 +26,15 @@ def lifted_program(graph: Graph) -> ExportedProgram | None:
     gm = graph.module
     if not _static(graph):
         return None
-    program, env, specs, lifted = fx.Graph(), {}, [], {}
+    program, env, specs, lifted, weights = fx.Graph(), {}, [], {}, {}
     for n in gm.graph.find_nodes(op="get_attr"):
         if n.target not in lifted:            # one input per weight, however many nodes read it
             lifted[n.target] = program.placeholder("p_" + n.target.replace(".", "_"))
             lifted[n.target].meta = dict(n.meta)
             specs.append(gs.InputSpec(gs.InputKind.BUFFER, gs.TensorArgument(lifted[n.target].name),
                                       target=n.target, persistent=True))
+            weights[n.target] = graph.constant(n)
         env[n] = lifted[n.target]
-    weights = {n.target: graph.constant(n) for n in gm.graph.find_nodes(op="get_attr")}
     outputs = []
     for n in gm.graph.nodes:
         if n.op == "placeholder":

@@ -32,11 +32,12 @@ def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shape
     raises a GraphoptError saying so): see codegen/external.py."""
     large = external(graph_bytes(graph), weights)
     lifted = lifted_program(graph) if dynamic_shapes is None else None    # else torch.onnx traces the module
+    exported = graph.module if lifted is None else lifted
     try:
         with quiet(stdout=True), dynamic_export(dynamic_shapes), graph.flat_outputs(), reused(), \
                 already_decomposed():
             program = torch.onnx.export(
-                graph.module if lifted is None else lifted, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
+                exported, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
                 custom_translation_table=onnx_translation_table(), optimize=not large, verbose=False,
                 opset_version=onnx_opset({n.target for n in graph.module.graph.nodes}))
             if large:
