@@ -176,9 +176,10 @@ class _ResidualNormGelu(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.ln, self.b = torch.nn.Linear(32, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 64)
+        self.c = torch.nn.Parameter(torch.randn(32))
 
-    def forward(self, x):
-        return F.gelu(self.b(self.ln(x + self.a(x))))
+    def forward(self, x):   # + c → gelu: an Add and a Gelu for ORT's BiasGeluFusion (a linear's gelu is graphopt's)
+        return self.b(F.gelu(self.ln(x + self.a(x)) + self.c))
 
 
 @pytest.mark.parametrize("slow", ["SkipLayerNormFusion", "BiasGeluFusion"])
@@ -191,7 +192,7 @@ def test_an_ort_fusion_measured_slower_is_disabled_in_the_built_session(slow, mo
     fast = next(n for n in fake if n != slow)
     fake[fast] = (50.0, 100.0)                                  # fused half the unfused ops
     monkeypatch.setattr(cost_model, "_VERDICTS", {})
-    monkeypatch.setattr(CostModel, "_fusion_timings", lambda self: tuple((n, f, u) for n, (f, u) in fake.items()))
+    monkeypatch.setattr(CostModel, "_fusion_timing", lambda self, name: fake[name])
     sessions = []
 
     class Recording(onnxruntime.InferenceSession):
@@ -215,6 +216,21 @@ def test_an_ort_fusion_measured_slower_is_disabled_in_the_built_session(slow, mo
     # what ORT makes of the built model with the session's own disabled list
     ran = {n.op_type for n in _ort_optimized(built, disabled[-1], tmp_path).graph.node}
     assert ("SkipLayerNormalization" in ran) == (slow != "SkipLayerNormFusion"), ran
+
+
+def test_an_ort_fusion_is_timed_only_for_a_model_it_can_apply_to(monkeypatch):
+    """A CNN holds no LayerNormalization or Gelu: ORT's SkipLayerNorm and BiasGelu fusions cannot apply, so their
+    probes are not timed (they were seconds of every CNN's compile); a model with a LayerNorm times that one."""
+    timed = []
+    monkeypatch.setattr(cost_model, "_VERDICTS", {})
+    monkeypatch.setattr(CostModel, "store", property(lambda self: cost_model.VerdictStore(os.devnull + "/x")))
+    monkeypatch.setattr(CostModel, "_fusion_timing", lambda self, name: timed.append(name) or (50.0, 100.0))
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    graphopt.compile(cnn, (torch.randn(1, 3, 16, 16),), passes=[])
+    assert timed == []
+    norm = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)).eval()
+    graphopt.compile(norm, (torch.randn(4, 16),), passes=[])
+    assert timed == ["SkipLayerNormFusion"]
 
 
 # --- 3. sparsity: 2:4 end to end, reconstruct="bias", layers= -------------------------------------------------
@@ -552,7 +568,7 @@ def test_a_compile_writes_only_the_dumps_the_export_and_its_cache(tmp_path, monk
     monkeypatch.setattr(cost_model, "_VERDICTS", {})            # as in a new process: verdicts measured and stored
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
-                                torch.nn.Linear(64, 10)).eval()
+                                torch.nn.Linear(64, 10), torch.nn.LayerNorm(10)).eval()   # a verdict: SkipLayerNorm's
     before = _snapshot(tree)
     cm = graphopt.compile(model, (torch.randn(8, 16),), dump_dir=tree / "out" / "dumps")
     cm.export_onnx(tree / "out" / "model.onnx")

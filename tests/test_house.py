@@ -196,24 +196,20 @@ def test_the_clock_balances_position_and_predecessor(n):
     assert set(calls) == set("abcde"[:n])
 
 
-def test_a_decisions_clock_stops_once_the_systems_are_clearly_apart():
-    """With `apart`, the rounds stop after two repetitions of the design where one system is 3× the other (every
-    sample beyond every other); near-equal systems, or a benchmark's clock (no `apart`), take every round."""
-    from graphopt.cost.clock import time_side_by_side
-    rounds = {}
+def test_a_decisions_clock_stops_once_more_rounds_could_not_change_it():
+    """With `stop=Apart`, the rounds stop after two repetitions of the design where one system is 3× the other
+    (every sample beyond every other); with `stop=Decided`, where near-equal systems (1.3 vs 1 ms) all read the same
+    way against the decision's 0.9 margin. Systems near the rule's line, or a benchmark's clock (no `stop`), take
+    every round: about twice the calls."""
+    from graphopt.cost.clock import Apart, Decided, time_side_by_side
 
-    def timed(name, seconds):
-        def run():
-            rounds[name] = rounds.get(name, 0) + 1
-            time.sleep(seconds)
-        return run
-    for label, slow_s, apart in (("apart", 0.003, 1.15), ("close", 0.001, 1.15), ("benchmark", 0.003, None)):
-        rounds.clear()
-        ms = time_side_by_side({"fast": timed("fast", 0.001), "slow": timed("slow", slow_s)}, (), rounds=8,
-                               min_round_s=0.005, warmup=0, settle_s=0, apart=apart)
-        calls = rounds["slow"]
-        if label == "apart":
-            assert ms["slow"] > 2 * ms["fast"]
-            few = calls
-        else:
-            assert calls > few, (label, calls, few)     # every round: about twice the calls
+    def slow_calls(slow_s, stop):
+        calls = []
+        ms = time_side_by_side({"fast": lambda: time.sleep(0.001), "slow": lambda: calls.append(time.sleep(slow_s))},
+                               (), rounds=8, min_round_s=0.005, warmup=0, settle_s=0, stop=stop)
+        assert ms["slow"] > ms["fast"] or slow_s == 0.001
+        return len(calls)
+    for slow_s, stop, near in ((0.003, Apart(1.15), (0.001, Apart(1.15))),
+                               (0.0013, Decided("slow", "fast", 0.9), (0.001, Decided("slow", "fast")))):
+        early, every_round, near_the_line = slow_calls(slow_s, stop), slow_calls(slow_s, None), slow_calls(*near)
+        assert early < 0.75 * every_round and early < 0.75 * near_the_line, (stop, early, every_round, near_the_line)

@@ -4,11 +4,13 @@
 (the cost model passes the target's); `time_side_by_side` times callables in interleaved rounds
 ordered by a Williams design (each system takes every position equally often and follows every
 other system equally often) after a warm-up, each figure the median over rounds, so drift in
-machine load and the previous system's spinning threads hit every system alike."""
+machine load and the previous system's spinning threads hit every system alike; a decision's clock
+stops as soon as more rounds could not change the decision (`Apart`, `Decided`)."""
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -34,11 +36,12 @@ def median_run_seconds(model: bytes, feeds: dict, *, providers: tuple[str, ...] 
 
 
 def time_side_by_side(systems: dict[str, Callable], args: tuple, rounds: int = 15, min_round_s: float = 0.2,
-                      warmup: int = 3, settle_s: float = 0.05, apart: float | None = None) -> dict[str, float]:
-    """Median milliseconds per call of each system on the same inputs. `apart` (a decision's clock, not a
-    benchmark's): stop after any whole repetition of the design past the first once the systems are clearly
-    apart — every two systems' samples in disjoint ranges, their medians more than `apart`× apart — since more
-    rounds would not change which is faster (ResNet's conv epilogues: 1.3× apart after 4 of 8 rounds)."""
+                      warmup: int = 3, settle_s: float = 0.05, stop: Callable[[dict[str, list[float]]], bool] | None = None
+                      ) -> dict[str, float]:
+    """Median milliseconds per call of each system on the same inputs. `stop` (a decision's clock, not a
+    benchmark's: `Apart` or `Decided`) ends the rounds after any whole repetition of the design past the first
+    once it holds of the samples so far, since more rounds would not change the decision (ResNet's conv epilogues:
+    1.3× apart after 4 of 8 rounds)."""
     for fn in systems.values():
         for _ in range(warmup):
             fn(*args)
@@ -49,7 +52,7 @@ def time_side_by_side(systems: dict[str, Callable], args: tuple, rounds: int = 1
     names = list(systems)
     orders = balanced_orders(len(names))
     for r in range(-(-rounds // len(orders)) * len(orders)):   # whole repetitions of the design
-        if apart is not None and r >= 2 * len(orders) and r % len(orders) == 0 and _apart(samples, apart):
+        if stop is not None and r >= 2 * len(orders) and r % len(orders) == 0 and stop(samples):
             break
         for name in (names[i] for i in orders[r % len(orders)]):
             fn = systems[name]
@@ -61,11 +64,30 @@ def time_side_by_side(systems: dict[str, Callable], args: tuple, rounds: int = 1
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def _apart(samples: dict[str, list[float]], factor: float) -> bool:
-    """Every two systems' samples in disjoint ranges, with medians more than `factor`× apart."""
-    ranked = sorted(samples.values(), key=statistics.median)
-    return all(max(a) < min(b) and statistics.median(b) > factor * statistics.median(a)
-               for a, b in zip(ranked, ranked[1:]))
+@dataclass(frozen=True)
+class Apart:
+    """Stop once every two systems' samples lie in disjoint ranges with medians more than `factor`× apart: which is
+    faster is settled, whatever margin the decision then applies up to `factor`."""
+    factor: float
+
+    def __call__(self, samples: dict[str, list[float]]) -> bool:
+        ranked = sorted(samples.values(), key=statistics.median)
+        return all(max(a) < min(b) and statistics.median(b) > self.factor * statistics.median(a)
+                   for a, b in zip(ranked, ranked[1:]))
+
+
+@dataclass(frozen=True)
+class Decided:
+    """Stop once a two-way decision — `first` is kept where it runs under `margin` × `second` — reads the same from
+    every pair of samples: a decision near its margin runs every round, one far from it stops early even when the
+    systems are near-equal (MobileNetV2's conv epilogues, 0.49 vs 0.47 ms against a 0.97 margin)."""
+    first: str
+    second: str
+    margin: float = 1.0
+
+    def __call__(self, samples: dict[str, list[float]]) -> bool:
+        a, b = samples[self.first], samples[self.second]
+        return max(a) < self.margin * min(b) or min(a) > self.margin * max(b)
 
 
 def balanced_orders(n: int) -> list[list[int]]:

@@ -27,7 +27,7 @@ import torch
 from ..sessions import ort_session
 from ..targets import Target
 from . import probes
-from .clock import median_run_seconds, time_side_by_side
+from .clock import Apart, median_run_seconds, time_side_by_side
 from .fft import RATE_KINDS, Conv2dShape, ConvShape, Decision, decide, rate_probes
 from .verdicts import MISSING, VerdictStore, default_path, graph_signature, key_of
 
@@ -45,8 +45,9 @@ class Entry:
 
 BACKEND_NAMES = {"ort": "ONNX Runtime", "tvm": "TVM"}
 # a decision's timing stops early once its systems are this far apart, every sample of one beyond every sample of the
-# other (clock.time_side_by_side): past every margin a decision applies (sparse kernels 1/0.9, fusions 1.1, 1/0.97)
-CLEARLY_APART = 1.15
+# other (clock.Apart): past every margin a decision applies (sparse kernels 1/0.9, fusions 1.1, 1/0.97); a decision
+# that states its own margin (clock.Decided) gives its own rule to graphs_ms
+CLEARLY_APART = Apart(1.15)
 
 # (graph, args, kwargs) → a callable taking the graph's flat inputs: how a backend other than ORT builds a graph
 Lower = Callable[[Any, tuple, dict], Callable[[list], Any]]
@@ -160,10 +161,11 @@ class CostModel:
         session = ort_session(model, self.providers, optimize=optimize, disabled=disabled)
         return lambda: session.run(None, feeds)
 
-    def _interleaved_us(self, runners: dict[str, Callable[[], Any]]) -> dict[str, float]:
-        """µs per call of each runner, timed side by side in interleaved rounds: a decision between two kernels
-        timed one after the other follows the machine's load instead of the kernels."""
-        return {name: ms * 1e3 for name, ms in _clock(runners, rounds=7, min_round_s=0.1).items()}
+    def _interleaved_us(self, runners: dict[str, Callable[[], Any]], stop: Callable = CLEARLY_APART
+                        ) -> dict[str, float]:
+        """µs per call of each runner, timed side by side in interleaved rounds until `stop` holds: a decision
+        between two kernels timed one after the other follows the machine's load instead of the kernels."""
+        return {name: ms * 1e3 for name, ms in _clock(runners, rounds=7, min_round_s=0.1, stop=stop).items()}
 
     def _graph_runner(self, graph, args: tuple, kwargs: dict | None) -> Callable[[], Any]:
         """A no-argument call of an IR graph as the backend runs it."""
@@ -182,14 +184,17 @@ class CostModel:
             return _alone_ms(self._graph_runner(graph, args, kwargs))
         return self._verdict("graph_ms", (graph_signature(graph, args, kwargs),), measure)
 
-    def graphs_ms(self, graphs: dict[str, object], args: tuple, kwargs: dict | None = None) -> dict[str, float]:
+    def graphs_ms(self, graphs: dict[str, object], args: tuple, kwargs: dict | None = None,
+                  stop: Callable = CLEARLY_APART) -> dict[str, float]:
         """Milliseconds per call of IR graphs as the backend runs them, timed side by side in interleaved
-        rounds: a choice between near-equal graphs timed one after the other followed the machine's load (the
-        digits ResNet's conv epilogues: 51 vs 53 ms measured apart, 59 vs 56 ms side by side)."""
+        rounds until `stop` holds (a two-way decision gives its margin: clock.Decided): a choice between near-equal
+        graphs timed one after the other followed the machine's load (the digits ResNet's conv epilogues: 51 vs
+        53 ms measured apart, 59 vs 56 ms side by side)."""
         def measure():
             runners = {name: self._graph_runner(graph, args, kwargs) for name, graph in graphs.items()}
-            return {name: us / 1e3 for name, us in self._interleaved_us(runners).items()}
-        signature = tuple((name, graph_signature(graph, args, kwargs)) for name, graph in graphs.items())
+            return {name: us / 1e3 for name, us in self._interleaved_us(runners, stop).items()}
+        signature = tuple((name, graph_signature(graph, args, kwargs)) for name, graph in graphs.items()) + \
+            ((repr(stop),) if stop != CLEARLY_APART else ())
         return self._verdict("graphs_ms", signature, measure)
 
     def summary(self, since: int = 0) -> str | None:
@@ -290,28 +295,30 @@ class CostModel:
 
     # --- ORT's own fusions: kept only where their kernel is faster -------------------------------
     def fusion_timings(self, model: onnx.ModelProto) -> tuple[tuple[str, float, float], ...]:
-        """(ORT optimizer name, fused µs, unfused µs) for each ORT fusion that applies to `model`, measured on
-        this target's probes: ORT fuses patterns at session creation whether or not its fused kernel is faster
-        (on this project's x86-64 machine SkipLayerNormalization runs ~6× slower than the Add +
-        LayerNormalization it replaces)."""
+        """(ORT optimizer name, fused µs, unfused µs) for each ORT fusion that can apply to `model` (it holds an op
+        the fusion rewrites), measured on this target's probes: ORT fuses patterns at session creation whether or
+        not its fused kernel is faster (on this project's x86-64 machine SkipLayerNormalization runs ~6× slower
+        than the Add + LayerNormalization it replaces). A CNN holds neither pattern and is spared both probes."""
         if self.backend != "ort" or not self.target.host or self.unmeasurable:
             return ()           # ORT's fusions as ORT applies them
-        return self._verdict("fusion_timings", (), self._fusion_timings) + (
-            self._verdict("int8_fusion_timings", (), self._int8_fusion_timings) if _has_int8_matmul(model) else ())
+        present = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
+        timings = tuple((name, *self._verdict("fusion_timing", (name,), lambda name=name: self._fusion_timing(name)))
+                        for name, ops in probes.FUSED_OPS.items() if ops & present)
+        return timings + (self._verdict("int8_fusion_timings", (), self._int8_fusion_timings)
+                          if _has_int8_matmul(model) else ())
 
     def slow_fusions(self, model: onnx.ModelProto, margin: float = 1.1) -> tuple[tuple[str, float, float], ...]:
         """The fusions to disable for `model`: their fused kernel measured over `margin` × the unfused ops."""
         return tuple(t for t in self.fusion_timings(model) if t[1] > margin * t[2])
 
-    def _fusion_timings(self) -> tuple:
+    def _fusion_timing(self, name: str) -> tuple[float, float]:
+        """(fused µs, unfused µs) of ORT fusion `name` on its probe pair."""
         rng = np.random.default_rng(1)
         feeds = {n: rng.standard_normal((probes.ROWS, probes.HIDDEN)).astype(np.float32) for n in ("x", "s")}
-        timings = []
-        for name, (fused, unfused) in probes.fusion_pairs().items():
-            us = self._interleaved_us({form: self._runner(m, feeds, optimize=False)
-                                       for form, m in (("fused", fused), ("unfused", unfused))})
-            timings.append((name, us["fused"], us["unfused"]))
-        return tuple(timings)
+        fused, unfused = probes.fusion_pairs()[name]
+        us = self._interleaved_us({"fused": self._runner(fused, feeds, optimize=False),
+                                   "unfused": self._runner(unfused, feeds, optimize=False)})
+        return us["fused"], us["unfused"]
 
     def _int8_fusion_timings(self) -> tuple:
         model, feeds = probes.qdq_linear()
@@ -363,13 +370,14 @@ def _alone_ms(run: Callable[[], Any]) -> float:
     return _clock({"run": run}, rounds=3, min_round_s=0.1)["run"]
 
 
-def _clock(runners: dict[str, Callable[[], Any]], rounds: int, min_round_s: float) -> dict[str, float]:
+def _clock(runners: dict[str, Callable[[], Any]], rounds: int, min_round_s: float, stop: Callable = CLEARLY_APART
+           ) -> dict[str, float]:
     """Median ms per call of no-argument runners in interleaved rounds: here (clock.time_side_by_side), or, for
     builds on a board of an RPC device, by TVM's clock on that board (distributed.rpc.board_side_by_side)."""
     from ..distributed.rpc import BoardCall, board_side_by_side
     if any(isinstance(r, BoardCall) for r in runners.values()):
         return board_side_by_side(runners, rounds=rounds, min_round_s=min_round_s)
-    return time_side_by_side(runners, (), rounds=rounds, min_round_s=min_round_s, apart=CLEARLY_APART)
+    return time_side_by_side(runners, (), rounds=rounds, min_round_s=min_round_s, stop=stop)
 
 
 def _tvm_version() -> str:

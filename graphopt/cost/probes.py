@@ -22,6 +22,12 @@ def _model(nodes: list, inits: dict[str, np.ndarray]) -> bytes:
     return model.SerializeToString()
 
 
+# ORT optimizer name → the ops (any one) whose presence lets it fuse: BiasGelu fuses an Add into a Gelu, which ORT's
+# GeluFusion makes of an Erf pattern first
+FUSED_OPS = {"SkipLayerNormFusion": frozenset({"LayerNormalization", "SimplifiedLayerNormalization"}),
+             "BiasGeluFusion": frozenset({"Gelu", "Erf", "FastGelu"})}
+
+
 def fusion_pairs() -> dict[str, tuple[bytes, bytes]]:
     """ORT optimizer name → (its fused kernel, the ops it replaces), on a BERT-base-sized problem."""
     rng = np.random.default_rng(0)

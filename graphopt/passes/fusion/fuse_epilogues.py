@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ...cost.clock import Decided
 from ...errors import InputError
 from ...ir import Graph, copy_graph, conv_args, fusion_blocker, is_call, linear_args, same_shape, tensor_meta, zero_pad_into
 from ..base import Pass, PassContext, PassResult, register
@@ -79,7 +80,8 @@ class FuseEpilogues(Pass):
             trials[mode] = trial
         if ctx.cost.unmeasurable:
             return "always", f"conv epilogues fused without measuring ({ctx.cost.unmeasurable})"
-        ms = ctx.cost.graphs_ms(trials, ctx.example_args, ctx.example_kwargs)
+        ms = ctx.cost.graphs_ms(trials, ctx.example_args, ctx.example_kwargs,
+                                stop=Decided("always", "never", FUSED_MUST_WIN))
         keep = "always" if ms["always"] < FUSED_MUST_WIN * ms["never"] else "never"
         return keep, (f"conv epilogues {'fused' if keep == 'always' else 'left to the backend'}: the model measured "
                       f"{ms['always']:.5g} ms with graphopt.conv_act, {ms['never']:.5g} ms without, with {ctx.cost.on}")

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.fx as fx
 
+from ...cost.clock import Decided
 from ...ir import Graph, conv_args, copy_graph, tensor_meta
 from ...ops.sparse import pack_bsr
 from ..base import Pass, PassContext, PassResult, register
@@ -320,7 +321,8 @@ class Sparsify(Pass):
             # a budget plan is the planner's choice: kept only if it measures faster than the graph unpruned
             trial = copy_graph(graph)
             pruning.apply(trial, plan)
-            ms = ctx.cost.graphs_ms({"dense": graph, "pruned": trial}, ctx.example_args, ctx.example_kwargs)
+            ms = ctx.cost.graphs_ms({"dense": graph, "pruned": trial}, ctx.example_args, ctx.example_kwargs,
+                                    stop=Decided("pruned", "dense"))
             if ms["pruned"] >= ms["dense"]:
                 result.skipped(f"the budget plan measures {ms['pruned']:.3f} ms against {ms['dense']:.3f} ms unpruned "
                                f"({ctx.cost.on}): nothing pruned")
