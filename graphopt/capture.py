@@ -16,6 +16,7 @@ from torch.export import Dim
 
 from .errors import CaptureError, InputError
 from .ir import Graph
+from .ir.decompose import decompose_locally
 from .hf import transformers_capture
 from .quiet import quiet
 
@@ -54,9 +55,13 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dyn
                 ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # torch raises many types here; all mean "could not capture"
             raise CaptureError(describe_capture_failure(e, model)) from e
-        with quiet():
-            ep = ep.run_decompositions(table)
-    graph = Graph(ep.module(check_guards=False), ep.call_spec.in_spec, ep.call_spec.out_spec)
+        # node by node where it can be (ir/decompose.py: no second trace of the whole model), else the retrace
+        module = decompose_locally(ep.module(check_guards=False), dict(table.items()), KEPT_OPS) \
+            if dynamic_shapes is None else None
+        if module is None:
+            with quiet():
+                module = ep.run_decompositions(table).module(check_guards=False)
+    graph = Graph(module, ep.call_spec.in_spec, ep.call_spec.out_spec)
     _views_to_reshapes(graph)
     _drop_empty_concat_inputs(graph)
     return graph
