@@ -48,7 +48,7 @@ def decompose_locally(module: fx.GraphModule, table: dict, keep: tuple = ()) -> 
         return None
     for node, key in todo:
         _splice(graph, node, traces[key])
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(lambda n: n.op == "get_attr" or n.is_impure())   # the retrace's DCE; weights stay
     module.recompile()
     return module
 

@@ -72,7 +72,7 @@ class FuseEpilogues(Pass):
         ORT's own convs are the default, so fusing must win by more than the timing noise (FUSED_MUST_WIN)."""
         trials = {}
         for mode in ("always", "never"):
-            trial = copy_graph(graph)
+            trial = copy_graph(graph, share_weights=True)     # fusing rewires nodes, never a weight
             if not self._fuse(trial, mode == "always").stats.get("conv_fusions") and mode == "always":
                 return "never", None          # no conv epilogue to fuse: nothing to decide
             trial.eliminate_dead_code()
