@@ -259,3 +259,19 @@ def test_replknet_example_end_to_end():
     assert cm.graph.op_counts().get("graphopt.fft_conv2d") == 2      # the 13×13 and the forced 5×5
     assert not any("1×1" in note for note in step.notes)             # pointwise convs are not candidates
     assert_matches(cm, model, x)
+
+
+def test_the_direct_conv_rate_probes_are_the_convs_they_stand_for():
+    """The direct-conv rate probes are built as one ONNX Conv (no exporter): ORT computes on them what the torch
+    probe module (padding="same", an even 1-D kernel included) computes."""
+    import onnxruntime
+    from graphopt.cost import probes
+    from graphopt.cost.fft import rate_probes
+    direct = {k: v for k, v in rate_probes().items() if isinstance(v[0], torch.nn.modules.conv._ConvNd)}
+    assert set(direct) == {"depthwise", "dense", "depthwise2d"}
+    for kind, (module, x, _) in direct.items():
+        model, feeds = probes.same_conv(module, x.numpy())
+        got = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        with torch.no_grad():
+            want = module(x)
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)

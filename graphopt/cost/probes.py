@@ -43,6 +43,20 @@ def fusion_pairs() -> dict[str, tuple[bytes, bytes]]:
     return {"SkipLayerNormFusion": (skip_ln, add_ln), "BiasGeluFusion": (bias_gelu, add_gelu)}
 
 
+def same_conv(conv, x: np.ndarray) -> tuple[bytes, dict]:
+    """A torch Conv1d/Conv2d with padding="same" (stride and dilation 1) as one ONNX Conv, and its feeds: the
+    direct-conv rate probes are what ORT runs for a Conv node, so no exporter is needed to build them (each
+    torch.onnx export of a probe cost ~0.7 s)."""
+    kernel = list(conv.weight.shape[2:])
+    pads = [(k - 1) // 2 for k in kernel] + [k - 1 - (k - 1) // 2 for k in kernel]     # torch's "same": more after
+    w = numpy_helper.from_array(conv.weight.detach().numpy(), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=conv.groups, pads=pads, kernel_shape=kernel)
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+    return model, {"x": x}
+
+
 def qdq_linear() -> tuple[bytes, dict]:
     """A BERT-sized QDQ linear (DQ → MatMul → Add on 3-D activations) and its feeds: with ORT's
     MatMulAddFusion it runs as QGemm between two Reshapes, without it as MatMulIntegerToFloat."""
