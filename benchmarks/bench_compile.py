@@ -7,8 +7,9 @@ default compile with an empty verdict cache (cold), and again in a new process w
 filled (warm: every measured decision read back, nothing timed). Peak RSS is the process's high-water mark
 (ru_maxrss), beside the fp32 weights' size and the RSS after building the model; the last columns are graphopt's
 cold peak RSS over the fp32 weights and per parameter, and under each row the cold compile's slowest steps. The
-zoo's tiny CNNs: `--models resnet,mobilenet_v2,convnext,efficientnet --sizes tiny`. "large" is BERT-large, GPT-2 medium, ResNet-152 and a Llama
-of 0.77 B parameters (3.1 GB of fp32 weights: past protobuf's 2 GB, so ONNX with external data)."""
+zoo's tiny CNNs: `--models resnet,mobilenet_v2,convnext,efficientnet --sizes tiny`. "large" is BERT-large, GPT-2
+medium, ResNet-152 and a Llama of 0.77 B parameters (3.1 GB of fp32 weights: past protobuf's 2 GB, so ONNX with
+external data)."""
 import argparse
 import json
 import os

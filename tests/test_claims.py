@@ -223,7 +223,6 @@ def test_an_ort_fusion_is_timed_only_for_a_model_it_can_apply_to(monkeypatch):
     probes are not timed (they were seconds of every CNN's compile); a model with a LayerNorm times that one."""
     timed = []
     monkeypatch.setattr(cost_model, "_VERDICTS", {})
-    monkeypatch.setattr(CostModel, "store", property(lambda self: cost_model.VerdictStore(os.devnull + "/x")))
     monkeypatch.setattr(CostModel, "_fusion_timing", lambda self, name: timed.append(name) or (50.0, 100.0))
     cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
     graphopt.compile(cnn, (torch.randn(1, 3, 16, 16),), passes=[])

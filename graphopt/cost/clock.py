@@ -36,8 +36,8 @@ def median_run_seconds(model: bytes, feeds: dict, *, providers: tuple[str, ...] 
 
 
 def time_side_by_side(systems: dict[str, Callable], args: tuple, rounds: int = 15, min_round_s: float = 0.2,
-                      warmup: int = 3, settle_s: float = 0.05, stop: Callable[[dict[str, list[float]]], bool] | None = None
-                      ) -> dict[str, float]:
+                      warmup: int = 3, settle_s: float = 0.05,
+                      stop: Callable[[dict[str, list[float]]], bool] | None = None) -> dict[str, float]:
     """Median milliseconds per call of each system on the same inputs. `stop` (a decision's clock, not a
     benchmark's: `Apart` or `Decided`) ends the rounds after any whole repetition of the design past the first
     once it holds of the samples so far, since more rounds would not change the decision (ResNet's conv epilogues:
@@ -88,6 +88,10 @@ class Decided:
     def __call__(self, samples: dict[str, list[float]]) -> bool:
         a, b = samples[self.first], samples[self.second]
         return max(a) < self.margin * min(b) or min(a) > self.margin * max(b)
+
+    def keeps_first(self, ms: dict[str, float]) -> bool:
+        """The decision on the timings the clock returned: `first` runs under `margin` × `second`."""
+        return ms[self.first] < self.margin * ms[self.second]
 
 
 def balanced_orders(n: int) -> list[list[int]]:

@@ -231,7 +231,7 @@ class CostModel:
         (each probe is an export, a session and a timing: seconds)."""
         def measure(kind):
             module, x, macs = rate_probes()[kind]       # built only when a rate is not known yet
-            if self.backend == "ort" and isinstance(module, torch.nn.modules.conv._ConvNd):
+            if self.backend == "ort" and isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
                 return macs / self.seconds(*probes.same_conv(module, x.numpy()))
             return macs / self.module_seconds(module, x)
         return {kind: self._verdict("fft_rate", (kind,), lambda kind=kind: measure(kind))

@@ -31,8 +31,9 @@ def decompose_locally(module: fx.GraphModule, table: dict, keep: tuple = ()) -> 
     fake_mode = _fake_mode(graph)
     if fake_mode is None:
         return None
-    todo = []
+    todo, seen = [], set()
     for node in graph.nodes:
+        seen.add(node)
         if node.op != "call_function" or node.target is operator.getitem:
             continue
         target = node.target
@@ -42,7 +43,7 @@ def decompose_locally(module: fx.GraphModule, table: dict, keep: tuple = ()) -> 
             return None                       # a higher-order op, a dynamic shape, or several outputs read whole
         if _final(target, table, keep):
             continue
-        functional = _functional(node) if target._schema.is_mutable else target
+        functional = _functional(node, seen) if target._schema.is_mutable else target
         if functional is None:
             return None
         todo.append((node, (functional, _signature(node))))
@@ -80,10 +81,10 @@ def _symbolic(node: fx.Node) -> bool:
         any(isinstance(v, torch.SymInt) for v in vals)
 
 
-def _functional(node: fx.Node) -> Callable | None:
+def _functional(node: fx.Node, before: set[fx.Node]) -> Callable | None:
     """The functional form of an in-place op (add_ → add) where swapping it in changes nothing: its target is an
-    intermediate value, not a view of another, that no node after it reads (its first-argument's other users all
-    come before it)."""
+    intermediate value, not a view of another, that no node after it reads (its first argument's other users are all
+    `before` it)."""
     schema = node.target._schema
     name = schema.name.split("::")[-1]
     mutated = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
@@ -92,8 +93,7 @@ def _functional(node: fx.Node) -> Callable | None:
     base = node.args[0]
     if not isinstance(base, fx.Node) or base.op != "call_function" or _is_view(base):
         return None
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    if any(order[u] > order[node] for u in base.users if u is not node):
+    if any(u not in before for u in base.users):
         return None
     packet = getattr(torch.ops.aten, name[:-1], None)
     return getattr(packet, node.target._overloadname, None) if packet is not None else None

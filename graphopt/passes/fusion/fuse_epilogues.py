@@ -82,9 +82,9 @@ class FuseEpilogues(Pass):
             trials[mode] = trial
         if ctx.cost.unmeasurable:
             return "always", f"conv epilogues fused without measuring ({ctx.cost.unmeasurable})"
-        ms = ctx.cost.graphs_ms(trials, ctx.example_args, ctx.example_kwargs,
-                                stop=Decided("always", "never", FUSED_MUST_WIN))
-        keep = "always" if ms["always"] < FUSED_MUST_WIN * ms["never"] else "never"
+        fused_wins = Decided("always", "never", FUSED_MUST_WIN)
+        ms = ctx.cost.graphs_ms(trials, ctx.example_args, ctx.example_kwargs, stop=fused_wins)
+        keep = "always" if fused_wins.keeps_first(ms) else "never"
         return keep, (f"conv epilogues {'fused' if keep == 'always' else 'left to the backend'}: the model measured "
                       f"{ms['always']:.5g} ms with graphopt.conv_act, {ms['never']:.5g} ms without, with {ctx.cost.on}")
 

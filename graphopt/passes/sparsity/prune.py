@@ -321,9 +321,10 @@ class Sparsify(Pass):
             # a budget plan is the planner's choice: kept only if it measures faster than the graph unpruned
             trial = copy_graph(graph)
             pruning.apply(trial, plan)
+            pruned_wins = Decided("pruned", "dense")
             ms = ctx.cost.graphs_ms({"dense": graph, "pruned": trial}, ctx.example_args, ctx.example_kwargs,
-                                    stop=Decided("pruned", "dense"))
-            if ms["pruned"] >= ms["dense"]:
+                                    stop=pruned_wins)
+            if not pruned_wins.keeps_first(ms):
                 result.skipped(f"the budget plan measures {ms['pruned']:.3f} ms against {ms['dense']:.3f} ms unpruned "
                                f"({ctx.cost.on}): nothing pruned")
                 return
