@@ -9,7 +9,7 @@ import onnx
 import torch
 
 from ..codegen import to_onnx
-from ..codegen.external import session_source
+from ..codegen.external import inline, kept_outside, session_source
 from ..cost import CostModel
 from ..errors import InputError, UnsupportedError
 from ..ir import Graph
@@ -20,8 +20,9 @@ from .base import BuildInputs
 
 class OrtExecutable:
     """`fusions`: (ORT fusion, fused µs, unfused µs) measured on the target; those in `disabled` measured slower.
-    `weights`: the arrays of the model's external initializers (a model past 2 GB, codegen/external.py), kept for
-    export; `path`: the model's file (a loaded bundle's, its data file beside it), opened by ORT from there;
+    `weights`: the arrays of the model's external initializers (codegen/external.py), which the session copied in
+    and an artifact is built from (`weights_outside`: past 2 GB, they stay beside it); `path`: the model's file (a
+    loaded bundle's, its data file beside it), opened by ORT from there;
     `source`: the model as ORT's session takes it, where the caller has it already (codegen.onnx.Lowered)."""
 
     def __init__(self, model: onnx.ModelProto, target: Target, n_inputs: int,
@@ -29,6 +30,7 @@ class OrtExecutable:
                  weights: dict | None = None, path=None, source=None):
         self.model, self.target, self.fusions = model, target, tuple(fusions)
         self.weights = weights or {}
+        self.weights_outside = kept_outside(self.weights)
         self.disabled_optimizers = list(disabled)
         # a GPU target without onnxruntime-gpu or a GPU: built, exported, not run here (never silently on the CPU
         # provider). arm64: its ONNX model is portable and runs here on the CPU provider, the reference a board
@@ -60,7 +62,8 @@ class OrtExecutable:
         return outs if self.device == "cpu" else [o.to(self.device) for o in outs]
 
     def artifact(self) -> onnx.ModelProto:
-        return self.model
+        """The ONNX model: self-contained, its weights copied in now, unless they stay outside it (past 2 GB)."""
+        return inline(self.model, self.weights) if self.weights and not self.weights_outside else self.model
 
     def tables(self) -> list[dict]:
         if not self.fusions:

@@ -1,15 +1,16 @@
-"""ONNX models past protobuf's 2 GB: the weights kept outside the ModelProto.
+"""An ONNX model's weights kept outside its ModelProto, from lowering to ONNX Runtime's session.
 
-A protobuf message cannot be serialized past 2 GB ("EncodeError: Failed to serialize proto"), so a model whose
-initializers pass `EXTERNAL_BYTES` is emitted as a small ModelProto whose large initializers (≥ `TENSOR_BYTES`)
-are ONNX external data (`data_location = EXTERNAL`, `location` = `DATA_LOCATION`), with their arrays in a dict
-beside it. The arrays are numpy views of the IR graph's own weights, not copies (the exporter's folding of weight
-transposes is left to ONNX Runtime, in its own copy: `optimize`); nothing serializes the whole model at once:
-- ONNX Runtime gets them through `SessionOptions.add_external_initializers` (it copies each into the session),
-  see graphopt/sessions.py;
-- a file is written as `NAME.onnx` plus `NAME.onnx.data` beside it (onnx's external data layout, one tensor in
-  memory at a time, offsets aligned for ORT to map them), both written atomically (`save_onnx`).
-Models under `EXTERNAL_BYTES` stay one self-contained ModelProto and one .onnx file, as before."""
+Every lowered model's initializers of ≥ `TENSOR_BYTES` are ONNX external data (`data_location = EXTERNAL`,
+`location` = `DATA_LOCATION`) whose arrays, numpy views of the IR graph's own weights, go into a dict beside a small
+ModelProto. ONNX Runtime copies them in once through `SessionOptions.add_external_initializers` (graphopt/sessions.py);
+nothing serializes them, and no transposed copy is made (`optimize`: a linear's weight stays [out, in], read by
+FusedMatMul with transB). In the proto, BERT-base's compile held the weights five times over at its peak (the user's,
+the folded transposes, the proto, its bytes, ORT's parse and packing: 2.56 GB for 0.44 GB); outside it, three.
+
+What the user gets (`artifact`, export_onnx, bundles) is one self-contained ModelProto, built when asked, up to
+`EXTERNAL_BYTES`; past it (protobuf cannot serialize past 2 GB: "EncodeError: Failed to serialize proto") the small
+proto and the arrays, written as `NAME.onnx` plus `NAME.onnx.data` beside it (onnx's external data layout, one
+tensor in memory at a time, offsets aligned for ORT to map them), both written atomically (`save_onnx`)."""
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,8 @@ from onnx.external_data_helper import save_external_data, set_external_data, use
 from ..artifacts import checked_path, write_atomically
 from ..errors import GraphoptError, InputError, UnsupportedError
 
-# total initializer bytes from which a model's weights are kept outside its proto (protobuf's limit is 2 GiB for
-# the whole message; the graph itself needs room). Tests lower it to send small models down the same path.
+# total initializer bytes from which a model's artifact keeps its weights outside its proto (protobuf's limit is
+# 2 GiB for the whole message; the graph itself needs room). Tests lower it to send small models down that path.
 EXTERNAL_BYTES = 2 ** 31 - 2 ** 28
 TENSOR_BYTES = 1024          # initializers of at least this many bytes go to the data file (onnx's own default)
 DATA_LOCATION = "weights.data"   # the location in memory; a written file names its own data file
@@ -38,15 +39,17 @@ class WeightedModel:
     weights: dict[str, np.ndarray] = field(repr=False)
 
 
-def external(nbytes: int, weights: dict | None) -> bool:
-    """Whether a model of `nbytes` of weights is emitted with external data; past the limit a caller that cannot
-    take it (`weights=None`) gets a GraphoptError saying so, before any work."""
-    if nbytes < EXTERNAL_BYTES:
-        return False
-    if weights is None:
+def check_one_proto(nbytes: int) -> None:
+    """A GraphoptError, before any work, for a caller that needs the whole model in one protobuf (no `weights`
+    dict to keep them outside) when its `nbytes` of weights are past what one can hold."""
+    if nbytes >= EXTERNAL_BYTES:
         raise UnsupportedError(f"the model's weights are {nbytes / 2 ** 30:.2f} GB, past what this step can hold in "
                                "one ONNX protobuf (2 GB): it does not take external data yet")
-    return True
+
+
+def kept_outside(weights: dict[str, np.ndarray]) -> bool:
+    """Whether a model's artifact keeps these `weights` outside its proto (past EXTERNAL_BYTES), rather than in it."""
+    return sum(a.nbytes for a in weights.values()) >= EXTERNAL_BYTES
 
 
 def graph_bytes(graph) -> int:
@@ -64,10 +67,13 @@ def ir_bytes(ir_model) -> int:
 
 def optimize(ir_model) -> None:
     """torch.onnx's optimization (onnxscript's optimizer, then its ONNX fusions) without folding a Transpose of a
-    weight: folded, each linear's weight would be copied transposed (0.75 of a Llama's weights, held beside the
-    model's own); left as a node, ONNX Runtime folds it in its own copy of the weights at session creation."""
+    weight, then each MatMul by a transposed weight as FusedMatMul(x, w, transB=1): folded, each linear's weight
+    would be copied transposed (0.75 of a Llama's weights, held beside the model's own, and ORT packs it again).
+    FusedMatMul packs the [out, in] weight as MatMul packs the transposed one, and measured as fast
+    (benchmarks/bench_compile.py's notes: BERT-base, Llama-base at 1 to 128 rows)."""
     import onnxscript
     import onnxscript.rewriter.onnx_fusions
+    from onnxscript.rewriter import pattern, rewrite
 
     def should_fold(node):
         if node.op_type == "Transpose" and node.domain == "" and any(
@@ -77,6 +83,25 @@ def optimize(ir_model) -> None:
         return None
     onnxscript.optimizer.optimize_ir(ir_model, should_fold=should_fold)
     onnxscript.rewriter.onnx_fusions.fuse(ir_model)
+    rewrite(ir_model, pattern_rewrite_rules=[pattern.RewriteRule(_matmul_transposed, _fused_matmul,
+                                                                 _weight_last_two_swapped)])
+    if any(n.op_type == "FusedMatMul" for n in ir_model.graph):
+        ir_model.opset_imports.setdefault("com.microsoft", 1)
+
+
+def _matmul_transposed(op, x, w, perm):
+    return op.MatMul(x, op.Transpose(w, perm=perm))
+
+
+def _fused_matmul(op, x, w, perm):
+    return op.FusedMatMul(x, w, transB=1, _domain="com.microsoft")
+
+
+def _weight_last_two_swapped(context, x, w, perm, **_):
+    """`w` a weight whose Transpose swaps only its last two axes, read by a MatMul whose `x` has at least 2."""
+    order = list(perm.value)
+    return (w.const_value is not None and x.shape is not None and len(x.shape) >= 2 and len(order) >= 2 and
+            order == list(range(len(order) - 2)) + [len(order) - 1, len(order) - 2])
 
 
 def split_weights(ir_model, weights: dict[str, np.ndarray]) -> None:
@@ -118,10 +143,23 @@ def session_source(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None
     return WeightedModel(model.SerializeToString(), weights) if weights else model.SerializeToString()
 
 
+def inline(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A self-contained copy of `model`, its external initializers' bytes (from `weights`) put back in."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = np.ascontiguousarray(weights[tensor.name]).tobytes()
+    return proto
+
+
 def weights_of(executable) -> dict[str, np.ndarray]:
-    """The weights an executable keeps outside its ONNX model (empty: the model is self-contained)."""
+    """The weights an executable's artifact keeps outside its ONNX model (empty: the artifact is self-contained)."""
     executable = getattr(executable, "ort", executable)    # backend="auto" on arm64 keeps both; "chosen" delegates
-    return getattr(executable, "weights", None) or {}
+    weights = getattr(executable, "weights", None) or {}
+    return weights if getattr(executable, "weights_outside", False) else {}
 
 
 def data_name(onnx_name: str) -> str:

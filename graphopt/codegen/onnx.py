@@ -10,8 +10,8 @@ import torch
 
 from ..capture import dynamic_export
 from ..errors import UnsupportedError
-from .external import WeightedModel, check_model, external, graph_bytes, ir_bytes, optimize, session_source, \
-    split_weights
+from .external import WeightedModel, check_model, check_one_proto, graph_bytes, ir_bytes, optimize, \
+    session_source, split_weights
 from ..ir import Graph
 from ..ops import onnx_opset, onnx_translation_table
 from ..quiet import quiet
@@ -27,10 +27,12 @@ class Lowered(NamedTuple):
 
 def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None,
             weights: dict | None = None) -> Lowered:
-    """The ONNX model of `graph`, checked. Past external.EXTERNAL_BYTES of weights (protobuf's 2 GB), its large
-    initializers are external data whose arrays go into `weights` (a dict the caller gives; without one such a model
-    raises a GraphoptError saying so): see codegen/external.py."""
-    large = external(graph_bytes(graph), weights)
+    """The ONNX model of `graph`, checked. Where the caller gives a `weights` dict, its initializers of ≥
+    external.TENSOR_BYTES are external data whose arrays (views of the graph's own tensors) go into it, for ONNX
+    Runtime to copy in once (see codegen/external.py); without one, the model is one self-contained proto, and a
+    model past protobuf's 2 GB raises a GraphoptError saying so."""
+    if weights is None:
+        check_one_proto(graph_bytes(graph))
     lifted = lifted_program(graph) if dynamic_shapes is None else None    # else torch.onnx traces the module
     exported = graph.module if lifted is None else lifted
     try:
@@ -38,13 +40,14 @@ def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shape
                 already_decomposed():
             program = torch.onnx.export(
                 exported, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
-                custom_translation_table=onnx_translation_table(), optimize=not large, verbose=False,
+                custom_translation_table=onnx_translation_table(), optimize=False, verbose=False,
                 opset_version=onnx_opset({n.target for n in graph.module.graph.nodes}))
-            if large:
-                optimize(program.model)
+            optimize(program.model)
     except Exception as e:  # the exporter raises its own hierarchy; all mean "cannot lower"
         raise export_error(e, graph) from e
-    if large or external(ir_bytes(program.model), weights):
+    if weights is None:
+        check_one_proto(ir_bytes(program.model))
+    else:
         split_weights(program.model, weights)
     model = fold_int8_pads(program.model_proto)
     del program                     # its tensors: the weights dict keeps the ones still needed

@@ -212,7 +212,7 @@ class CostModel:
     def _lowered(self, graph, args: tuple, kwargs: dict | None) -> tuple[bytes, dict, tuple[str, ...]]:
         """(ONNX bytes, feeds, ORT fusions to disable) of an IR graph, as the ORT backend would run it."""
         from ..codegen.onnx import to_onnx
-        weights = {}                  # a model past 2 GB: its weights beside its bytes (codegen/external.py)
+        weights = {}                  # its weights beside its bytes (codegen/external.py)
         model, source = to_onnx(graph, args, kwargs or {}, weights=weights)
         flat = graph.flat_inputs(args, kwargs or {})
         feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}

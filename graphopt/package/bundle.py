@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 
 from ..artifacts import write_atomically, write_bytes_atomically, writable_dir
 from ..backends.ort import OrtExecutable
-from ..codegen.external import data_files, save_onnx, sha256_file, weights_of
+from ..codegen.external import data_files, inline, kept_outside, save_onnx, sha256_file, weights_of
 from ..codegen.onnx import to_onnx
 from ..errors import InputError
 from ..numerics import flat_tensors
@@ -83,10 +83,15 @@ def _onnx_segments(compiled) -> tuple[list[onnx.ModelProto], list[list[int]], li
     if isinstance(exe, EarlyExitExecutable):
         models, weights = [], []
         for a, seg, g, ex in zip(exe.artifact(), exe.segments, exe.graphs, exe.examples):
-            held = weights_of(seg) if isinstance(a, onnx.ModelProto) else {}
-            models.append(a if isinstance(a, onnx.ModelProto) else
-                          to_onnx(g, ex, {}, tuple({0: torch.export.Dim.DYNAMIC} for _ in ex), weights=held).model)
-            weights.append(held)
+            if isinstance(a, onnx.ModelProto):
+                models.append(a)
+                weights.append(weights_of(seg))
+                continue
+            held = {}          # a TVM segment: lowered to ONNX here
+            lowered = to_onnx(g, ex, {}, tuple({0: torch.export.Dim.DYNAMIC} for _ in ex), weights=held).model
+            outside = kept_outside(held)
+            models.append(lowered if outside else inline(lowered, held))
+            weights.append(held if outside else {})
         return models, exe.routes, exe.thresholds, exe.labels, weights
     model = exe.artifact()
     if isinstance(model, onnx.ModelProto):

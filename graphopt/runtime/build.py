@@ -48,10 +48,10 @@ def one_sample_graph(dispatcher: EarlyExitExecutable, plan, target: Target, cost
     if cost is None or not all(isinstance(s, OrtExecutable) and s.runs_here for s in segments):
         return None, ["one sample per call: the host dispatcher (the exits as ONNX `If` need every segment "
                       "on ONNX Runtime, run here)"]
-    if any(s.weights for s in segments):
+    if any(s.weights_outside for s in segments):
         return None, ["one sample per call: the host dispatcher (a segment keeps its weights outside its ONNX model, "
                       "past 2 GB: the exits as one ONNX graph with `If` would hold them all)"]
-    model = exits_as_if([s.model for s in segments], dispatcher.routes, dispatcher.thresholds)
+    model = exits_as_if([s.artifact() for s in segments], dispatcher.routes, dispatcher.thresholds)
     providers, serialized = target.providers or ("CPUExecutionProvider",), model.SerializeToString()
     sessions = {"If": ort_session(serialized, providers)}
     if providers[0] == "CPUExecutionProvider":
