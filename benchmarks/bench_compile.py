@@ -5,8 +5,9 @@
 Per model: torch.onnx.export of the model (the floor every ONNX path pays), torch.compile's first call, graphopt's
 default compile with an empty verdict cache (cold), and again in a new process with the cache the cold compile
 filled (warm: every measured decision read back, nothing timed). Peak RSS is the process's high-water mark
-(ru_maxrss), beside the fp32 weights' size and the RSS after building the model; the last columns are graphopt's
-cold peak RSS over the fp32 weights and per parameter, and under each row the cold compile's slowest steps. The
+(ru_maxrss), beside the fp32 weights' size, the RSS of the libraries alone (torch, transformers, onnxruntime,
+onnxscript and graphopt imported: 0.4 GB, the size of a base model's weights) and after building the model; the last
+columns are graphopt's cold peak RSS over the fp32 weights, the same without the libraries, and per parameter, and under each row the cold compile's slowest steps. The
 zoo's tiny CNNs: `--models resnet,mobilenet_v2,convnext,efficientnet --sizes tiny`. "large" is BERT-large, GPT-2
 medium, ResNet-152 and a Llama of 0.77 B parameters (3.1 GB of fp32 weights: past protobuf's 2 GB, so ONNX with
 external data)."""
@@ -42,7 +43,12 @@ def one(kind: str, name: str, size: str) -> dict:
     """Run in the child: build the model, do `kind`, report seconds and peak RSS."""
     import resource
     import time
+    import onnxruntime  # noqa: F401 - every library a column may use, imported before the baseline is read
+    import onnxscript  # noqa: F401
     import torch
+    import transformers  # noqa: F401
+    import graphopt  # noqa: F401
+    rss_libs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     model, args = build(name, size)
     params = sum(p.numel() for p in model.parameters())
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
@@ -66,7 +72,7 @@ def one(kind: str, name: str, size: str) -> dict:
     except Exception as e:   # noqa: BLE001 - the table says what failed
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     return {"seconds": seconds, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "model_gb": rss_model, "params": params, "error": error, "steps": steps}
+            "model_gb": rss_model, "libs_gb": rss_libs, "params": params, "error": error, "steps": steps}
 
 
 def run(kind: str, name: str, size: str, cache: str) -> dict:
@@ -75,7 +81,8 @@ def run(kind: str, name: str, size: str, cache: str) -> dict:
                           text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        return {"seconds": float("nan"), "peak_gb": float("nan"), "model_gb": float("nan"), "params": 0,
+        return {"seconds": float("nan"), "peak_gb": float("nan"), "model_gb": float("nan"), "libs_gb": float("nan"),
+                "params": 0,
                 "error": f"the process failed: {done.stderr.strip().splitlines()[-1:]}"}
     return json.loads(lines[-1])
 
@@ -91,9 +98,10 @@ def main():
         print(json.dumps(one(*ns.child)))
         return
     kinds = ["onnx export"] + ([] if ns.no_torch_compile else ["torch.compile"]) + ["graphopt cold", "graphopt warm"]
-    print("each measurement in a process of its own; peak RSS in GB (the model alone: after building it)")
-    print(f"{'model':<14}{'params':>9}{'fp32 GB':>9}{'model GB':>9}  " + "".join(f"{k:>22}" for k in kinds) +
-          "  cold/export  warm/export  cold peak/fp32  bytes/param", flush=True)
+    print("each measurement in a process of its own; peak RSS in GB (libs: after importing torch, transformers, "
+          "onnxruntime, onnxscript and graphopt; model: after building the model too)")
+    print(f"{'model':<14}{'params':>9}{'fp32 GB':>9}{'libs GB':>9}{'model GB':>9}  " + "".join(f"{k:>22}" for k in kinds)
+          + "  cold/export  warm/export  cold peak/fp32  (peak-libs)/fp32  bytes/param", flush=True)
     for name in ns.models.split(","):
         for size in ns.sizes.split(","):
             with tempfile.TemporaryDirectory() as cache:   # the cold compile fills it, the warm one reads it
@@ -105,9 +113,11 @@ def main():
             ratios = "  ".join(f"×{results[k]['seconds'] / export:.2f}" if not results[k]["error"] else "—"
                                for k in ("graphopt cold", "graphopt warm"))
             cold, fp32 = results["graphopt cold"], first["params"] * 4 / 2 ** 30
-            memory = (f"  {cold['peak_gb'] / fp32:>13.2f}×  {cold['peak_gb'] * 2 ** 30 / first['params']:>11.1f}"
+            memory = (f"  {cold['peak_gb'] / fp32:>13.2f}×  {(cold['peak_gb'] - cold['libs_gb']) / fp32:>15.2f}×  "
+                      f"{cold['peak_gb'] * 2 ** 30 / first['params']:>11.1f}"
                       if first["params"] and cold["peak_gb"] == cold["peak_gb"] else "")
-            print(f"{name + ' ' + size:<14}{first['params'] / 1e6:>8.1f}M{fp32:>9.2f}{first['model_gb']:>9.2f}  "
+            print(f"{name + ' ' + size:<14}{first['params'] / 1e6:>8.1f}M{fp32:>9.2f}{first['libs_gb']:>9.2f}"
+                  f"{first['model_gb']:>9.2f}  "
                   f"{cells}  {ratios}{memory}", flush=True)
             for k, r in results.items():
                 if r["error"]:
