@@ -84,7 +84,7 @@ def test_a_call_leaves_no_spinning_workers_to_slow_the_torch_code_after_it():
     cm = graphopt.compile(model, x)
     exe = getattr(cm.executable, "chosen", cm.executable)
     assert not spins(exe.session)
-    assert spins(ort_session(exe.model.SerializeToString(), spinning="always"))       # what spins() would catch
+    assert spins(ort_session(exe.artifact().SerializeToString(), spinning="always"))  # what spins() would catch
     a, b = torch.randn(384, 384), torch.randn(384, 384)
     ratios = []
     for _ in range(3):     # a shared 2-core machine: the best of three medians (spinning sessions measured ×3–18)

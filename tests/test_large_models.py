@@ -99,6 +99,32 @@ def test_small_model_stays_one_file(llama, tmp_path):
                    for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer)
 
 
+def test_a_small_models_session_takes_the_graphs_own_weights_and_its_artifact_holds_them(tmp_path):
+    """Under 2 GB too, ORT's session gets the weights beside a small proto (it copies them in once; nothing
+    serializes them), each linear's weight [out, in] as torch holds it, under FusedMatMul(transB=1): no transposed
+    copy. The artifact is one self-contained model that ORT runs alone and that matches eager."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 32)).eval()
+    x = torch.randn(2, 8, 64)
+    cm = graphopt.compile(model, (x,), backend="ort")
+    exe = cm.executable
+    assert exe.weights and not external.weights_of(exe)
+    assert exe.model.ByteSize() < 0.1 * sum(a.nbytes for a in exe.weights.values())     # the proto holds no copy
+    assert [n.op_type for n in exe.model.graph.node].count("FusedMatMul") == 2
+    for linear in (model[0], model[2]):      # the session's arrays are the model's own tensors, not copies
+        assert any(a.shape == tuple(linear.weight.shape) and np.shares_memory(a, linear.weight.detach().numpy())
+                   for a in exe.weights.values())
+    artifact = exe.artifact()
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in artifact.graph.initializer)
+    onnx.checker.check_model(artifact)
+    session = ort.InferenceSession(artifact.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], want,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cm(x).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_bundle_with_external_data_loads_and_runs(large, llama, tmp_path):
     model, args = llama
     folder = large.export(tmp_path / "bundle")
