@@ -112,11 +112,11 @@ class CompiledModule:
     def export_onnx(self, path: str | Path) -> Path:
         """Write the optimized graph as a standalone ONNX file; a model past 2 GB of weights as `path` and its
         external data file `path.data` beside it (codegen/external.py)."""
-        from .codegen.external import save_onnx, weights_of
-        model = self.executable.artifact()
+        from .codegen.external import onnx_parts, save_onnx
+        model, weights, outside = onnx_parts(self.executable)
         if not isinstance(model, onnx.ModelProto):
             raise InputError(f"backend {self.backend!r} does not produce ONNX; compile with backend='ort'")
-        return save_onnx(model, weights_of(self.executable), path, "export_onnx")
+        return save_onnx(model, weights, path, "export_onnx", outside)
 
     def export_library(self, path: str | Path) -> Path:
         """Write the TVM build as a shared library the TVM runtime loads alone (cross-compiled for arm64)."""

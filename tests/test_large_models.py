@@ -123,6 +123,13 @@ def test_a_small_models_session_takes_the_graphs_own_weights_and_its_artifact_ho
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], want,
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cm(x).numpy(), want, rtol=1e-5, atol=1e-5)
+    written = onnx.load(str(cm.export_onnx(tmp_path / "m.onnx")))   # streamed a tensor at a time, one file
+    assert os.listdir(tmp_path) == ["m.onnx"]
+    assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in written.graph.initializer} == \
+        {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in artifact.graph.initializer}
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], want,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_bundle_with_external_data_loads_and_runs(large, llama, tmp_path):

@@ -155,24 +155,59 @@ def inline(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.Model
     return proto
 
 
+def write_inlined(model: onnx.ModelProto, weights: dict[str, np.ndarray], path: Path) -> None:
+    """`model` as one self-contained file, its external initializers' bytes (from `weights`) in it, with one tensor
+    in memory at a time: protobuf merges concatenated messages (a repeated field appends), so the model without
+    them is written first, then each as a ModelProto of its own whose graph holds only it. `inline` then
+    SerializeToString held the weights twice more (BERT-base: +0.8 GB)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    outside = [t for t in proto.graph.initializer if uses_external_data(t)]
+    kept = [t for t in proto.graph.initializer if not uses_external_data(t)]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        for tensor in outside:
+            one = onnx.ModelProto()
+            held = one.graph.initializer.add()
+            held.CopyFrom(tensor)
+            del held.external_data[:]
+            held.data_location = onnx.TensorProto.DEFAULT
+            held.raw_data = np.ascontiguousarray(weights[tensor.name]).tobytes()
+            f.write(one.SerializeToString())
+            del one, held
+
+
 def weights_of(executable) -> dict[str, np.ndarray]:
     """The weights an executable's artifact keeps outside its ONNX model (empty: the artifact is self-contained)."""
-    executable = getattr(executable, "ort", executable)    # backend="auto" on arm64 keeps both; "chosen" delegates
-    weights = getattr(executable, "weights", None) or {}
-    return weights if getattr(executable, "weights_outside", False) else {}
+    lowered = getattr(executable, "ort", executable)
+    return (getattr(lowered, "weights", None) or {}) if getattr(lowered, "weights_outside", False) else {}
 
 
 def data_name(onnx_name: str) -> str:
     return onnx_name + ".data"
 
 
-def save_onnx(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None, path, what: str) -> Path:
-    """Write `model` to `path`: one file where it is self-contained, else `path` and its data file `path.data`
-    beside it (written first; each through a temporary file renamed into place, so a failed write leaves neither
-    a partial file nor a model naming missing data)."""
+def onnx_parts(executable) -> tuple[object, dict[str, np.ndarray], bool]:
+    """(ONNX model, the arrays of its external initializers, whether its artifact keeps them outside) of an
+    executable: its model as lowered where its weights are beside it (an OrtExecutable), else its artifact alone."""
+    lowered = getattr(executable, "ort", executable)    # backend="auto" on arm64 keeps both; "chosen" delegates
+    weights = getattr(lowered, "weights", None) or {}
+    return (lowered.model, weights, lowered.weights_outside) if weights else (executable.artifact(), {}, False)
+
+
+def save_onnx(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None, path, what: str,
+              outside: bool = True) -> Path:
+    """Write `model` to `path`: one file where it holds its weights, or where they are `weights` but not kept
+    `outside` (streamed in, `write_inlined`); else `path` and its data file `path.data` beside it (written first;
+    each through a temporary file renamed into place, so a failed write leaves neither a partial file nor a model
+    naming missing data)."""
     path = checked_path(path, what)
     if not weights:
         return write_atomically(path, what, lambda tmp: tmp.write_bytes(model.SerializeToString()))
+    if not outside:
+        return write_atomically(path, what, lambda tmp: write_inlined(model, weights, tmp))
     proto = onnx.ModelProto()
     proto.CopyFrom(model)            # small: the weights are not in it
     data = path.parent / data_name(path.name)
