@@ -147,13 +147,16 @@ def drive(ns) -> None:
             worker = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--only", ",".join(rest),
                                        "--backends", ns.backends, "--out", ns.out, "--seconds", str(ns.seconds)])
             stale = 2 * ns.seconds * len(ns.backends.split(",")) + 60   # the alarm cannot stop native code
+            launched = time.time()
             while worker.poll() is None:
                 time.sleep(5)
-                if time.time() - os.path.getmtime(ns.out) > stale:
+                written = os.path.getmtime(ns.out) if os.path.exists(ns.out) else launched   # none yet: importing
+                if time.time() - max(written, launched) > stale:
                     worker.kill()
                     worker.wait()
-                    last = [r for r in read(ns.out) if r.get("started")][-1]
-                    record(ns.out, kind, last["name"], "?", "fail", f"no result in {stale} s (stuck in native code)")
+                    last = [r for r in read(ns.out) if r.get("started")]
+                    record(ns.out, kind, last[-1]["name"] if last else rest[0], "?", "fail",
+                           f"no result in {stale} s (stuck in native code)")
     summarize(read(ns.out))
 
 
