@@ -199,7 +199,8 @@ def test_the_clock_balances_position_and_predecessor(n):
 def test_a_decisions_clock_stops_once_more_rounds_could_not_change_it():
     """With `stop=Apart`, the rounds stop after two repetitions of the design where one system is 3× the other
     (every sample beyond every other); with `stop=Decided`, where near-equal systems (1.3 vs 1 ms) all read the same
-    way against the decision's 0.9 margin. Systems near the rule's line, or a benchmark's clock (no `stop`), take
+    way against the decision's 0.6 margin (0.9 stopped late once under a parallel suite: a sleep of 1 ms then
+    took up to 1.45). Systems near the rule's line, or a benchmark's clock (no `stop`), take
     every round: about twice the calls."""
     from graphopt.cost.clock import Apart, Decided, time_side_by_side
 
@@ -210,6 +211,6 @@ def test_a_decisions_clock_stops_once_more_rounds_could_not_change_it():
         assert ms["slow"] > ms["fast"] or slow_s == 0.001
         return len(calls)
     for slow_s, stop, near in ((0.003, Apart(1.15), (0.001, Apart(1.15))),
-                               (0.0013, Decided("slow", "fast", 0.9), (0.001, Decided("slow", "fast")))):
+                               (0.0013, Decided("slow", "fast", 0.6), (0.001, Decided("slow", "fast")))):
         early, every_round, near_the_line = slow_calls(slow_s, stop), slow_calls(slow_s, None), slow_calls(*near)
         assert early < 0.75 * every_round and early < 0.75 * near_the_line, (stop, early, every_round, near_the_line)
