@@ -183,8 +183,13 @@ def write_inlined(model: onnx.ModelProto, weights: dict[str, np.ndarray], path: 
 
 def weights_of(executable) -> dict[str, np.ndarray]:
     """The weights an executable's artifact keeps outside its ONNX model (empty: the artifact is self-contained)."""
-    lowered = getattr(executable, "ort", executable)
-    return (getattr(lowered, "weights", None) or {}) if getattr(lowered, "weights_outside", False) else {}
+    lowered = _lowered(executable)
+    return lowered.weights if getattr(lowered, "weights_outside", False) else {}
+
+
+def _lowered(executable):
+    """The executable that holds the ONNX model: backend="auto" on arm64 keeps both (`ort`); "chosen" delegates."""
+    return getattr(executable, "ort", executable)
 
 
 def data_name(onnx_name: str) -> str:
@@ -194,7 +199,7 @@ def data_name(onnx_name: str) -> str:
 def onnx_parts(executable) -> tuple[object, dict[str, np.ndarray], bool]:
     """(ONNX model, the arrays of its external initializers, whether its artifact keeps them outside) of an
     executable: its model as lowered where its weights are beside it (an OrtExecutable), else its artifact alone."""
-    lowered = getattr(executable, "ort", executable)    # backend="auto" on arm64 keeps both; "chosen" delegates
+    lowered = _lowered(executable)
     weights = getattr(lowered, "weights", None) or {}
     return (lowered.model, weights, lowered.weights_outside) if weights else (executable.artifact(), {}, False)
 
