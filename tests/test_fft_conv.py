@@ -275,3 +275,22 @@ def test_the_direct_conv_rate_probes_are_the_convs_they_stand_for():
         with torch.no_grad():
             want = module(x)
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_ort_rate_probes_are_the_ops_own_lowering_built_without_an_exporter(monkeypatch):
+    """On ONNX Runtime every FFT rate is probed on a model built directly in ONNX (no torch.onnx export: 0.6 s each,
+    3 s for a process's first): the FFT probes are the ops' own lowerings, and compute what their eager reference
+    does."""
+    from graphopt.cost import model as cost_model, probes
+    from graphopt.cost.fft import RATE_KINDS, rate_probes
+    from graphopt.sessions import ort_session
+    for kind in ("fft", "fft2d"):
+        module, x, _ = rate_probes()[kind]
+        model, feeds = probes.fft_op(module.op, module.args, x.numpy())
+        (got,) = ort_session(model).run(None, feeds)
+        want = module(x).numpy()
+        assert abs(got - want).max() <= 1e-4 * abs(want).max(), kind
+    monkeypatch.setattr(cost_model, "_VERDICTS", {})
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("a rate probe was exported"))
+    rates = CostModel(graphopt.get_target("cpu"), "ort").fft_rates()
+    assert set(rates) == set(RATE_KINDS) and all(r > 0 for r in rates.values()), rates

@@ -1,6 +1,8 @@
 """Norm and epilogue fusions on hand models, with the negative cases that must not fuse."""
 import re
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt import zoo
 from graphopt.passes.fusion.fuse_epilogues import FUSED_MUST_WIN, FuseEpilogues
-from conftest import assert_matches
+from conftest import assert_matches, fake_clock
 
 
 def step(cm, name):
@@ -179,3 +181,64 @@ def test_conv_epilogues_are_kept_only_where_measured_faster():
     never = graphopt.compile(model, inputs, passes=[FuseEpilogues("never") if p == "fuse_epilogues" else p
                                                     for p in graphopt.passes.default_pipeline(cm.target)])
     assert "graphopt.conv_act" not in never.graph.op_counts()
+
+
+class Epilogues(nn.Module):
+    """Each epilogue FusedConv takes: clip after an asymmetric zero pad, a residual add + relu, hardsigmoid, sigmoid."""
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=p) for p in (0, 1, 1, 1))
+
+    def forward(self, x):
+        x = F.relu6(self.convs[0](F.pad(x, (0, 2, 0, 2))))
+        x = F.relu(self.convs[1](x) + x)
+        return torch.sigmoid(self.convs[3](F.hardsigmoid(self.convs[2](x))))
+
+
+def _ops(model: onnx.ModelProto) -> dict[str, int]:
+    return {op: sum(n.op_type == op for n in model.graph.node) for op in ("FusedConv", "Conv", "Clip", "Add")}
+
+
+def test_the_unfused_lowering_of_conv_act_is_conv_and_its_epilogue_ops():
+    """conv_act's other ORT lowering (an ONNX rewrite of the exported model) writes each FusedConv as Conv [+ Add] +
+    activation and computes what eager PyTorch does."""
+    from graphopt.ops.epilogue import unfused_onnx
+    model, x = Epilogues().eval(), torch.randn(2, 8, 9, 9)
+    cm = graphopt.compile(model, (x,), passes=fused_convs())
+    fused = cm.executable.artifact()
+    unfused = unfused_onnx(fused)
+    assert _ops(fused) == {"FusedConv": 4, "Conv": 0, "Clip": 0, "Add": 0}, _ops(fused)
+    assert _ops(unfused) == {"FusedConv": 0, "Conv": 4, "Clip": 1, "Add": 1}, _ops(unfused)
+    assert unfused_onnx(unfused) is None
+    onnx.checker.check_model(unfused)
+    from graphopt.sessions import ort_session
+    (got,) = ort_session(unfused.SerializeToString()).run(None, {unfused.graph.input[0].name: x.numpy()})
+    want = model(x).detach().numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("fused_ms", [0.5, 1.5])
+def test_the_conv_epilogue_decision_and_the_backend_export_the_graph_once(monkeypatch, fused_ms):
+    """Both forms of the decision are timed from one export, and the backend builds the form kept from it: one
+    torch.onnx export in the whole compile, whichever form wins (the clock faked both ways)."""
+    answered = fake_clock(monkeypatch, {"always": fused_ms, "never": 1.0})
+    exports, export = [], torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: exports.append(1) or export(*a, **k))
+    model, x = Epilogues().eval(), (torch.randn(2, 8, 9, 9),)
+    cm = graphopt.compile(model, x)
+    assert answered and len(exports) == 1, (answered, len(exports))
+    kept = fused_ms < FUSED_MUST_WIN
+    assert ("graphopt.conv_act" in cm.graph.op_counts()) == kept
+    assert _ops(cm.executable.artifact())["FusedConv"] == (4 if kept else 0)
+    assert_matches(cm, model, x)
+
+
+def test_conv_epilogues_without_a_fusedconv_activation_are_fused_without_measuring(monkeypatch):
+    """silu and hardswish epilogues lower to Conv and the activation's ops either way on ORT: nothing to time."""
+    answered = fake_clock(monkeypatch, {"always": 1.0, "never": 1.0})
+    model, x = nn.Sequential(nn.Conv2d(8, 8, 3), nn.SiLU(), nn.Conv2d(8, 8, 3), nn.Hardswish()).eval(), \
+        (torch.randn(2, 8, 9, 9),)
+    cm = graphopt.compile(model, x)
+    assert not answered and cm.graph.op_counts().get("graphopt.conv_act") == 2
+    assert "without measuring" in step(cm, "fuse_epilogues").notes[0]
+    assert_matches(cm, model, x)

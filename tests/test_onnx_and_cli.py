@@ -207,7 +207,8 @@ def test_demo_runs_and_checks_its_numbers(tmp_path):
 
 
 def test_the_exporters_registry_built_once_exports_the_same_onnx(monkeypatch):
-    """codegen/registry.py hands torch.onnx a copy of the op registry it built first: the ONNX is the one a fresh
+    """codegen/registry.py hands torch.onnx a copy of the op registry it built first (the table torch builds, the
+    same functions in the same order): the ONNX is the one a fresh
     registry gives, graphopt's own ops included, also on a second export (its custom ops registered into the copy,
     not the cached table), and torch's registry is left as it was."""
     import contextlib
@@ -226,6 +227,9 @@ def test_the_exporters_registry_built_once_exports_the_same_onnx(monkeypatch):
     sizes = {target: len(metas) for target, metas in cached.functions.items()}
     reused.append(codegen.to_onnx(graph, (x,)).source)
     assert {target: len(metas) for target, metas in cached.functions.items()} == sizes
+    torchs = original.__func__(_registration.ONNXRegistry, opsets[0])    # built without reading torchlib's source
+    assert [(t, [(m.onnx_function, m.is_complex, str(m.signature)) for m in ms]) for t, ms in cached.functions.items()] \
+        == [(t, [(m.onnx_function, m.is_complex, str(m.signature)) for m in ms]) for t, ms in torchs.functions.items()]
     assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original and len(opsets) == 2
     monkeypatch.setattr(codegen, "reused", contextlib.nullcontext)
     fresh = codegen.to_onnx(graph, (x,)).source

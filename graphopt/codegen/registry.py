@@ -4,8 +4,9 @@ per process (`reused`), and its decompositions, skipped for a graph that has not
 
 The dynamo exporter rebuilds its registry from onnxscript's torchlib on every export — parsing ~1,500 functions'
 source, 0.9 s here, more than a third of lowering a tiny CNN — though it depends on nothing but the opset version.
-Inside `reused()`, `ONNXRegistry.from_torchlib` returns a copy of the one built first for that opset: the same
-functions in a fresh table, into which the exporter then registers graphopt's own ops. Where torch's private
+Inside `reused()`, `ONNXRegistry.from_torchlib` returns a copy of the one built first for that opset (built without
+parsing that source at all: `_from_torchlib`): the same functions in a fresh table, into which the exporter then
+registers graphopt's own ops. Where torch's private
 exporter module differs from the one this was written against, `reused()` changes nothing."""
 from __future__ import annotations
 
@@ -31,7 +32,35 @@ _lock = threading.RLock()   # re-entrant: an export inside an export (a probe) p
 
 @functools.cache
 def _built(opset_version: int):
-    return _FROM_TORCHLIB.__func__(_registration.ONNXRegistry, opset_version)
+    try:
+        return _from_torchlib(opset_version)
+    except Exception:    # noqa: BLE001 - another torch or onnxscript layout: the registry as torch builds it
+        return _FROM_TORCHLIB.__func__(_registration.ONNXRegistry, opset_version)
+
+
+def _from_torchlib(opset_version: int):
+    """The registry `ONNXRegistry.from_torchlib` builds, the same functions in the same order, without reading the
+    source of each traced torchlib function: onnxscript's `get_torchlib_ops` parses it for a domain torch then drops
+    (0.7 s of the 2.7 s a process's first export spent building its registry here)."""
+    from onnxscript.function_libs.torch_lib import ops, registration   # noqa: F401 - importing registers them
+    from torch.onnx._internal.exporter._torchlib import _torchlib_registry
+    registry = _registration.ONNXRegistry()
+    registry._opset_version = opset_version
+    for meta in _torchlib_registry.get_torchlib_ops():
+        registry._register(meta.fx_target, meta)
+    for name, functions in registration.default_registry.items():
+        if name.startswith("internal::"):
+            continue
+        for function, is_complex in [(f, False) for f in functions.overloads] + [(f, True) for f in functions.complex]:
+            try:                 # as torch does: one function that fails to register does not fail the registry
+                target = _registration._get_overload(name)
+                if target is not None:
+                    registry._register(target, _registration.OnnxDecompMeta(
+                        onnx_function=function, fx_target=target, signature=None, is_complex=is_complex))
+            except Exception:    # noqa: BLE001, S112
+                continue
+    registry._cleanup_registry_based_on_opset_version()
+    return registry
 
 
 def _copy(cls, opset_version=None):

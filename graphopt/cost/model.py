@@ -29,10 +29,24 @@ from ..targets import Target
 from . import probes
 from .clock import Apart, median_run_seconds, time_side_by_side
 from .fft import RATE_KINDS, Conv2dShape, ConvShape, Decision, decide, rate_probes
-from .verdicts import MISSING, VerdictStore, default_path, graph_signature, key_of
+from .verdicts import MISSING, VerdictStore, default_path, graph_signature, key_of, lowering_key
 
 _VERDICTS: dict[str, object] = {}          # this process's verdicts, by key
 _STORES: dict[str, VerdictStore] = {}      # one open store per path
+
+
+@dataclass
+class Lowering:
+    """An IR graph's ONNX lowering as the ORT backend runs it: the model, what ORT's session takes for it, its
+    external weights (views of the graph's tensors), the example inputs' feeds and the ORT fusions to disable."""
+    model: onnx.ModelProto
+    source: Any
+    weights: dict
+    feeds: dict
+    disabled: tuple[str, ...]
+
+
+LOWERINGS_KEPT = 2    # a two-way decision's graphs: the backend builds the one kept from its lowering
 
 
 @dataclass
@@ -71,6 +85,7 @@ class CostModel:
         self._measuring = 0
         self._asked: set[str] = set()
         self.on_measure: Callable[[str], None] = lambda text: None   # progress: what is being timed now
+        self._lowerings: dict[str, Lowering] = {}   # the last graphs lowered to time them, for the backend (`lowering`)
 
     @property
     def store(self) -> VerdictStore:
@@ -167,10 +182,11 @@ class CostModel:
         between two kernels timed one after the other follows the machine's load instead of the kernels."""
         return {name: ms * 1e3 for name, ms in _clock(runners, rounds=7, min_round_s=0.1, stop=stop).items()}
 
-    def _graph_runner(self, graph, args: tuple, kwargs: dict | None) -> Callable[[], Any]:
-        """A no-argument call of an IR graph as the backend runs it."""
+    def _graph_runner(self, graph, args: tuple, kwargs: dict | None, derive=None) -> Callable[[], Any]:
+        """A no-argument call of an IR graph as the backend runs it (`derive`: see _lowered)."""
         if self.backend == "ort":
-            return self._runner(*self._lowered(graph, args, kwargs))
+            lowered = self._lowered(graph, args, kwargs, derive)
+            return self._runner(lowered.source, lowered.feeds, lowered.disabled)
         run, flat = self._lower(graph, args, kwargs or {}), graph.flat_inputs(args, kwargs or {})
         bind = getattr(run, "bind", None)     # a build on a board: a call the board's clock times
         return bind(flat) if bind is not None else (lambda: run(flat))
@@ -179,22 +195,28 @@ class CostModel:
         """Milliseconds per call of an IR graph as the backend runs it."""
         def measure():
             if self.backend == "ort":
-                model, feeds, disabled = self._lowered(graph, args, kwargs)
-                return self.seconds(model, feeds, disabled=disabled) * 1e3
+                lowered = self._lowered(graph, args, kwargs)
+                return self.seconds(lowered.source, lowered.feeds, disabled=lowered.disabled) * 1e3
             return _alone_ms(self._graph_runner(graph, args, kwargs))
         return self._verdict("graph_ms", (graph_signature(graph, args, kwargs),), measure)
 
     def graphs_ms(self, graphs: dict[str, object], args: tuple, kwargs: dict | None = None,
-                  stop: Callable = CLEARLY_APART) -> dict[str, float]:
+                  stop: Callable = CLEARLY_APART, derived: dict[str, Callable] | None = None) -> dict[str, float]:
         """Milliseconds per call of IR graphs as the backend runs them, timed side by side in interleaved
         rounds until `stop` holds (a two-way decision gives its margin: clock.Decided): a choice between near-equal
         graphs timed one after the other followed the machine's load (the digits ResNet's conv epilogues: 51 vs
-        53 ms measured apart, 59 vs 56 ms side by side)."""
+        53 ms measured apart, 59 vs 56 ms side by side). `derived`: graph name → an ONNX rewrite that makes that
+        graph's ORT lowering from the first graph's, one export for both (each a second or more)."""
+        derived = derived if self.backend == "ort" else {}
+        first = next(iter(graphs.values()))
+
         def measure():
-            runners = {name: self._graph_runner(graph, args, kwargs) for name, graph in graphs.items()}
+            base = (lambda: self._lowered(first, args, kwargs))
+            runners = {name: self._graph_runner(graph, args, kwargs, (base, derived[name]) if name in (derived or {})
+                                                else None) for name, graph in graphs.items()}
             return {name: us / 1e3 for name, us in self._interleaved_us(runners, stop).items()}
         signature = tuple((name, graph_signature(graph, args, kwargs)) for name, graph in graphs.items()) + \
-            ((repr(stop),) if stop != CLEARLY_APART else ())
+            ((repr(stop),) if stop != CLEARLY_APART else ()) + ((("derived", *sorted(derived)),) if derived else ())
         return self._verdict("graphs_ms", signature, measure)
 
     def summary(self, since: int = 0) -> str | None:
@@ -209,14 +231,37 @@ class CostModel:
                 ([f"{cached} from the cache ({self.store.path})"] if cached else [])
         return "cost model verdicts: " + "; ".join(parts)
 
-    def _lowered(self, graph, args: tuple, kwargs: dict | None) -> tuple[bytes, dict, tuple[str, ...]]:
-        """(ONNX bytes, feeds, ORT fusions to disable) of an IR graph, as the ORT backend would run it."""
+    def _lowered(self, graph, args: tuple, kwargs: dict | None, derive=None) -> Lowering:
+        """An IR graph as the ORT backend runs it: exported, or with `derive` = (the lowering of another graph, an
+        ONNX rewrite of it), that rewrite (the same weights). The last LOWERINGS_KEPT are kept for the backend."""
+        from ..codegen.external import check_model, session_source
         from ..codegen.onnx import to_onnx
-        weights = {}                  # its weights beside its bytes (codegen/external.py)
-        model, source = to_onnx(graph, args, kwargs or {}, weights=weights)
+        key = lowering_key(graph, args, kwargs)
+        if key in self._lowerings:
+            return self._lowerings[key]
+        if derive is None:
+            weights = {}                  # its weights beside its bytes (codegen/external.py)
+            model, source = to_onnx(graph, args, kwargs or {}, weights=weights)
+        else:
+            base = derive[0]()
+            model, weights = derive[1](base.model) or base.model, base.weights
+            checked = check_model(model)
+            source = checked if checked is not None else session_source(model, weights)
         flat = graph.flat_inputs(args, kwargs or {})
         feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}
-        return source, feeds, tuple(name for name, *_ in self.slow_fusions(model))
+        lowered = Lowering(model, source, weights, feeds, tuple(name for name, *_ in self.slow_fusions(model)))
+        self._lowerings = {**dict(list(self._lowerings.items())[1 - LOWERINGS_KEPT:]), key: lowered}
+        return lowered
+
+    def lowering(self, graph, args: tuple, kwargs: dict | None, dynamic_shapes=None) -> Lowering | None:
+        """The lowering a measurement made of exactly this graph (its ops, and its weights the same tensors, unchanged
+        since), for the ORT backend to build from instead of exporting again; None where there is none. Taking one
+        lets go of the rest."""
+        if not self._lowerings or dynamic_shapes is not None:
+            return None
+        found = self._lowerings.get(lowering_key(graph, args, kwargs))
+        self._lowerings = {}
+        return found
 
     def compare(self, systems: dict[str, Callable], args: tuple) -> dict[str, float]:
         """Median ms per call of each callable on the same inputs (interleaved rounds of at least 0.2 s:
@@ -231,9 +276,11 @@ class CostModel:
         (each probe is an export, a session and a timing: seconds)."""
         def measure(kind):
             module, x, macs = rate_probes()[kind]       # built only when a rate is not known yet
-            if self.backend == "ort" and isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
-                return macs / self.seconds(*probes.same_conv(module, x.numpy()))
-            return macs / self.module_seconds(module, x)
+            if self.backend != "ort":
+                return macs / self.module_seconds(module, x)
+            model = probes.same_conv(module, x.numpy()) if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) \
+                else probes.fft_op(module.op, module.args, x.numpy())
+            return macs / self.seconds(*model, round_s=0.05)
         return {kind: self._verdict("fft_rate", (kind,), lambda kind=kind: measure(kind))
                 for kind in (kinds or RATE_KINDS)}
 

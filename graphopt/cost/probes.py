@@ -57,6 +57,22 @@ def same_conv(conv, x: np.ndarray) -> tuple[bytes, dict]:
     return model, {"x": x}
 
 
+def fft_op(op, args: tuple, x: np.ndarray) -> tuple[bytes, dict]:
+    """graphopt's fft_conv1d or fft_conv2d with constant arguments (the spectrum first) as one ONNX model, written from
+    the op's own lowering as plain nodes (ops/fft_conv.ProtoOps), and its feeds: no exporter to build it."""
+    import torch
+    from ..ops.fft_conv import ProtoOps, monarch_conv
+    from ..ops.fft_conv2d import dft2_conv
+    lowering = {torch.ops.graphopt.fft_conv1d: monarch_conv, torch.ops.graphopt.fft_conv2d: dft2_conv}[op]
+    ops = ProtoOps()
+    spec, *rest = args
+    y = lowering(ops, "x", ops.const(spec.numpy()), *rest)
+    graph = helper.make_graph(ops.nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], ops.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString()
+    return model, {"x": x}
+
+
 def qdq_linear() -> tuple[bytes, dict]:
     """A BERT-sized QDQ linear (DQ → MatMul → Add on 3-D activations) and its feeds: with ORT's
     MatMulAddFusion it runs as QGemm between two Reshapes, without it as MatMulIntegerToFloat."""

@@ -7,11 +7,13 @@ kernel) where FusedConv has the activation, else Conv + activation ops; linear_a
 BiasGelu / FastGelu (gelu erf / tanh) or MatMul + Add + activation."""
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from onnxscript import opset18 as op
 
-from .registry import contrib_op, graphopt_op
+from .registry import MICROSOFT, contrib_op, graphopt_op
 
 # name → (reference, ORT FusedConv activation, its activation_params)
 ACTIVATIONS = {
@@ -84,6 +86,42 @@ def _conv_onnx(x, w, b, z, stride: list[int], padding: list[int], dilation: list
                                         dilations=dilation, group=groups, **extra)
     y = op.Conv(x, w, b, strides=stride, pads=pads, dilations=dilation, group=groups)
     return _onnx_act(y if z is None else op.Add(y, z), act)
+
+
+def unfused_onnx(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """conv_act's other ONNX Runtime lowering, as a rewrite of an exported model: each FusedConv written as the ops it
+    fuses, Conv [→ Add(Z)] → activation, for ORT to run its own way (its NCHWc convs, which FusedConv forgoes); None
+    where `model` has no FusedConv. It is what the same graph without conv_act lowers to, a zero pad folded into
+    conv_act kept in the Conv's own pads: both forms of the conv epilogues' decision from one export."""
+    if not any(n.op_type == "FusedConv" and n.domain == MICROSOFT for n in model.graph.node):
+        return None
+    out = onnx.ModelProto()
+    out.CopyFrom(model)                  # its weights are external references (the caller's arrays), not bytes
+    g, nodes = out.graph, []
+    for n in g.node:
+        if n.op_type != "FusedConv" or n.domain != MICROSOFT:
+            nodes.append(n)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        act = attrs.pop("activation").decode()
+        params = list(attrs.pop("activation_params", []))
+        x, w, b, z = (list(n.input) + ["", "", ""])[:4]
+        y, name = n.output[0], n.name or n.output[0]
+        conv = f"{name}_conv"
+        nodes.append(onnx.helper.make_node("Conv", [x, w] + ([b] if b else []), [conv], name=conv, **attrs))
+        if z:
+            nodes.append(onnx.helper.make_node("Add", [conv, z], [f"{name}_z"], name=f"{name}_z"))
+            conv = f"{name}_z"
+        if act == "Clip":
+            bounds = [f"{name}_min", f"{name}_max"]
+            g.initializer.extend(onnx.numpy_helper.from_array(np.array(v, np.float32), k) for k, v in zip(bounds, params))
+            nodes.append(onnx.helper.make_node("Clip", [conv] + bounds, [y], name=name))
+        else:
+            extra = {"HardSigmoid": dict(zip(("alpha", "beta"), params)), "LeakyRelu": dict(zip(("alpha",), params))}
+            nodes.append(onnx.helper.make_node(act, [conv], [y], name=name, **extra.get(act, {})))
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
 
 
 def _conv_relax(node, importer):

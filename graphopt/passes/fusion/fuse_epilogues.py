@@ -13,6 +13,7 @@ import torch.fx as fx
 from ...cost.clock import Decided
 from ...errors import InputError
 from ...ir import Graph, copy_graph, conv_args, fusion_blocker, is_call, linear_args, same_shape, tensor_meta, zero_pad_into
+from ...ops.epilogue import ACTIVATIONS, unfused_onnx
 from ..base import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
@@ -82,8 +83,13 @@ class FuseEpilogues(Pass):
             trials[mode] = trial
         if ctx.cost.unmeasurable:
             return "always", f"conv epilogues fused without measuring ({ctx.cost.unmeasurable})"
+        if ctx.cost.backend == "ort" and not any(ACTIVATIONS[n.args[8]][1] for n in trials["always"].fx.find_nodes(
+                op="call_function", target=torch.ops.graphopt.conv_act.default)):
+            return "always", ("conv epilogues fused without measuring: ONNX Runtime's FusedConv has none of their "
+                              "activations, so both forms lower to Conv and the activation's ops")
         fused_wins = Decided("always", "never", FUSED_MUST_WIN)
-        ms = ctx.cost.graphs_ms(trials, ctx.example_args, ctx.example_kwargs, stop=fused_wins)
+        ms = ctx.cost.graphs_ms(trials, ctx.example_args, ctx.example_kwargs, stop=fused_wins,
+                                derived={"never": unfused_onnx})     # one export: the unfused form rewrites it
         keep = "always" if fused_wins.keeps_first(ms) else "never"
         return keep, (f"conv epilogues {'fused' if keep == 'always' else 'left to the backend'}: the model measured "
                       f"{ms['always']:.5g} ms with graphopt.conv_act, {ms['never']:.5g} ms without, with {ctx.cost.on}")
