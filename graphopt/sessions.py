@@ -27,7 +27,8 @@ def ort_session(model: bytes | str | Path | WeightedModel, providers=("CPUExecut
                 save_optimized: Path | str | None = None, save_format: str | None = None,
                 profile_prefix: str | None = None, threads: int | None = None) -> ort.InferenceSession:
     """An InferenceSession on `providers`. `optimize=False` runs the graph as written; `disabled` names ORT
-    optimizers to leave out; `save_optimized` writes ORT's optimized model there (format "ORT" or ONNX);
+    optimizers to leave out; `save_optimized` writes ORT's optimized model there (format "ORT", or ONNX with its weights of 1 KB or more in
+    a .data file beside it);
     `profile_prefix` turns ORT's profiler on (its JSON file starts so); `threads` sets the intra-op workers
     (ORT's default: one per core). A compiled model comes as a WeightedModel (its
     bytes, and its external initializers' arrays, which ORT copies in at session creation: codegen/external.py), a
@@ -47,6 +48,10 @@ def ort_session(model: bytes | str | Path | WeightedModel, providers=("CPUExecut
         options.intra_op_num_threads = threads
     if save_optimized is not None:
         options.optimized_model_filepath = str(save_optimized)
+        if save_format != "ORT":     # an ONNX file holds 2 GB at most: its weights of 1 KB or more go beside it
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             Path(save_optimized).name + ".data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     if save_format is not None:
         options.add_session_config_entry("session.save_model_format", save_format)
     if profile_prefix is not None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import zoo
+from graphopt.cost import CostModel
 from graphopt.passes.fusion.fuse_epilogues import FUSED_MUST_WIN, FuseEpilogues
 from conftest import assert_matches, fake_clock
 
@@ -169,7 +170,9 @@ def test_real_models_fuse_epilogues(name, n):
     assert_matches(cm, model, inputs)
 
 
-def test_conv_epilogues_are_kept_only_where_measured_faster():
+def test_conv_epilogues_are_kept_only_where_measured_faster(monkeypatch):
+    """Timed where ORT compiles the two forms differently (made so here: on ORT 1.32 they compile alike, below)."""
+    monkeypatch.setattr(CostModel, "compiled_alike", lambda *a, **k: False)
     model, inputs = zoo.build("resnet", size="tiny", batch=2)
     cm = graphopt.compile(model, inputs)
     notes = step(cm, "fuse_epilogues").notes
@@ -221,6 +224,7 @@ def test_the_unfused_lowering_of_conv_act_is_conv_and_its_epilogue_ops():
 def test_the_conv_epilogue_decision_and_the_backend_export_the_graph_once(monkeypatch, fused_ms):
     """Both forms of the decision are timed from one export, and the backend builds the form kept from it: one
     torch.onnx export in the whole compile, whichever form wins (the clock faked both ways)."""
+    monkeypatch.setattr(CostModel, "compiled_alike", lambda *a, **k: False)
     answered = fake_clock(monkeypatch, {"always": fused_ms, "never": 1.0})
     exports, export = [], torch.onnx.export
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: exports.append(1) or export(*a, **k))
@@ -242,3 +246,44 @@ def test_conv_epilogues_without_a_fusedconv_activation_are_fused_without_measuri
     assert not answered and cm.graph.op_counts().get("graphopt.conv_act") == 2
     assert "without measuring" in step(cm, "fuse_epilogues").notes[0]
     assert_matches(cm, model, x)
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path, name: str) -> list:
+    """The nodes (op, activation) ONNX Runtime's own optimizer makes of `model`, read from the file it saves."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.optimized_model_filepath, options.log_severity_level = str(tmp_path / f"{name}.onnx"), 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    saved = onnx.load(str(tmp_path / f"{name}.onnx"))
+    return sorted((n.domain, n.op_type, str(sorted((a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute
+                                                   if a.name.startswith("activation")))) for n in saved.graph.node)
+
+
+def test_conv_epilogues_onnx_runtime_compiles_alike_are_left_to_it_untimed(monkeypatch, tmp_path):
+    """Where ORT's optimizer makes the same kernels of FusedConv and of Conv + activation, nothing is timed, the model
+    keeps standard ONNX ops, and it is exported once. ORT's own optimized models are the reference."""
+    model, x = Epilogues().eval(), (torch.randn(2, 8, 9, 9),)
+    fused = graphopt.compile(model, x, passes=fused_convs()).executable.artifact()
+    answered = fake_clock(monkeypatch, {"always": 1.0, "never": 1.0})
+    exports, export = [], torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: exports.append(1) or export(*a, **k))
+    cm = graphopt.compile(model, x)
+    artifact = cm.executable.artifact()
+    alike = _optimized_ops(fused, tmp_path, "fused") == _optimized_ops(artifact, tmp_path, "unfused")
+    assert alike == ("same kernels" in step(cm, "fuse_epilogues").notes[0]), step(cm, "fuse_epilogues").notes
+    if alike:
+        assert not answered and len(exports) == 1 and "graphopt.conv_act" not in cm.graph.op_counts()
+        assert _ops(artifact)["FusedConv"] == 0
+    assert_matches(cm, model, x)
+
+
+def test_graphs_that_compile_differently_are_not_alike():
+    """relu and sigmoid after the same conv: ORT's optimized models differ, and compiled_alike says so; a graph and
+    itself (an identity rewrite of its lowering) are alike."""
+    x = (torch.randn(1, 8, 9, 9),)
+    conv = nn.Conv2d(8, 8, 3).eval()
+    graphs = {act.__class__.__name__: graphopt.compile(nn.Sequential(conv, act).eval(), x, passes=[]).graph
+              for act in (nn.ReLU(), nn.Sigmoid())}
+    cost = CostModel(graphopt.get_target("cpu"), "ort")
+    assert not cost.compiled_alike(graphs, x)
+    assert cost.compiled_alike({"a": graphs["ReLU"], "b": graphs["ReLU"]}, x, derived={"b": lambda model: None})
