@@ -186,9 +186,9 @@ def test_cost_model_times_a_graph_with_external_weights(large, llama, monkeypatc
     _, args = llama
     monkeypatch.setattr(external, "EXTERNAL_BYTES", 1)
     cost = CostModel(large.target, "ort")
-    source, feeds, _ = cost._lowered(large.graph, args, {})
-    assert isinstance(source, external.WeightedModel) and source.weights
-    assert cost.seconds(source, feeds, calls=1, rounds=1) > 0
+    lowered = cost._lowered(large.graph, args, {})
+    assert isinstance(lowered.source, external.WeightedModel) and lowered.source.weights
+    assert cost.seconds(lowered.source, lowered.feeds, calls=1, rounds=1) > 0
 
 
 LLAMA_07B = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=14, num_attention_heads=16,

@@ -210,7 +210,7 @@ class CostModel:
         graphs timed one after the other followed the machine's load (the digits ResNet's conv epilogues: 51 vs
         53 ms measured apart, 59 vs 56 ms side by side). `derived`: graph name → an ONNX rewrite that makes that
         graph's ORT lowering from the first graph's, one export for both (each a second or more)."""
-        derived = derived if self.backend == "ort" else {}
+        derived = (derived or {}) if self.backend == "ort" else {}
 
         def measure():
             lowered = self._lowered_all(graphs, args, kwargs, derived) if self.backend == "ort" else {}
@@ -298,7 +298,8 @@ class CostModel:
     def fft_rates(self, kinds: tuple[str, ...] | None = None) -> dict[str, float]:
         """Multiply-adds per second of the convolution forms `kinds` (default: every form), each probed once on the
         target: a decision needs only its own two, so a model of depthwise 2-D convs never pays for the 1-D probes
-        (each probe is an export, a session and a timing: seconds)."""
+        (each a session and a timing; on TVM a build too). On ORT each probe is written directly in ONNX, the FFT ones
+        from their op's own lowering (probes.fft_op), so no probe waits on torch.onnx's exporter."""
         def measure(kind):
             module, x, macs = rate_probes()[kind]       # built only when a rate is not known yet
             if self.backend != "ort":
@@ -440,8 +441,8 @@ def _exported(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
 
 
 def _ort_program(lowered: Lowering, providers) -> tuple:
-    """What ONNX Runtime's optimizer makes of a lowering: its optimized model's nodes (domain, op, attributes, inputs
-    given), in order. Written to a directory of its own, deleted after."""
+    """What ONNX Runtime's optimizer makes of a lowering: its optimized model's nodes (domain, op, inputs given,
+    attributes), sorted. ORT writes the model only to a file: a directory of its own, deleted after."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimized.onnx"
         ort_session(lowered.source, providers, disabled=lowered.disabled, save_optimized=path)
