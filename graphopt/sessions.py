@@ -27,12 +27,11 @@ def ort_session(model: bytes | str | Path | WeightedModel, providers=("CPUExecut
                 save_optimized: Path | str | None = None, save_format: str | None = None,
                 profile_prefix: str | None = None, threads: int | None = None) -> ort.InferenceSession:
     """An InferenceSession on `providers`. `optimize=False` runs the graph as written; `disabled` names ORT
-    optimizers to leave out; `save_optimized` writes ORT's optimized model there (format "ORT", or ONNX with its weights of 1 KB or more in
-    a .data file beside it);
-    `profile_prefix` turns ORT's profiler on (its JSON file starts so); `threads` sets the intra-op workers
-    (ORT's default: one per core). A compiled model comes as a WeightedModel (its
-    bytes, and its external initializers' arrays, which ORT copies in at session creation: codegen/external.py), a
-    file as its path (a model past 2 GB with its data file beside it)."""
+    optimizers to leave out; `save_optimized` writes ORT's optimized model there (format "ORT", or ONNX with its
+    weights of 1 KB or more in a .data file beside it); `profile_prefix` turns ORT's profiler on (its JSON file
+    starts so); `threads` sets the intra-op workers (ORT's default: one per core). A compiled model comes as a
+    WeightedModel (its bytes, and its external initializers' arrays, which ORT copies in at session creation:
+    codegen/external.py), a file as its path (a model past 2 GB with its data file beside it)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize

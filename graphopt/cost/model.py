@@ -214,7 +214,8 @@ class CostModel:
 
         def measure():
             lowered = self._lowered_all(graphs, args, kwargs, derived) if self.backend == "ort" else {}
-            runners = {name: self._graph_runner(graph, args, kwargs, lowered.get(name)) for name, graph in graphs.items()}
+            runners = {name: self._graph_runner(graph, args, kwargs, lowered.get(name))
+                       for name, graph in graphs.items()}
             return {name: us / 1e3 for name, us in self._interleaved_us(runners, stop).items()}
         signature = tuple((name, graph_signature(graph, args, kwargs)) for name, graph in graphs.items()) + \
             ((repr(stop),) if stop != CLEARLY_APART else ()) + ((("derived", *sorted(derived)),) if derived else ())

@@ -3,7 +3,8 @@ activation applied in the same kernel, so the output makes one trip through memo
 
 Padding is ONNX-style [top, left, bottom, right], so a zero pad before the conv (TF "same"
 padding) folds in even when asymmetric. ONNX Runtime lowering: conv_act → com.microsoft.FusedConv (activation and residual `Z` in the
-kernel) where FusedConv has the activation, else Conv + activation ops; linear_act → MatMul +
+kernel) where FusedConv has the activation, else Conv + activation ops (`unfused_onnx` rewrites an exported model's
+FusedConvs into those ops: the other form of the conv-epilogue decision); linear_act → MatMul +
 BiasGelu / FastGelu (gelu erf / tanh) or MatMul + Add + activation."""
 from __future__ import annotations
 
@@ -90,9 +91,10 @@ def _conv_onnx(x, w, b, z, stride: list[int], padding: list[int], dilation: list
 
 def unfused_onnx(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """conv_act's other ONNX Runtime lowering, as a rewrite of an exported model: each FusedConv written as the ops it
-    fuses, Conv [→ Add(Z)] → activation, for ORT to run its own way (its NCHWc convs, which FusedConv forgoes); None
-    where `model` has no FusedConv. It is what the same graph without conv_act lowers to, a zero pad folded into
-    conv_act kept in the Conv's own pads: both forms of the conv epilogues' decision from one export."""
+    fuses, Conv [→ Add(Z)] → activation, for ORT to fuse its own way (its own FusedConv, or its NCHWc convs with the
+    activation inside); None where `model` has no FusedConv. It is what the same graph without conv_act lowers to,
+    a zero pad folded into conv_act kept in the Conv's own pads: both forms of the conv-epilogue decision from one
+    export."""
     if not any(n.op_type == "FusedConv" and n.domain == MICROSOFT for n in model.graph.node):
         return None
     out = onnx.ModelProto()
@@ -114,7 +116,8 @@ def unfused_onnx(model: onnx.ModelProto) -> onnx.ModelProto | None:
             conv = f"{name}_z"
         if act == "Clip":
             bounds = [f"{name}_min", f"{name}_max"]
-            g.initializer.extend(onnx.numpy_helper.from_array(np.array(v, np.float32), k) for k, v in zip(bounds, params))
+            g.initializer.extend(onnx.numpy_helper.from_array(np.array(v, np.float32), k)
+                                 for k, v in zip(bounds, params))
             nodes.append(onnx.helper.make_node("Clip", [conv] + bounds, [y], name=name))
         else:
             extra = {"HardSigmoid": dict(zip(("alpha", "beta"), params)), "LeakyRelu": dict(zip(("alpha",), params))}

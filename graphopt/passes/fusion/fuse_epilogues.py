@@ -69,7 +69,8 @@ class FuseEpilogues(Pass):
 
     def _measure(self, graph: Graph, ctx: PassContext) -> tuple[str, str | None]:
         """Fuse conv epilogues only where the whole model measures faster so on the target: on an AVX2 EPYC
-        MobileNetV2 ran 64 ms fused against 57 ms with ORT's own NCHWc convs; on a Sapphire Rapids, at parity.
+        MobileNetV2 ran 64 ms fused against 57 ms with ORT's own NCHWc convs (an older ORT); on a Sapphire Rapids,
+        at parity.
         ORT's own convs are the default, so fusing must win by more than the timing noise (FUSED_MUST_WIN). Nothing
         is timed where both forms lower alike (no FusedConv activation) or the backend compiles them alike (ORT 1.32
         makes FusedConv and Conv + Clip the same NCHWc convs): timing them could only measure noise."""
