@@ -143,6 +143,13 @@ def session_source(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None
     return WeightedModel(model.SerializeToString(), weights) if weights else model.SerializeToString()
 
 
+def checked_source(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None) -> bytes | WeightedModel:
+    """`model` through onnx.checker, and what `ort_session` takes for it (the bytes checked, where it has no external
+    weights)."""
+    checked = check_model(model)
+    return checked if checked is not None else session_source(model, weights)
+
+
 def inline(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A self-contained copy of `model`, its external initializers' bytes (from `weights`) put back in."""
     proto = onnx.ModelProto()

@@ -10,8 +10,8 @@ import torch
 
 from ..capture import dynamic_export
 from ..errors import UnsupportedError
-from .external import WeightedModel, check_model, check_one_proto, graph_bytes, ir_bytes, optimize, \
-    session_source, split_weights
+from .external import WeightedModel, check_one_proto, checked_source, graph_bytes, ir_bytes, optimize, \
+    split_weights
 from ..ir import Graph
 from ..ops import onnx_opset, onnx_translation_table
 from ..quiet import quiet
@@ -51,8 +51,7 @@ def to_onnx(graph: Graph, args: tuple, kwargs: dict | None = None, dynamic_shape
         split_weights(program.model, weights)
     model = fold_int8_pads(program.model_proto)
     del program                     # its tensors: the weights dict keeps the ones still needed
-    checked = check_model(model)
-    return Lowered(model, checked if checked is not None else session_source(model, weights))
+    return Lowered(model, checked_source(model, weights))
 
 
 def fold_int8_pads(model: onnx.ModelProto) -> onnx.ModelProto:

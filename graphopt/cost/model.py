@@ -217,8 +217,8 @@ class CostModel:
             runners = {name: self._graph_runner(graph, args, kwargs, lowered.get(name))
                        for name, graph in graphs.items()}
             return {name: us / 1e3 for name, us in self._interleaved_us(runners, stop).items()}
-        signature = tuple((name, graph_signature(graph, args, kwargs)) for name, graph in graphs.items()) + \
-            ((repr(stop),) if stop != CLEARLY_APART else ()) + ((("derived", *sorted(derived)),) if derived else ())
+        signature = _signatures(graphs, args, kwargs) + ((repr(stop),) if stop != CLEARLY_APART else ()) + \
+            ((("derived", *sorted(derived)),) if derived else ())
         return self._verdict("graphs_ms", signature, measure)
 
     def compiled_alike(self, graphs: dict[str, object], args: tuple, kwargs: dict | None = None,
@@ -234,8 +234,7 @@ class CostModel:
         def compare():
             lowered = self._lowered_all(graphs, args, kwargs, derived or {})
             return len({_ort_program(low, self.providers) for low in lowered.values()}) == 1
-        signature = tuple((name, graph_signature(graph, args, kwargs)) for name, graph in graphs.items()) + \
-            (("derived", *sorted(derived or {})),)
+        signature = _signatures(graphs, args, kwargs) + (("derived", *sorted(derived or {})),)
         return self._verdict("compiled_alike", signature, compare)
 
     def summary(self, since: int = 0) -> str | None:
@@ -260,7 +259,7 @@ class CostModel:
     def _lowered(self, graph, args: tuple, kwargs: dict | None, derive=None) -> Lowering:
         """An IR graph as the ORT backend runs it: exported, or with `derive` = (the lowering of another graph, an
         ONNX rewrite of it), that rewrite (the same weights). The last LOWERINGS_KEPT are kept for the backend."""
-        from ..codegen.external import check_model, session_source
+        from ..codegen.external import checked_source
         from ..codegen.onnx import to_onnx
         key = lowering_key(graph, args, kwargs)
         if key in self._kept:
@@ -271,8 +270,7 @@ class CostModel:
         else:
             base, rewrite = derive
             model, weights = rewrite(base.model) or base.model, base.weights
-            checked = check_model(model)
-            source = checked if checked is not None else session_source(model, weights)
+            source = checked_source(model, weights)
         flat = graph.flat_inputs(args, kwargs or {})
         feeds = {i.name: t.detach().numpy() for i, t in zip(model.graph.input, flat)}
         lowered = Lowering(model, source, weights, feeds, tuple(name for name, *_ in self.slow_fusions(model)))
@@ -439,6 +437,10 @@ def _exported(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
     with quiet(stdout=True), reused():
         return torch.onnx.export(module.eval(), (x,), dynamo=True,
                                  custom_translation_table=onnx_translation_table()).model_proto
+
+
+def _signatures(graphs: dict[str, object], args: tuple, kwargs: dict | None) -> tuple:
+    return tuple((name, graph_signature(graph, args, kwargs)) for name, graph in graphs.items())
 
 
 def _ort_program(lowered: Lowering, providers) -> tuple:

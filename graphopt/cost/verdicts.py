@@ -40,15 +40,12 @@ def graph_signature(graph, args: tuple, kwargs: dict | None) -> str:
 
 
 def lowering_key(graph, args: tuple, kwargs: dict | None) -> str:
-    """What a graph's lowering depends on, exactly: its text, the identity and version of each weight tensor (the same
-    tensors, not changed in place since), and the inputs' shapes and dtypes."""
+    """What a graph's lowering depends on, exactly: its signature (graph_signature), and the identity and version of
+    each weight tensor (the same tensors, not changed in place since, with the same strides)."""
     import torch
-    from ..ir.text import graph_text
-    weights = [(n.target, t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), str(t.dtype))
+    tensors = [(n.target, t.data_ptr(), t._version, tuple(t.stride()))
                for n in graph.fx.find_nodes(op="get_attr") for t in [graph.constant(n)] if isinstance(t, torch.Tensor)]
-    inputs = [(tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else repr(t)
-              for t in graph.flat_inputs(args, kwargs or {})]
-    return key_of(graph_text(graph), weights, inputs)
+    return key_of(graph_signature(graph, args, kwargs), tensors)
 
 
 def _encode(value: Any) -> Any:
